@@ -1,0 +1,337 @@
+"""Typed, validated configuration.
+
+A run is described by one :class:`Config`. It is built from a preset (``PRESETS``),
+optionally a JSON file, then ``section.field=value`` overrides, and saved resolved
+next to the run's checkpoints (``config.json``). ``argparse`` stops in ``cli.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value, file or override is invalid; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    backbone_weights: str = "none"  # none | imagenet | swav | path to a .pth state dict
+    dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
+    position_embedding: str = "sine"  # sine (normalised, as DETR) | learned
+    hidden_dim: int = 256  # D, transformer width
+    num_heads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False  # pre-norm layers (+ final encoder norm); UP-DETR uses True
+    num_queries: int = 100  # Q, object queries
+    aux_loss: bool = True  # supervise every decoder layer
+    num_classes: int | None = None  # C; filled in from the dataset when None
+
+
+@dataclass
+class PretrainConfig:
+    """UP-DETR random query patch detection (paper §3.1; method.md §1)."""
+
+    num_patches: int = 10  # M query patches per image; must divide num_queries
+    query_size: int = 128  # query patches are resized to query_size x query_size
+    min_patch_size: int = 8  # smallest patch side in pixels of the original image
+    patch_drop_ratio: float = 0.1  # fraction of queries whose patch feature is dropped (train)
+    attention_mask: bool = True  # block-diagonal decoder self-attention mask (Eq. 3)
+    feature_reconstruction: bool = True  # Eq. 2 loss on the matched patch's CNN feature
+    freeze_backbone: bool = True  # frozen CNN during pre-training (paper default)
+    group_matching: bool = False  # match each patch only within its own query group
+    query_shuffle: bool = False  # permute the object queries each batch (off in the paper's code)
+
+
+@dataclass
+class LossConfig:
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    loss_ce: float = 1.0
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    loss_feature: float = 1.0
+    eos_coef: float | None = 0.1  # no-object class weight; None = M/Q for pre-training
+
+
+@dataclass
+class DataConfig:
+    format: str = "coco"  # coco | voc
+    root: str = ""  # dataset root; relative paths below are resolved against it
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    voc_train_sets: list[str] = field(default_factory=lambda: ["2007/trainval", "2012/trainval"])
+    voc_val_sets: list[str] = field(default_factory=lambda: ["2007/test"])
+    voc_difficult: str = "crowd"  # crowd (ignored by loss and AP) | include | exclude
+    images: str = ""  # unlabelled image folder (pre-training)
+    scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop: bool = True  # DETR's random resize-crop branch (p = 0.5)
+    crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])  # min, max side of the crop
+    val_size: int = 800
+    hflip: float = 0.5
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # 0 freezes the backbone
+    weight_decay: float = 1e-4
+    epochs: int = 300
+    lr_drop: int = 200  # multiply the lr by 0.1 after this many epochs
+    clip_max_norm: float = 0.1
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 42
+    output_dir: str = "runs/detr"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 1  # evaluate every N epochs (0: only at the end)
+    max_steps_per_epoch: int = 0  # 0 = full epoch; >0 truncates (smoke tests)
+    init_from: str = ""  # checkpoint whose weights initialise the model (fine-tuning)
+
+    def validate(self) -> "Config":
+        m, p, o, d = self.model, self.pretrain, self.optim, self.data
+        _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101"))
+        _choice("model.position_embedding", m.position_embedding, ("sine", "learned"))
+        _choice("optim.amp", o.amp, ("none", "bf16", "fp16"))
+        _choice("data.format", d.format, ("coco", "voc"))
+        _choice("data.voc_difficult", d.voc_difficult, ("crowd", "include", "exclude"))
+        for name in ("hidden_dim", "num_heads", "enc_layers", "dec_layers", "ffn_dim", "num_queries"):
+            _positive(f"model.{name}", getattr(m, name), allow_zero=name == "enc_layers")
+        if m.hidden_dim % m.num_heads:
+            raise ConfigError(f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if m.num_classes is not None:
+            _positive("model.num_classes", m.num_classes)
+        _positive("pretrain.num_patches", p.num_patches)
+        if m.num_queries % p.num_patches:
+            raise ConfigError(
+                f"pretrain.num_patches={p.num_patches} must divide model.num_queries={m.num_queries} "
+                "(each patch owns an equal, contiguous group of queries)"
+            )
+        if not 0.0 <= p.patch_drop_ratio < 1.0:
+            raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
+        _positive("pretrain.query_size", p.query_size)
+        _positive("pretrain.min_patch_size", p.min_patch_size)
+        _positive("data.batch_size", d.batch_size)
+        _positive("data.max_size", d.max_size)
+        _positive("data.val_size", d.val_size)
+        if not d.scales or min(d.scales) <= 0:
+            raise ConfigError(f"data.scales={d.scales} must be a non-empty list of positive sizes")
+        if len(d.crop_size) != 2 or not 0 < d.crop_size[0] <= d.crop_size[1]:
+            raise ConfigError(f"data.crop_size={d.crop_size} must be [min, max] with 0 < min <= max")
+        if d.num_workers < 0:
+            raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+        _positive("optim.epochs", o.epochs)
+        if o.lr <= 0 or o.lr_backbone < 0 or o.weight_decay < 0:
+            raise ConfigError("optim.lr must be > 0, optim.lr_backbone and optim.weight_decay >= 0")
+        if self.loss.eos_coef is not None and not 0 < self.loss.eos_coef <= 1:
+            raise ConfigError(f"loss.eos_coef={self.loss.eos_coef} must be in (0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        return _build(cls, data, source).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls().merge_file(path)
+
+    def merge_file(self, path: str | Path) -> "Config":
+        """Return a copy with the values of a JSON file (partial is fine) applied."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        merged = _deep_merge(self.to_dict(), data, str(path))
+        return Config.from_dict(merged, str(path))
+
+    def override(self, assignments: list[str]) -> "Config":
+        """Apply ``section.field=value`` strings; values are parsed as JSON when they can be."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            node = data
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {item!r}: unknown section {part!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {item!r}: unknown field {key!r}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if isinstance(node[parts[-1]], list) and isinstance(value, (int, float)):
+                value = [value]
+            node[parts[-1]] = value
+        return Config.from_dict(data, "overrides")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(name: str, value: int, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _deep_merge(base: dict, update: dict, source: str, prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if key.startswith("_"):  # comments such as "_command"
+            continue
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key {prefix + key!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix + key!r} must be an object")
+            out[key] = _deep_merge(base[key], value, source, prefix + key + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names and not key.startswith("_"):
+            raise ConfigError(f"{source}: unknown config key {prefix + key!r}")
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix + f.name!r} must be an object")
+            kwargs[f.name] = _build(hint, value, source, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(value, hint, f"{source}: {prefix + f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _small_cpu() -> Config:
+    """The small CPU recipe: ResNet-18, D=128, 3+3 layers, 30 queries, 256-pixel images."""
+    cfg = Config()
+    cfg.model = ModelConfig(
+        backbone="resnet18", hidden_dim=128, num_heads=8, enc_layers=3, dec_layers=3,
+        ffn_dim=512, dropout=0.0, pre_norm=True, num_queries=30,
+    )
+    cfg.pretrain = PretrainConfig(num_patches=3, query_size=64, min_patch_size=8)
+    cfg.data.scales = [224, 240, 256, 272, 288]
+    cfg.data.max_size = 400
+    cfg.data.crop_resize = [200, 250, 300]
+    cfg.data.crop_size = [160, 300]
+    cfg.data.val_size = 256
+    cfg.data.batch_size = 8
+    cfg.data.num_workers = 1
+    cfg.optim = OptimConfig(lr=2e-4, lr_backbone=2e-5, epochs=40, lr_drop=30)
+    cfg.output_dir = "runs/small"
+    return cfg
+
+
+def _paper_r50() -> Config:
+    """DETR R50 as published, pre-norm as UP-DETR (fine-tuning: lr 1e-4, backbone 5e-5)."""
+    cfg = Config()
+    cfg.model.pre_norm = True
+    cfg.optim = OptimConfig(lr=1e-4, lr_backbone=5e-5, epochs=150, lr_drop=100)
+    cfg.data.batch_size = 4
+    cfg.output_dir = "runs/r50"
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "small": _small_cpu,
+    "r50": _paper_r50,
+    "detr": Config,  # DETR's own defaults (post-norm, lr_backbone 1e-5)
+}
+
+
+def make_config(preset: str = "small", file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset, then file, then overrides; validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]().validate()
+    if file:
+        cfg = cfg.merge_file(file)
+    if overrides:
+        cfg = cfg.override(overrides)
+    return cfg

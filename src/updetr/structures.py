@@ -1,0 +1,125 @@
+"""Typed containers passed between data, model, loss and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import TypedDict
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageBatch:
+    """A batch of images padded to a common size.
+
+    Attributes:
+        pixels: float tensor (B, 3, H, W), normalised with ImageNet mean/std; padded
+            pixels are 0.
+        padding_mask: bool tensor (B, H, W); ``True`` marks padding (not image).
+    """
+
+    pixels: Tensor
+    padding_mask: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ImageBatch":
+        return ImageBatch(
+            self.pixels.to(device, non_blocking=non_blocking),
+            self.padding_mask.to(device, non_blocking=non_blocking),
+        )
+
+    @property
+    def image_sizes(self) -> Tensor:
+        """Unpadded (height, width) of each image, long tensor (B, 2)."""
+        valid = ~self.padding_mask
+        heights = valid.any(dim=2).sum(dim=1)  # (B,)
+        widths = valid.any(dim=1).sum(dim=1)  # (B,)
+        return torch.stack([heights, widths], dim=1)
+
+    @classmethod
+    def from_tensors(cls, images: list[Tensor], size_divisibility: int = 1) -> "ImageBatch":
+        """Pad a list of (3, H_i, W_i) tensors to a batch, bottom/right padding."""
+        if not images:
+            raise ValueError("ImageBatch.from_tensors needs at least one image")
+        max_h = max(img.shape[-2] for img in images)
+        max_w = max(img.shape[-1] for img in images)
+        if size_divisibility > 1:
+            max_h = (max_h + size_divisibility - 1) // size_divisibility * size_divisibility
+            max_w = (max_w + size_divisibility - 1) // size_divisibility * size_divisibility
+        pixels = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool)
+        for i, img in enumerate(images):
+            h, w = img.shape[-2:]
+            pixels[i, :, :h, :w] = img
+            mask[i, :h, :w] = False
+        return cls(pixels, mask)
+
+
+class Target(TypedDict, total=False):
+    """Annotations of one image, as every dataset of this package yields them.
+
+    After the training/eval transforms (``updetr.data.transforms``):
+
+    - ``boxes``: float (N, 4), **normalised cxcywh** relative to ``size``.
+    - ``labels``: int64 (N,), contiguous class index in ``[0, C)``.
+    - ``image_id``: int64 scalar tensor; the id in the source annotation file.
+    - ``orig_size``: int64 (2,), (height, width) of the image as stored on disk.
+    - ``size``: int64 (2,), (height, width) after resizing/cropping, before padding.
+    - ``area``: float (N,), box or mask area in pixels of the original image.
+    - ``iscrowd``: int64 (N,), 1 for crowd regions (ignored by the loss).
+    - ``masks``: bool (N, H, W), instance masks at ``size`` (panoptic/segmentation only).
+
+    Before the transforms (raw dataset output) ``boxes`` are ``xyxy`` pixels of the
+    original image; the transforms convert them.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    image_id: Tensor
+    orig_size: Tensor
+    size: Tensor
+    area: Tensor
+    iscrowd: Tensor
+    masks: Tensor
+
+
+@dataclass
+class DetectionOutput:
+    """What every detector of this package returns, in train and eval mode alike.
+
+    Attributes:
+        logits: (B, Q, C + 1) class logits; the last index is "no object".
+        boxes: (B, Q, 4) normalised cxcywh in [0, 1] (sigmoid output).
+        aux: outputs of the decoder layers before the last (L - 1 entries, first layer
+            first), each a ``DetectionOutput`` with ``aux == []``; empty when auxiliary
+            losses are off.
+        features: (B, Q, Cb) reconstructed query-patch CNN features (UP-DETR
+            pre-training with feature reconstruction), else ``None``.
+        patch_features: (B, M, Cb) pooled CNN features of the query patches (the
+            reconstruction target), else ``None``.
+        masks: (B, Q, H/4, W/4) mask logits (segmentation), else ``None``.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    aux: list["DetectionOutput"] = field(default_factory=list)
+    features: Tensor | None = None
+    patch_features: Tensor | None = None
+    masks: Tensor | None = None
+
+    def layers(self) -> list["DetectionOutput"]:
+        """Every supervised decoder layer, last layer first, each sharing ``patch_features``."""
+        out = [self]
+        out.extend(replace(a, patch_features=self.patch_features) for a in self.aux)
+        return out
+
+    def detach(self) -> "DetectionOutput":
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.detach()
+            elif f.name == "aux":
+                value = [a.detach() for a in value]
+            kwargs[f.name] = value
+        return DetectionOutput(**kwargs)

@@ -1,0 +1,248 @@
+"""Command-line interface: parsing only; every subcommand calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import PRESETS, Config, ConfigError, make_config
+
+log = logging.getLogger("updetr")
+
+EMBEDDED_LAYOUT = {
+    "format": "coco",
+    "train_images": "train",
+    "train_annotations": "annotations/instances_train.json",
+    "val_images": "val",
+    "val_annotations": "annotations/instances_val.json",
+    "images": "unlabeled",
+}
+
+
+def _setup_logging(rank: int = 0, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") -> None:
+    g = p.add_argument_group("configuration (preset, then --config file, then flags, then --set)")
+    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help=f"base recipe (default {default_preset})")
+    g.add_argument("--config", help="JSON file with config values (partial is fine)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config value, e.g. --set model.hidden_dim=128 (repeatable)")
+    g.add_argument("--data-root", help="dataset root (COCO layout by default; see --format)")
+    g.add_argument("--format", choices=["coco", "voc"], help="dataset format of --data-root")
+    g.add_argument("--embedded", metavar="DIR", help="use the embedded benchmark generated in DIR (updetr data embedded DIR)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--output", help="run folder (checkpoints, config.json, metrics.jsonl)")
+    g.add_argument("--device", help="auto | cpu | cuda")
+    g.add_argument("--backbone-weights", help="none | imagenet | swav | path to a local .pth")
+    g.add_argument("--seed", type=int)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: list[str] = []
+    if getattr(args, "embedded", None):
+        overrides += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
+        overrides += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+    simple = {
+        "data_root": "data.root", "format": "data.format", "epochs": "optim.epochs", "batch_size": "data.batch_size",
+        "output": "output_dir", "device": "device", "backbone_weights": "model.backbone_weights", "seed": "seed",
+        "init_from": "init_from",
+    }
+    for attr, key in simple.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return make_config(args.preset, args.config, overrides + list(args.overrides))
+
+
+# ----------------------------------------------------------------------------- train / eval / predict
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.detection import DetectionTask
+    from .engine.distributed import cleanup, init_distributed
+    from .engine.loop import fit
+
+    cfg = config_from_args(args)
+    dist_info = init_distributed(cfg.device)
+    _setup_logging(dist_info.rank, args.verbose)
+    try:
+        result = fit(DetectionTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        _print_metrics("final validation", result.final_metrics)
+        print(f"run folder: {result.output_dir}")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    if not metrics:
+        return
+    keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics] or sorted(metrics)
+    print(f"\n{title}")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    print("| " + " | ".join(f"{metrics[k]:.1f}" for k in keys) + " |")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.build import build_detection_dataset
+    from .engine.detection import evaluate_detection
+    from .engine.distributed import DistInfo, resolve_device
+    from .engine.inference import load_trained_model
+    from .engine.loop import make_loader
+
+    _setup_logging(0, args.verbose)
+    device = resolve_device(args.device or "auto")
+    loaded = load_trained_model(args.checkpoint, device)
+    cfg = loaded.config
+    if args.data_root or args.embedded or args.overrides:
+        ns = argparse.Namespace(**{**vars(args), "preset": "detr", "config": None})
+        extra = config_from_args(ns)
+        cfg.data = extra.data
+    split = args.split
+    dataset = build_detection_dataset(cfg.data, split)
+    if list(dataset.classes) != loaded.classes:
+        raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
+    loader = make_loader(dataset, _collate_detection, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device), train=False, seed=0)
+    with torch.inference_mode():
+        metrics = evaluate_detection(loaded.model, loader, device, progress=not args.no_progress)
+    _print_metrics(f"{split} ({len(dataset)} images)", metrics)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _collate_detection(batch):
+    from .data.collate import collate_detection
+
+    return collate_detection(batch)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.distributed import resolve_device
+    from .engine.inference import load_trained_model
+    from .predict import predict_images
+
+    _setup_logging(0, args.verbose)
+    device = resolve_device(args.device or "auto")
+    loaded = load_trained_model(args.checkpoint, device)
+    if loaded.task != "detection":
+        raise ConfigError(f"{args.checkpoint} is a {loaded.task} checkpoint; use `updetr query` for pre-training checkpoints")
+    out = predict_images(loaded, args.images, args.output, threshold=args.threshold, device=device, progress=not args.no_progress)
+    print(f"wrote {out / 'detections.json'} and drawn images to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data / demo
+def cmd_data_embedded(args: argparse.Namespace) -> int:
+    from .data.embedded import generate_embedded
+
+    _setup_logging(0, args.verbose)
+    out = generate_embedded(
+        args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+        num_unlabeled=args.num_unlabeled, image_size=(args.min_size, args.max_size), overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"embedded benchmark in {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging(0, args.verbose)
+    run_demo(args.output, quick=args.quick, device=args.device or "auto", progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="updetr", description="UP-DETR / DETR: pre-train, train, evaluate, predict.")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train DETR on a COCO/VOC dataset (also under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
+    p.add_argument("--init-from", help="initialise from a pre-training or detection checkpoint (fine-tuning)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO box AP of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--data-root")
+    p.add_argument("--format", choices=["coco", "voc"])
+    p.add_argument("--embedded", metavar="DIR")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--device")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images; JSON + drawn images")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", default="predictions")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep (default 0.5)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("embedded", help="generate the offline embedded benchmark")
+    q.add_argument("out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--num-train", type=int, default=800)
+    q.add_argument("--num-val", type=int, default=200)
+    q.add_argument("--num-unlabeled", type=int, default=1600)
+    q.add_argument("--min-size", type=int, default=128, help="smallest image side")
+    q.add_argument("--max-size", type=int, default=192, help="largest image side")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_data_embedded)
+
+    p = sub.add_parser("demo", help="the main job: the paper's comparison on the embedded benchmark, offline")
+    p.add_argument("--output", default="demo")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (seconds), to check the pipeline")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
+        from .engine.checkpoint import CheckpointError
+
+        known = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+        try:
+            from .data.io import DataError
+
+            known = known + (DataError,)
+        except ImportError:
+            pass
+        if isinstance(err, known) and not args.verbose:
+            print(f"updetr {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

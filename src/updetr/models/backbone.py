@@ -1,0 +1,205 @@
+"""ResNet backbone with frozen BatchNorm, as DETR (state-dict keys ``backbone.0.body.*``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..structures import ImageBatch
+from .position_encoding import build_position_encoding
+
+log = logging.getLogger(__name__)
+
+SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
+RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+_IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class BackboneWeightsError(RuntimeError):
+    """Backbone weights could not be obtained or do not fit the network."""
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet truncated after ``layer4`` with frozen BatchNorm.
+
+    The stem and ``layer1`` never train (as DETR); ``layer2``–``layer4`` train when
+    ``trainable`` is True. With ``trainable=False`` the forward pass runs without
+    autograd, so a frozen CNN costs no backward FLOPs and no activation memory.
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        trainable: train layers 2–4.
+        dilation: DC5 — dilate ``layer4`` instead of striding (feature stride 16).
+        return_interm_layers: also return layers 1–3 (for the segmentation head).
+    """
+
+    def __init__(self, name: str, trainable: bool, dilation: bool = False, return_interm_layers: bool = False):
+        super().__init__()
+        if name not in RESNET_CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(RESNET_CHANNELS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {name}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None,
+            replace_stride_with_dilation=[False, False, dilation] if name not in ("resnet18", "resnet34") else None,
+            norm_layer=FrozenBatchNorm2d,
+        )
+        for pname, param in resnet.named_parameters():
+            if not trainable or not any(pname.startswith(layer) for layer in ("layer2", "layer3", "layer4")):
+                param.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+            self.strides = [4, 8, 16, 16 if dilation else 32]
+            self.channels = _interm_channels(name)
+        else:
+            return_layers = {"layer4": "0"}
+            self.strides = [32 if not dilation else 16]
+            self.channels = [RESNET_CHANNELS[name]]
+        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        self.name = name
+        self.trainable = trainable
+        self.num_channels = RESNET_CHANNELS[name]
+
+    def forward(self, images: ImageBatch) -> list[tuple[Tensor, Tensor]]:
+        """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            feats = self.body(images.pixels)
+        out = []
+        for feature in feats.values():
+            mask = F.interpolate(images.padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
+            out.append((feature, mask))
+        return out
+
+    def pooled_features(self, pixels: Tensor) -> Tensor:
+        """Global-average-pooled last-layer features of un-padded crops: (P, 3, h, w) -> (P, Cb)."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            feature = list(self.body(pixels).values())[-1]
+        return feature.mean(dim=(2, 3))
+
+
+def _interm_channels(name: str) -> list[int]:
+    if name in ("resnet18", "resnet34"):
+        return [64, 128, 256, 512]
+    return [256, 512, 1024, 2048]
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position encoding); index 0/1 keep DETR's ``backbone.0``/``backbone.1`` keys."""
+
+    def __init__(self, backbone: Backbone, position_encoding: nn.Module):
+        super().__init__(backbone, position_encoding)
+
+    @property
+    def body(self) -> Backbone:
+        return self[0]
+
+    def forward(self, images: ImageBatch) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+        features = self[0](images)
+        pos = [self[1](mask).to(feature.dtype) for feature, mask in features]
+        return features, pos
+
+
+def build_backbone(
+    name: str,
+    *,
+    hidden_dim: int,
+    position_embedding: str = "sine",
+    trainable: bool = True,
+    dilation: bool = False,
+    weights: str = "none",
+    return_interm_layers: bool = False,
+) -> Joiner:
+    backbone = Backbone(name, trainable, dilation, return_interm_layers)
+    if weights and weights != "none":
+        load_backbone_weights(backbone, weights)
+    return Joiner(backbone, build_position_encoding(position_embedding, hidden_dim))
+
+
+def load_backbone_weights(backbone: Backbone, weights: str) -> None:
+    """Load ``imagenet`` (torchvision), ``swav`` (the paper's SwAV R50) or a local file.
+
+    Every key of the truncated ResNet must be present; ``fc``/projection heads of the
+    source are ignored. Anything else missing or extra is an error listing the keys.
+    """
+    if weights == "imagenet":
+        enum = getattr(torchvision.models, _IMAGENET_WEIGHTS[backbone.name]).IMAGENET1K_V1
+        try:
+            state = enum.get_state_dict(progress=True, check_hash=True)
+        except Exception as err:  # URLError, socket errors, hash errors
+            raise BackboneWeightsError(
+                f"could not download torchvision's ImageNet weights for {backbone.name} ({err}). "
+                f"Offline? Download {enum.url} elsewhere and pass the file: model.backbone_weights=/path/to/file.pth"
+            ) from None
+        source = f"torchvision {enum}"
+    elif weights == "swav":
+        if backbone.name != "resnet50":
+            raise BackboneWeightsError(f"SwAV weights exist for resnet50 only, not {backbone.name}")
+        try:
+            state = torch.hub.load_state_dict_from_url(SWAV_URL, map_location="cpu", progress=True, weights_only=True)
+        except Exception as err:
+            raise BackboneWeightsError(
+                f"could not download the SwAV ResNet-50 checkpoint ({err}). Offline? Download {SWAV_URL} "
+                "elsewhere and pass the file: model.backbone_weights=/path/to/swav_800ep_pretrain.pth.tar"
+            ) from None
+        source = SWAV_URL
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneWeightsError(
+                f"model.backbone_weights={weights!r} is neither none/imagenet/swav nor an existing file"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise BackboneWeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from None
+        source = str(path)
+    load_resnet_state_dict(backbone, state, source)
+
+
+def load_resnet_state_dict(backbone: Backbone, state: dict, source: str) -> None:
+    """Strictly load a ResNet state dict (plain, ``module.``-, ``backbone.0.body.``-prefixed, or wrapped)."""
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"{source}: expected a state dict, got {type(state).__name__}")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone.0.body.", "backbone.body.", "body.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(("fc.", "projection_head", "prototypes")) or key.endswith("num_batches_tracked"):
+            continue
+        cleaned[key] = value
+    expected = backbone.body.state_dict()
+    # IntermediateLayerGetter drops layers after layer4 (avgpool, fc); ignore source keys for them
+    cleaned = {k: v for k, v in cleaned.items() if k.split(".")[0] in {n.split(".")[0] for n in expected}}
+    missing = sorted(set(expected) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(expected))
+    shape_bad = sorted(k for k in set(expected) & set(cleaned) if expected[k].shape != cleaned[k].shape)
+    if missing or unexpected or shape_bad:
+        raise BackboneWeightsError(
+            f"{source}: weights do not fit {backbone.name}: missing {_show(missing)}, "
+            f"unexpected {_show(unexpected)}, wrong shape {_show(shape_bad)}"
+        )
+    backbone.body.load_state_dict(cleaned, strict=True)
+    log.info("loaded %s backbone weights from %s", backbone.name, source)
+
+
+def _show(keys: list[str], limit: int = 6) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

@@ -1,0 +1,64 @@
+"""``updetr predict``: detections as JSON plus images with the boxes drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.folder import ImageFolder
+from .data.io import load_image
+from .data.transforms import build_transforms
+from .engine.inference import LoadedModel
+from .evaluation.postprocess import postprocess_detections
+from .structures import ImageBatch
+from .visualize import draw_detections, save_image
+
+
+@torch.inference_mode()
+def predict_images(
+    loaded: LoadedModel,
+    inputs: list[str],
+    output_dir: str | Path,
+    *,
+    threshold: float = 0.5,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Detect objects in image files/folders; writes ``detections.json`` and ``<name>.png`` per image.
+
+    ``detections.json`` holds, per image, ``{"file", "width", "height", "detections":
+    [{"label", "category_id", "score", "box_xyxy": [x0, y0, x1, y1] pixels}]}``.
+    """
+    out = Path(output_dir)
+    dataset = ImageFolder(inputs, transforms=build_transforms(loaded.config.data, train=False))
+    results = []
+    for i in tqdm(range(len(dataset)), desc="predict", disable=not progress, dynamic_ncols=True):
+        pixels, info = dataset[i]
+        batch = ImageBatch.from_tensors([pixels]).to(device)
+        output = loaded.model(batch)
+        det = postprocess_detections(output, info["orig_size"].view(1, 2).to(device))[0]
+        keep = det["scores"] >= threshold
+        scores, labels, boxes = det["scores"][keep].cpu(), det["labels"][keep].cpu(), det["boxes"][keep].cpu()
+        order = scores.argsort(descending=True)
+        scores, labels, boxes = scores[order], labels[order], boxes[order]
+        names = [loaded.classes[int(lab)] for lab in labels]
+        path = Path(info["path"])
+        h, w = (int(x) for x in info["orig_size"])
+        results.append({
+            "file": str(path), "width": w, "height": h,
+            "detections": [
+                {"label": n, "category_id": int(loaded.category_ids[int(lab)]), "score": round(float(s), 4),
+                 "box_xyxy": [round(float(v), 2) for v in b]}
+                for n, lab, s, b in zip(names, labels, scores, boxes)
+            ],
+        })
+        drawn = draw_detections(load_image(path), boxes, names, scores, color_ids=[int(lab) for lab in labels])
+        save_image(drawn, out / f"{i:04d}_{path.stem}.png")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "detections.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out / "detections.json")
+    return out

@@ -146,6 +146,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .engine.distributed import cleanup, init_distributed
+    from .engine.loop import fit
+    from .engine.pretrain import PretrainTask
+
+    cfg = config_from_args(args)
+    if args.images:
+        cfg = cfg.override([f"data.images={json.dumps(str(args.images))}"])
+    dist_info = init_distributed(cfg.device)
+    _setup_logging(dist_info.rank, args.verbose)
+    try:
+        result = fit(PretrainTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        if result.final_metrics:
+            print(f"pretext hit rate (IoU >= 0.5): {result.final_metrics['hit_rate']:.1f}%  "
+                  f"mean IoU: {result.final_metrics['mean_iou']:.3f}")
+        print(f"run folder: {result.output_dir}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- data / demo
 def cmd_data_embedded(args: argparse.Namespace) -> int:
     from .data.embedded import generate_embedded
@@ -168,17 +190,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommonSubparsers:
+    """Adds the shared options (--verbose, --no-progress) to every subcommand."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="updetr", description="UP-DETR / DETR: pre-train, train, evaluate, predict.")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = _CommonSubparsers(parser.add_subparsers(dest="command", required=True), common)
 
     p = sub.add_parser("train", help="train DETR on a COCO/VOC dataset (also under torchrun)")
     _add_config_args(p)
     p.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
     p.add_argument("--init-from", help="initialise from a pre-training or detection checkpoint (fine-tuning)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="UP-DETR pre-training on a folder of unlabelled images (also under torchrun)")
+    _add_config_args(p, default_preset="pretrain-small")
+    p.add_argument("--images", help="folder tree of unlabelled images (searched recursively)")
+    p.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="COCO box AP of a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -200,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="dataset utilities")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = _CommonSubparsers(p.add_subparsers(dest="data_command", required=True), common)
     q = dsub.add_parser("embedded", help="generate the offline embedded benchmark")
     q.add_argument("out")
     q.add_argument("--seed", type=int, default=0)
@@ -238,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             known = known + (DataError,)
         except ImportError:
             pass
-        if isinstance(err, known) and not args.verbose:
+        if isinstance(err, known) and not getattr(args, "verbose", False):
             print(f"updetr {args.command}: error: {err}", file=sys.stderr)
             return 2
         raise

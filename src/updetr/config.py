@@ -128,11 +128,6 @@ class Config:
         if m.num_classes is not None:
             _positive("model.num_classes", m.num_classes)
         _positive("pretrain.num_patches", p.num_patches)
-        if m.num_queries % p.num_patches:
-            raise ConfigError(
-                f"pretrain.num_patches={p.num_patches} must divide model.num_queries={m.num_queries} "
-                "(each patch owns an equal, contiguous group of queries)"
-            )
         if not 0.0 <= p.patch_drop_ratio < 1.0:
             raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
         _positive("pretrain.query_size", p.query_size)
@@ -152,6 +147,15 @@ class Config:
         if self.loss.eos_coef is not None and not 0 < self.loss.eos_coef <= 1:
             raise ConfigError(f"loss.eos_coef={self.loss.eos_coef} must be in (0, 1]")
         return self
+
+    def check_query_groups(self) -> None:
+        """UP-DETR models: every patch owns an equal, contiguous group of queries."""
+        m, p = self.model, self.pretrain
+        if m.num_queries % p.num_patches:
+            raise ConfigError(
+                f"pretrain.num_patches={p.num_patches} must divide model.num_queries={m.num_queries} "
+                "(each patch owns an equal, contiguous group of queries)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -318,10 +322,40 @@ def _paper_r50() -> Config:
     return cfg
 
 
+def _pretrain_small() -> Config:
+    """UP-DETR pre-training, small CPU recipe (the architecture of ``small``)."""
+    cfg = _small_cpu()
+    cfg.loss.eos_coef = None  # M/Q
+    cfg.optim = OptimConfig(lr=2e-4, lr_backbone=0.0, epochs=20, lr_drop=15)
+    cfg.output_dir = "runs/pretrain-small"
+    return cfg
+
+
+def _pretrain_r50() -> Config:
+    """The paper's pre-training recipe (method.md §1): R50 (SwAV, frozen), 6+6 pre-norm, Q=100, M=10.
+
+    Global batch 256 = 8 GPUs × 32; 60 epochs, lr ×0.1 after 40; images 320–480 (max 600).
+    """
+    cfg = Config()
+    cfg.model.pre_norm = True
+    cfg.model.backbone_weights = "swav"
+    cfg.pretrain = PretrainConfig()
+    cfg.loss.eos_coef = None  # M/Q = 0.1
+    cfg.data.scales = [320, 336, 352, 368, 384, 400, 416, 432, 448, 464, 480]
+    cfg.data.max_size = 600
+    cfg.data.batch_size = 32
+    cfg.data.num_workers = 8
+    cfg.optim = OptimConfig(lr=1e-4, lr_backbone=0.0, epochs=60, lr_drop=40)
+    cfg.output_dir = "runs/pretrain-r50"
+    return cfg
+
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "small": _small_cpu,
     "r50": _paper_r50,
     "detr": Config,  # DETR's own defaults (post-norm, lr_backbone 1e-5)
+    "pretrain-small": _pretrain_small,
+    "pretrain-r50": _pretrain_r50,
 }
 
 

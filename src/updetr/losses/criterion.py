@@ -51,6 +51,15 @@ def num_boxes_for_loss(targets: list[Target], device: torch.device) -> float:
     return max(num_boxes.item() / world_size, 1.0)
 
 
+def _process_mean(value: Tensor) -> Tensor:
+    """Mean of a scalar over processes (the value itself without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
 def _flat_indices(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Image and query index of every matched pair (each (P,), on ``device``), and the
     per-image target indices."""
@@ -73,8 +82,11 @@ def labels_loss(
     matched_labels = matched_labels.to(logits.device, torch.int64)
     target_classes = torch.full((batch_size, num_queries), num_logits - 1, dtype=torch.int64, device=logits.device)
     target_classes[batch_idx, query_idx] = matched_labels
-    # cross_entropy wants classes on dim 1: (B, C+1, Q)
-    loss_ce = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, weight=empty_weight)
+    # cross_entropy wants classes on dim 1: (B, C+1, Q). The weighted mean's denominator
+    # (total class weight) is averaged over processes like num_boxes, so that DDP on B
+    # images per process gives exactly the gradient of one process on the global batch.
+    loss_sum = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, weight=empty_weight, reduction="sum")
+    loss_ce = loss_sum / _process_mean(empty_weight[target_classes].sum().detach())
     if matched_labels.numel() == 0:
         class_error = logits.new_zeros(())
     else:

@@ -1,0 +1,487 @@
+"""One-shot detection: the training task, evaluation, prediction and the ``updetr oneshot`` CLI.
+
+Python entry points (the ``updetr experiment`` report calls these):
+
+- :func:`train_one_shot` ``(cfg, options) -> FitResult``: train from ``cfg.init_from`` (an
+  UP-DETR pre-training checkpoint, a DETR / UP-DETR detection checkpoint) or from scratch;
+  checkpoints land in ``cfg.output_dir`` (``checkpoint.pth``, ``best.pth`` by seen AP50).
+- :func:`evaluate_one_shot` ``(checkpoint) -> dict``: the CoAE protocol (5 query draws
+  per (test image, class), AP50 per class, means over seen and unseen classes).
+- :func:`predict_one_shot`: every detection of an exemplar's class in some images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as F
+from tqdm.auto import tqdm
+
+from ..box_ops import normalized_cxcywh_to_xyxy_px
+from ..config import Config, ConfigError, DataConfig
+from ..data.build import build_detection_dataset
+from ..data.io import DataError, load_image
+from ..data.one_shot import (
+    OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
+    load_oneshot_split,
+)  # fmt: skip
+from ..evaluation.one_shot import AP_METHODS, OneShotEvaluator, OneShotResult, format_table3
+from ..losses.criterion import build_criterion
+from ..models.one_shot import MATCH_LABEL, OneShotDETR, build_one_shot, init_one_shot_from_checkpoint
+from ..structures import DetectionOutput, ImageBatch
+from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from .detection import targets_to_device
+from .distributed import DistInfo, resolve_device
+from .loop import FitResult, fit, make_loader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OneShotOptions:
+    """One-shot settings (proposed as ``Config.oneshot``; until then passed alongside the config)."""
+
+    split: str = ""  # "" = data.root/oneshot_split.json, else the paper's split for VOC | voc | JSON file | "unseen=a,b"
+    num_draws: int = 5  # query patches per (test image, class); AP50 is averaged over the draws
+    min_exemplar_size: int = 8  # smallest exemplar box side, pixels of the original image
+    freeze_backbone: bool | None = None  # None: the CNN trains iff optim.lr_backbone > 0
+    exclude_unseen_images: bool = False  # also skip training images showing any unseen object
+    ap_method: str = "voc07"  # voc07 (11-point, CoAE on VOC2007) | voc (all-point area)
+
+    def validate(self) -> "OneShotOptions":
+        if self.num_draws <= 0 or self.min_exemplar_size <= 0:
+            raise ConfigError(f"oneshot.num_draws={self.num_draws} and min_exemplar_size={self.min_exemplar_size} must be > 0")
+        if self.ap_method not in AP_METHODS:
+            raise ConfigError(f"oneshot.ap_method={self.ap_method!r} is not one of {', '.join(AP_METHODS)}")
+        return self
+
+
+def options_from_config(cfg: Config) -> OneShotOptions:
+    """``cfg.oneshot`` when the config has that section, else the defaults."""
+    section = getattr(cfg, "oneshot", None)
+    if section is None:
+        return OneShotOptions()
+    names = {f.name for f in dataclasses.fields(OneShotOptions)}
+    return OneShotOptions(**{k: v for k, v in asdict(section).items() if k in names}).validate()
+
+
+class OneShotTask:
+    """One-shot detection for :func:`~updetr.engine.loop.fit` (see ``updetr.data.one_shot`` for the data)."""
+
+    name = "oneshot"
+    primary_metric = "AP50_seen"  # picks best.pth; unseen classes must not steer model selection
+
+    def __init__(self, cfg: Config, options: OneShotOptions | None = None):
+        self.cfg = cfg
+        self.options = (options or options_from_config(cfg)).validate()
+        self.split: OneShotSplit | None = None
+        self.classes: list[str] = []
+        self.category_ids: list[int] = []
+        self.init_kind = "scratch"
+        self._train: OneShotTrainDataset | None = None
+        self._val: OneShotEpisodes | None = None
+
+    def _adopt(self, dataset) -> OneShotSplit:
+        if self.classes and list(dataset.classes) != self.classes:
+            raise DataError(f"train and val datasets disagree on classes: {self.classes} vs {list(dataset.classes)}")
+        self.classes, self.category_ids = list(dataset.classes), list(dataset.category_ids)
+        if self.split is None:
+            d = self.cfg.data
+            self.split = load_oneshot_split(self.options.split, self.classes, data_root=d.root, data_format=d.format)
+        return self.split
+
+    def train_dataset(self) -> OneShotTrainDataset:
+        if self._train is None:
+            base = build_detection_dataset(self.cfg.data, "train")
+            self._train = OneShotTrainDataset(
+                base, self._adopt(base), query_size=self.cfg.pretrain.query_size,
+                min_exemplar_size=self.options.min_exemplar_size, seed=self.cfg.seed,
+                exclude_unseen_images=self.options.exclude_unseen_images,
+            )  # fmt: skip
+        return self._train
+
+    def val_dataset(self) -> OneShotEpisodes:
+        if self._val is None:
+            base = build_detection_dataset(self.cfg.data, "val")
+            seen, unseen = self._adopt(base).labels(self.classes)
+            self._val = OneShotEpisodes(
+                base, seen + unseen, query_size=self.cfg.pretrain.query_size,
+                min_exemplar_size=self.options.min_exemplar_size, num_draws=self.options.num_draws,
+            )  # fmt: skip
+        return self._val
+
+    def collate(self, batch: list) -> Any:
+        return collate_one_shot(batch)
+
+    def build_model(self) -> nn.Module:
+        freeze = self.options.freeze_backbone
+        train_backbone = self.cfg.optim.lr_backbone > 0 if freeze is None else not freeze
+        model = build_one_shot(self.cfg.model, train_backbone=train_backbone)
+        if self.cfg.init_from:
+            report = init_one_shot_from_checkpoint(model, self.cfg.init_from)
+            self.init_kind = str(report["kind"])
+            log.info("initialised from %s (%s): %d tensors loaded, dropped %s, fresh %s", self.cfg.init_from,
+                     report["kind"], len(report["loaded"]), report["dropped"] or "none", report["kept_fresh"] or "none")  # fmt: skip
+        return model
+
+    def build_criterion(self) -> nn.Module:
+        eos = self.cfg.loss.eos_coef if self.cfg.loss.eos_coef is not None else 0.1
+        return build_criterion(self.cfg.loss, num_classes=1, eos_coef_override=eos)
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[DetectionOutput, list[dict]]:
+        images, targets, patches = batch
+        return model(images.to(device), patches.to(device)), targets_to_device(targets, device)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True) -> dict[str, float]:
+        seen, unseen = self.split.labels(self.classes)
+        result = run_one_shot_evaluation(model, loader, device, seen, unseen, method=self.options.ap_method, progress=progress)
+        return result.metrics()
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes, "category_ids": self.category_ids,
+            "oneshot": {"split": self.split.to_dict() if self.split else None, "options": asdict(self.options),
+                        "init": self.init_kind, "init_from": self.cfg.init_from},
+        }  # fmt: skip
+
+
+@torch.no_grad()
+def run_one_shot_evaluation(
+    model: nn.Module, loader: DataLoader, device: torch.device, seen_labels: list[int], unseen_labels: list[int],
+    *, method: str = "voc07", progress: bool = True,
+) -> OneShotResult:
+    """Run ``model`` on every episode of ``loader.dataset`` (an :class:`OneShotEpisodes`), once per draw."""
+    model.eval()
+    episodes: OneShotEpisodes = loader.dataset
+    ground_truth: dict[int, dict[int, Any]] = {}
+    for e, (index, label) in enumerate(episodes.episodes):
+        ground_truth.setdefault(label, {})[int(episodes.dataset.image_ids[index])] = episodes.ground_truth(e)
+    evaluator = OneShotEvaluator(episodes.dataset.classes, seen_labels, unseen_labels, ground_truth, episodes.num_draws, method)
+    for images, targets, patches in tqdm(loader, desc="one-shot eval", disable=not progress, leave=False, dynamic_ncols=True):
+        images = images.to(device)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)  # (B, 2)
+        for draw in range(patches.shape[1]):
+            output = model(images, patches[:, draw].to(device))  # patches: (B, K, 3, q, q)
+            scores = output.logits.float().softmax(-1)[..., MATCH_LABEL]  # (B, Q)
+            boxes = normalized_cxcywh_to_xyxy_px(output.boxes.float(), orig_sizes)  # (B, Q, 4)
+            for t, s, b in zip(targets, scores, boxes):
+                evaluator.update(int(t["query_label"]), draw, int(t["image_id"]), s, b)
+    evaluator.synchronize()
+    return evaluator.summarize()
+
+
+def train_one_shot(
+    cfg: Config, options: OneShotOptions | None = None, *, resume: str | None = None, progress: bool = True,
+    dist_info: DistInfo | None = None,
+) -> FitResult:
+    """Train one-shot detection with ``cfg`` (``cfg.init_from``: pre-training / detection checkpoint or "")."""
+    dist_info = dist_info or DistInfo(device=resolve_device(cfg.device))
+    return fit(OneShotTask(cfg, options), cfg, dist_info, resume=resume, progress=progress)
+
+
+@dataclass
+class LoadedOneShot:
+    model: OneShotDETR
+    config: Config
+    split: OneShotSplit
+    options: OneShotOptions
+    classes: list[str]
+    init: str  # how the trained model was initialised: updetr-pretrain | detection | oneshot | scratch
+
+
+def load_one_shot_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedOneShot:
+    """Rebuild a one-shot model from its checkpoint (strict load, eval mode)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("task") != "oneshot" or "config" not in ckpt:
+        raise CheckpointError(f"{path}: is a {ckpt.get('task', 'bare')!r} checkpoint, not one from `updetr oneshot train` "
+                              f"(to start one-shot training from it: updetr oneshot train --init-from {path})")  # fmt: skip
+    try:
+        cfg = Config.from_dict(ckpt["config"], str(path))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: stored config is invalid: {err}") from None
+    cfg.model.backbone_weights = "none"  # the weights come from the checkpoint
+    meta = ckpt.get("oneshot") or {}
+    names = {f.name for f in dataclasses.fields(OneShotOptions)}
+    options = OneShotOptions(**{k: v for k, v in (meta.get("options") or {}).items() if k in names})
+    if not meta.get("split"):
+        raise CheckpointError(f"{path}: stores no one-shot split")
+    model = build_one_shot(cfg.model, train_backbone=False)
+    load_state_dict_strict(model, ckpt["model"], str(path))
+    model.to(device).eval()
+    split = OneShotSplit(tuple(meta["split"]["seen"]), tuple(meta["split"]["unseen"]))
+    return LoadedOneShot(model, cfg, split, options, list(ckpt.get("classes") or []), str(meta.get("init", "scratch")))
+
+
+def evaluate_one_shot_result(
+    checkpoint: str | Path, *, data: DataConfig | None = None, data_split: str = "val", split: str | None = None,
+    classes: list[str] | None = None, num_draws: int | None = None, ap_method: str | None = None,
+    device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int = 0, progress: bool = False,
+) -> OneShotResult:
+    """:func:`evaluate_one_shot` returning the :class:`OneShotResult`."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    loaded = load_one_shot_model(checkpoint, device)
+    data = data or loaded.config.data
+    dataset = build_detection_dataset(data, data_split)
+    one_shot = loaded.split if split is None else load_oneshot_split(split, dataset.classes, data_root=data.root, data_format=data.format)
+    seen, unseen = one_shot.labels(list(dataset.classes), getattr(dataset, "source", data_split))
+    if classes:
+        unknown = [c for c in classes if c not in dataset.classes or dataset.classes.index(c) not in seen + unseen]
+        if unknown:
+            raise DataError(f"--classes {', '.join(map(repr, unknown))}: not a seen or unseen class of the split "
+                            f"(seen: {', '.join(one_shot.seen)}; unseen: {', '.join(one_shot.unseen)})")  # fmt: skip
+        keep = {dataset.classes.index(c) for c in classes}
+        seen, unseen = [c for c in seen if c in keep], [c for c in unseen if c in keep]
+    options = loaded.options
+    episodes = OneShotEpisodes(
+        dataset, seen + unseen, query_size=loaded.config.pretrain.query_size,
+        min_exemplar_size=options.min_exemplar_size, num_draws=num_draws or options.num_draws,
+    )  # fmt: skip
+    if classes:
+        evaluated = {label for _, label in episodes.episodes}
+        empty = [dataset.classes[c] for c in seen + unseen if c not in evaluated]
+        if empty:
+            raise DataError(f"exemplar class {', '.join(map(repr, empty))} has no usable test instance in "
+                            f"{getattr(dataset, 'source', data_split)} (needs boxes in at least two images)")  # fmt: skip
+    loader = make_loader(episodes, collate_one_shot, batch_size or data.batch_size, num_workers, DistInfo(device=device),
+                         train=False, seed=0)  # fmt: skip
+    result = run_one_shot_evaluation(loaded.model, loader, device, seen, unseen, method=ap_method or options.ap_method,
+                                     progress=progress)  # fmt: skip
+    result.extra = {"checkpoint": str(checkpoint), "init": loaded.init, "dataset": getattr(dataset, "source", data_split),
+                    "num_episodes": len(episodes)}  # fmt: skip
+    return result
+
+
+def evaluate_one_shot(checkpoint: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """AP50 of a one-shot checkpoint under the CoAE protocol; deterministic for a checkpoint.
+
+    Keyword arguments: ``data`` (a DataConfig; default the checkpoint's), ``data_split``
+    (``val``), ``split`` (one-shot split spec; default the checkpoint's), ``classes``
+    (restrict to these names), ``num_draws``, ``ap_method``, ``device``, ``batch_size``,
+    ``num_workers``, ``progress``.
+
+    Returns:
+        ``{"seen_AP50", "unseen_AP50", "per_class": {name: AP50}, "per_draw": {name: [..]},
+        "num_images", "seen", "unseen", "num_draws", "ap_method", "checkpoint", "init",
+        "dataset", "num_episodes"}``; AP50 in percent, NaN where undefined.
+    """
+    return evaluate_one_shot_result(checkpoint, **kwargs).to_dict()
+
+
+_BOX = re.compile(r"^\s*[-+0-9.eE]+(\s*,\s*[-+0-9.eE]+)*\s*$")
+
+
+def parse_exemplar(spec: str) -> tuple[Path, tuple[float, float, float, float] | None]:
+    """``IMG`` or ``IMG:x,y,w,h`` (pixels) -> (path, box xywh or None = the whole image)."""
+    path, sep, box = spec.rpartition(":")
+    if not sep or not _BOX.match(box) or "," not in box:
+        return Path(spec), None
+    try:
+        values = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        raise DataError(f"--exemplar {spec!r}: the box must be x,y,w,h in pixels") from None
+    if len(values) != 4:
+        raise DataError(f"--exemplar {spec!r}: the box must be 4 numbers x,y,w,h in pixels, got {len(values)}")
+    return Path(path), values  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def predict_one_shot(
+    loaded: LoadedOneShot, exemplar: str | Path, box_xywh: tuple[float, float, float, float] | None,
+    images: list[str], output_dir: str | Path, *, threshold: float = 0.5, label: str = "match",
+    device: torch.device | str = "cpu", progress: bool = True,
+) -> Path:
+    """Detect every object of the exemplar's class in ``images`` (files or folders).
+
+    ``box_xywh``: the exemplar's box in pixels of ``exemplar`` (None: the whole image).
+    Writes ``detections.json`` (``{"exemplar": {"file", "box_xywh"}, "images": [{"file",
+    "width", "height", "detections": [{"score", "box_xyxy"}]}]}``), ``exemplar.png`` (the box
+    drawn) and one ``<index>_<name>.png`` per image with the detections of score >= ``threshold``.
+    """
+    from ..data.folder import ImageFolder
+    from ..data.transforms import build_transforms
+    from ..visualize import draw_detections, save_image
+
+    exemplar = Path(exemplar)
+    picture = load_image(exemplar)
+    hw = (picture.height, picture.width)
+    box_xywh = box_xywh or (0.0, 0.0, float(picture.width), float(picture.height))
+    x, y, w, h = box_xywh
+    box_xyxy = (x, y, x + w, y + h)
+    check_exemplar_box(box_xyxy, hw, loaded.options.min_exemplar_size, f"--exemplar {exemplar}")
+    patch = crop_query_patch(F.pil_to_tensor(picture), box_xyxy, loaded.config.pretrain.query_size)[None].to(device)
+    out = Path(output_dir)
+    save_image(draw_detections(picture, torch.tensor([box_xyxy]), ["exemplar"]), out / "exemplar.png")
+    dataset = ImageFolder(images, transforms=build_transforms(loaded.config.data, train=False))
+    results = []
+    for i in tqdm(range(len(dataset)), desc="one-shot predict", disable=not progress, dynamic_ncols=True):
+        pixels, info = dataset[i]
+        output = loaded.model(ImageBatch.from_tensors([pixels]).to(device), patch)
+        scores = output.logits.float().softmax(-1)[0, :, MATCH_LABEL].cpu()  # (Q,)
+        boxes = normalized_cxcywh_to_xyxy_px(output.boxes[0].float().cpu(), info["orig_size"])  # (Q, 4)
+        keep = scores >= threshold
+        order = scores[keep].argsort(descending=True)
+        scores, boxes = scores[keep][order], boxes[keep][order]
+        path = Path(info["path"])
+        height, width = (int(v) for v in info["orig_size"])
+        results.append({"file": str(path), "width": width, "height": height, "detections": [
+            {"score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]} for s, b in zip(scores, boxes)]})
+        drawn = draw_detections(load_image(path), boxes, [label] * len(scores), scores, color_ids=[0] * len(scores))
+        save_image(drawn, out / f"{i:04d}_{path.stem}.png")
+    payload = {"exemplar": {"file": str(exemplar), "box_xywh": list(box_xywh)}, "threshold": threshold, "images": results}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "detections.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(out / "detections.json")
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _add_option_args(p: argparse.ArgumentParser, train: bool) -> None:
+    g = p.add_argument_group("one-shot options")
+    g.add_argument("--split", help="seen/unseen classes: voc (the paper's) | JSON file {'seen': [...], 'unseen': [...]} "
+                   "| 'unseen=a,b[;seen=c,d]' (default: data.root/oneshot_split.json, or voc for VOC data)")  # fmt: skip
+    g.add_argument("--draws", type=int, help="query patches per (test image, class); AP50 averaged over them (default 5)")
+    g.add_argument("--ap-method", choices=AP_METHODS, help="voc07: 11-point (CoAE, default) | voc: all-point area")
+    if train:
+        g.add_argument("--min-exemplar-size", type=int, help="smallest exemplar box side in pixels (default 8)")
+        frozen = g.add_mutually_exclusive_group()
+        frozen.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true", default=None,
+                            help="frozen CNN (image and query patch)")  # fmt: skip
+        frozen.add_argument("--train-backbone", dest="freeze_backbone", action="store_false",
+                            help="train CNN layers 2-4 at optim.lr_backbone (default: trainable iff lr_backbone > 0)")  # fmt: skip
+        g.add_argument("--exclude-unseen-images", action="store_true", default=None,
+                       help="skip training images showing any unseen object (default: they train on their seen classes)")  # fmt: skip
+
+
+def _options_from_args(base: OneShotOptions, args: argparse.Namespace) -> OneShotOptions:
+    names = {"split": "split", "draws": "num_draws", "ap_method": "ap_method", "min_exemplar_size": "min_exemplar_size",
+             "freeze_backbone": "freeze_backbone", "exclude_unseen_images": "exclude_unseen_images"}  # fmt: skip
+    changes = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
+    return dataclasses.replace(base, **changes).validate()
+
+
+def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``oneshot {train,eval,predict}`` on the top-level subparsers of ``updetr``."""
+    from ..cli import _add_config_args
+
+    p = subparsers.add_parser("oneshot", help="one-shot detection: find every object of a class from one exemplar")
+    action = p.add_subparsers(dest="oneshot_command", required=True)
+    common = getattr(subparsers, "common", None)  # cli.py's shared --verbose / --no-progress
+    if common is None:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+        common.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def leaf(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return action.add_parser(name, parents=[common], **kwargs)
+
+    t = leaf("train", help="train one-shot detection on the seen classes (CoAE protocol)")
+    _add_config_args(t)
+    t.add_argument("--init-from", help="UP-DETR pre-training checkpoint (keeps patch2query), DETR/UP-DETR detection "
+                   "checkpoint (fresh patch2query), or a one-shot checkpoint; default: from scratch")  # fmt: skip
+    t.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
+    _add_option_args(t, train=True)
+    t.set_defaults(func=cmd_oneshot_train)
+
+    e = leaf("eval", help="AP50 on seen and unseen classes, printed as paper Table 3")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data-split", default="val", choices=["train", "val"], help="which dataset split to test on")
+    e.add_argument("--classes", help="comma-separated class names to evaluate (default: the whole split)")
+    e.add_argument("--data-root")
+    e.add_argument("--format", choices=["coco", "voc"])
+    e.add_argument("--embedded", metavar="DIR")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--device")
+    e.add_argument("--json", help="also write the result to this JSON file")
+    _add_option_args(e, train=False)
+    e.set_defaults(func=cmd_oneshot_eval)
+
+    q = leaf("predict", help="draw every detection of the exemplar's class in target images")
+    q.add_argument("--exemplar", required=True, metavar="IMG[:x,y,w,h]",
+                   help="exemplar image, optionally with the object's box in pixels (default: the whole image)")  # fmt: skip
+    q.add_argument("--image", dest="images", nargs="+", required=True, metavar="TARGET", help="target images or folders")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--output", default="oneshot_predictions")
+    q.add_argument("--threshold", type=float, default=0.5, help="minimum match score (default 0.5)")
+    q.add_argument("--label", default="match", help="caption of the drawn boxes")
+    q.add_argument("--device")
+    q.set_defaults(func=cmd_oneshot_predict)
+    return p
+
+
+def cmd_oneshot_train(args: argparse.Namespace) -> int:
+    from ..cli import _setup_logging, config_from_args
+    from .distributed import cleanup, init_distributed
+
+    cfg = config_from_args(args)
+    options = _options_from_args(options_from_config(cfg), args)
+    dist_info = init_distributed(cfg.device)
+    _setup_logging(dist_info.rank, getattr(args, "verbose", False))
+    try:
+        result = train_one_shot(cfg, options, resume=args.resume, progress=not getattr(args, "no_progress", False),
+                                dist_info=dist_info)  # fmt: skip
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        m = result.final_metrics
+        if m:
+            print(f"\nfinal validation: AP50 seen {m.get('AP50_seen', float('nan')):.1f}, "
+                  f"unseen {m.get('AP50_unseen', float('nan')):.1f}")  # fmt: skip
+        print(f"run folder: {result.output_dir}\nevaluate: updetr oneshot eval --checkpoint {result.output_dir / 'checkpoint.pth'}")
+    return 0
+
+
+def cmd_oneshot_eval(args: argparse.Namespace) -> int:
+    from ..cli import EMBEDDED_LAYOUT, _setup_logging
+
+    _setup_logging(0, getattr(args, "verbose", False))
+    data = None
+    overrides = []
+    if args.embedded:
+        overrides += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
+        overrides += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+    if args.data_root:
+        overrides.append(f"data.root={json.dumps(args.data_root)}")
+    if args.format:
+        overrides.append(f"data.format={json.dumps(args.format)}")
+    overrides += list(args.overrides)
+    if overrides:
+        data = Config.from_dict(load_checkpoint(args.checkpoint)["config"], args.checkpoint).override(overrides).data
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    result = evaluate_one_shot_result(
+        args.checkpoint, data=data, data_split=args.data_split, split=args.split, classes=classes,
+        num_draws=args.draws, ap_method=args.ap_method, device=args.device or "auto", batch_size=args.batch_size,
+        progress=not getattr(args, "no_progress", False),
+    )  # fmt: skip
+    title = (f"One-shot detection, AP50 (%): {result.extra['dataset']}, {result.num_draws} query draws per "
+             f"(image, class), {result.method} AP, {result.extra['num_episodes']} episodes")  # fmt: skip
+    print(format_table3({f"this checkpoint (init: {result.extra['init']})": result}, title=title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_oneshot_predict(args: argparse.Namespace) -> int:
+    from ..cli import _setup_logging
+
+    _setup_logging(0, getattr(args, "verbose", False))
+    exemplar, box = parse_exemplar(args.exemplar)
+    device = resolve_device(args.device or "auto")
+    loaded = load_one_shot_model(args.checkpoint, device)
+    out = predict_one_shot(loaded, exemplar, box, args.images, args.output, threshold=args.threshold, label=args.label,
+                           device=device, progress=not getattr(args, "no_progress", False))  # fmt: skip
+    print(f"wrote {out / 'detections.json'} and drawn images to {out}")
+    return 0

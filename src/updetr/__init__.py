@@ -16,3 +16,13 @@ Padding masks are boolean with ``True`` marking a padded (invalid) pixel, as in
 """
 
 __version__ = "0.1.0"
+
+
+def load_official_checkpoint(path, **overrides):
+    """Load a published DETR / UP-DETR ``.pth`` as an updetr model (see ``updetr.models.official``)."""
+    from .models.official import load_official_checkpoint as _load
+
+    return _load(path, **overrides)
+
+
+__all__ = ["load_official_checkpoint", "__version__"]

@@ -168,6 +168,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .models.official import convert_official_checkpoint, parse_overrides
+
+    _setup_logging(0, args.verbose)
+    out = convert_official_checkpoint(args.src, args.dst, **parse_overrides(args.overrides))
+    print(f"wrote {out}; use it with `updetr predict/eval/query --checkpoint {out}`")
+    return 0
+
+
 # ----------------------------------------------------------------------------- data / demo
 def cmd_data_embedded(args: argparse.Namespace) -> int:
     from .data.embedded import generate_embedded
@@ -237,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep (default 0.5)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert an official DETR / UP-DETR .pth into an updetr checkpoint")
+    p.add_argument("src", help="official checkpoint (.pth)")
+    p.add_argument("dst", help="where to write the converted checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="settings the weights cannot show, e.g. --set dilation=true (DC5), --set num_heads=8, "
+                        "--set num_patches=10 (repeatable)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = _CommonSubparsers(p.add_subparsers(dest="data_command", required=True), common)

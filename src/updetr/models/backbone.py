@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -161,9 +162,11 @@ def load_backbone_weights(backbone: Backbone, weights: str) -> None:
                 f"model.backbone_weights={weights!r} is neither none/imagenet/swav nor an existing file"
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # training-script checkpoints carry their argparse.Namespace; allow that one type only
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise BackboneWeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from None
+            raise BackboneWeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({str(err).splitlines()[0]})") from None
         source = str(path)
     load_resnet_state_dict(backbone, state, source)
 

@@ -1,0 +1,31 @@
+"""Batching of detection samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from updetr.structures import ImageBatch, Target
+
+__all__ = ["collate_detection"]
+
+
+def collate_detection(
+    batch: Sequence[tuple[Tensor, Target]], size_divisibility: int = 1
+) -> tuple[ImageBatch, list[Target]]:
+    """``DataLoader`` collate function: pad images into an :class:`ImageBatch`.
+
+    Args:
+        batch: ``(pixels (3, H_i, W_i) float, target)`` pairs.
+        size_divisibility: pad H and W up to a multiple of this (use ``functools.partial``).
+
+    Returns:
+        ``ImageBatch`` with ``pixels`` (B, 3, H, W) (bottom/right zero padding) and
+        ``padding_mask`` (B, H, W) bool, **True on padding**; and the list of targets,
+        unchanged, in batch order.
+    """
+    images = [item[0] for item in batch]
+    targets: list[Any] = [item[1] for item in batch]
+    return ImageBatch.from_tensors(images, size_divisibility=size_divisibility), targets

@@ -1,0 +1,90 @@
+"""A folder (or list) of images for prediction, without annotations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from updetr.data.io import DataError, is_image_file, load_image
+from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ImageFolder"]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageFolder(Dataset):
+    """Images to run a detector on.
+
+    ``dataset[i]`` is ``(pixels, info)``: ``pixels`` float (3, H, W) normalised with
+    ImageNet mean/std after ``transforms`` (use ``build_transforms(cfg, train=False)``,
+    the eval resize; with ``transforms=None`` the image keeps its size), and ``info`` a dict
+    with ``image_id`` (int64 scalar, the index ``i``), ``orig_size`` and ``size`` (int64 (2,),
+    (h, w) on disk and after the transform) and ``path`` (str).
+
+    Args:
+        source: a folder, scanned recursively (sorted paths), or a list of image files.
+            Files whose extension is not in ``IMAGE_EXTENSIONS`` are skipped with one
+            warning that counts them.
+        transforms: callable ``(PIL image, target) -> (tensor, target)``.
+
+    Raises:
+        DataError: ``source`` (or a listed file) does not exist or holds no image; an
+            unreadable image raises when it is loaded, naming the file.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str | os.PathLike],
+        transforms: Callable[[Image.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]] | None = None,
+    ) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            root = Path(source)
+            if root.is_dir():
+                candidates = sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files)
+            elif root.is_file():
+                candidates = [root]
+            else:
+                raise DataError(f"{root}: image folder or file not found")
+            where = str(root)
+        else:
+            candidates = [Path(p) for p in source]
+            missing = [str(p) for p in candidates if not p.is_file()]
+            if missing:
+                raise DataError(f"{len(missing)} listed image files do not exist, e.g. {', '.join(missing[:5])}")
+            where = f"{len(candidates)} listed files"
+        self.paths: list[Path] = [p for p in candidates if is_image_file(p)]
+        self.skipped_files = len(candidates) - len(self.paths)
+        if self.skipped_files:
+            skipped = [p.name for p in candidates if not is_image_file(p)][:3]
+            logger.warning("%s: skipped %d non-image files (e.g. %s)", where, self.skipped_files, ", ".join(skipped))
+        if not self.paths:
+            raise DataError(f"{where}: no image files found")
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        path = self.paths[index]
+        image = load_image(path)
+        size = torch.tensor([image.height, image.width], dtype=torch.int64)  # (2,) (h, w)
+        info: dict[str, Any] = {
+            "image_id": torch.tensor(index, dtype=torch.int64),
+            "orig_size": size,
+            "size": size.clone(),
+            "path": str(path),
+        }
+        if self.transforms is not None:
+            return self.transforms(image, info)
+        pixels = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)  # (3, H, W)
+        return F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)), info

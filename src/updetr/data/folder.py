@@ -47,21 +47,17 @@ class ImageFolder(Dataset):
         source: str | os.PathLike | Sequence[str | os.PathLike],
         transforms: Callable[[Image.Image, dict[str, Any]], tuple[Tensor, dict[str, Any]]] | None = None,
     ) -> None:
-        if isinstance(source, (str, os.PathLike)):
-            root = Path(source)
-            if root.is_dir():
-                candidates = sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files)
-            elif root.is_file():
-                candidates = [root]
+        sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        candidates: list[Path] = []
+        for item in sources:
+            path = Path(item)
+            if path.is_dir():
+                candidates += sorted(Path(d) / f for d, _, files in os.walk(path, followlinks=True) for f in files)
+            elif path.is_file():
+                candidates.append(path)
             else:
-                raise DataError(f"{root}: image folder or file not found")
-            where = str(root)
-        else:
-            candidates = [Path(p) for p in source]
-            missing = [str(p) for p in candidates if not p.is_file()]
-            if missing:
-                raise DataError(f"{len(missing)} listed image files do not exist, e.g. {', '.join(missing[:5])}")
-            where = f"{len(candidates)} listed files"
+                raise DataError(f"{path}: image folder or file not found")
+        where = str(sources[0]) if len(sources) == 1 else f"{len(sources)} listed files/folders"
         self.paths: list[Path] = [p for p in candidates if is_image_file(p)]
         self.skipped_files = len(candidates) - len(self.paths)
         if self.skipped_files:

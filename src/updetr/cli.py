@@ -168,6 +168,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from .engine.distributed import resolve_device
+    from .engine.inference import load_trained_model
+    from .query import run_query
+
+    _setup_logging(0, args.verbose)
+    device = resolve_device(args.device or "auto")
+    loaded = load_trained_model(args.checkpoint, device)
+    results = run_query(loaded, args.image, boxes=args.box, exemplars=args.exemplar, output_dir=args.output, device=device)
+    for i, r in enumerate(results):
+        where = f" (cut from {[round(v) for v in r.query_box_xyxy]})" if r.query_box_xyxy else ""
+        print(f"patch {i}{where}: found at {[round(v) for v in r.box_xyxy]} score {r.score:.2f}")
+    print(f"drawn in {args.output}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .models.official import convert_official_checkpoint, parse_overrides
 
@@ -246,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep (default 0.5)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+    from .engine.one_shot import add_oneshot_parser
+
+    add_oneshot_parser(sub)
+
+    p = sub.add_parser("query", help="find query patches in an image with a pre-trained UP-DETR model")
+    p.add_argument("--checkpoint", required=True, help="pre-training checkpoint (ours or converted)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--box", action="append", help="x,y,w,h of a patch cut from --image (repeatable)")
+    p.add_argument("--exemplar", action="append", help="IMG or IMG:x,y,w,h, a patch from another image (repeatable)")
+    p.add_argument("--output", default="query")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("convert", help="convert an official DETR / UP-DETR .pth into an updetr checkpoint")
     p.add_argument("src", help="official checkpoint (.pth)")

@@ -53,6 +53,18 @@ class PretrainConfig:
 
 
 @dataclass
+class OneShotConfig:
+    """One-shot detection (paper §3.2, §4.3; method.md §3)."""
+
+    split: str = ""  # "" = data.root/oneshot_split.json (voc: the paper's) | voc | JSON file | "unseen=a,b[;seen=c,d]"
+    num_draws: int = 5  # query patches per (test image, class); AP50 averaged over them
+    min_exemplar_size: int = 8  # smallest exemplar box side, pixels of the original image
+    freeze_backbone: bool | None = None  # None: the CNN trains iff optim.lr_backbone > 0
+    exclude_unseen_images: bool = False  # also skip training images showing any unseen object
+    ap_method: str = "voc07"  # voc07 (11-point, as CoAE) | voc (all-point)
+
+
+@dataclass
 class LossConfig:
     cost_class: float = 1.0
     cost_bbox: float = 5.0
@@ -102,6 +114,7 @@ class OptimConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    oneshot: OneShotConfig = field(default_factory=OneShotConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -128,6 +141,9 @@ class Config:
         if m.num_classes is not None:
             _positive("model.num_classes", m.num_classes)
         _positive("pretrain.num_patches", p.num_patches)
+        _positive("oneshot.num_draws", self.oneshot.num_draws)
+        _positive("oneshot.min_exemplar_size", self.oneshot.min_exemplar_size)
+        _choice("oneshot.ap_method", self.oneshot.ap_method, ("voc07", "voc"))
         if not 0.0 <= p.patch_drop_ratio < 1.0:
             raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
         _positive("pretrain.query_size", p.query_size)

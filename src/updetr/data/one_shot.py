@@ -1,0 +1,453 @@
+"""One-shot detection data (paper §3.2, §4.3; method.md §3), following CoAE's protocol.
+
+**Split.** Classes are *seen* (trained on) or *unseen* (evaluated only); dataset classes
+in neither list are ignored (never a query, never a target). :func:`load_oneshot_split`
+reads the paper's VOC split (:data:`PAPER_VOC_SPLIT`), the embedded benchmark's
+``oneshot_split.json``, any ``{"seen": [...], "unseen": [...]}`` JSON file, or an inline
+``unseen=a,b[;seen=c,d]`` (seen defaults to every other class).
+
+**Exemplars** (query patches) are ground-truth boxes: never crowd / VOC-difficult, both
+sides at least ``min_exemplar_size`` pixels of the original image. A patch is the box's
+crop of the original image resized to ``query_size`` x ``query_size`` (aspect ratio not
+kept, as in pre-training; antialiased), normalised with ImageNet mean/std.
+
+**Training pairs** (:class:`OneShotTrainDataset`): for each training image, one seen class
+present in it is drawn, a query patch of that class is cropped from a *different* image's
+box, and only that class's boxes stay as targets, with label 0 ("matches the query").
+Unseen-class objects are never queries or targets (they are background). Images with no
+usable seen class are skipped: images showing only unseen classes, images without objects,
+and images whose seen classes have no exemplar in any other image. With
+``exclude_unseen_images`` images showing any unseen object are skipped too (stricter than
+CoAE). Draws come from ``numpy.random.default_rng((seed, epoch, index))``; the image
+augmentation is DETR's (the dataset's own transforms).
+
+**Evaluation episodes** (:class:`OneShotEpisodes`): for every test image and every
+evaluated class with a non-crowd box in it, ``num_draws`` (5) query patches of that class
+from other images: the class's exemplars (target image excluded) are shuffled by
+``numpy.random.default_rng(image_id)`` and the first ``num_draws`` taken (cycling when
+fewer exist). Fully deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from updetr.data.coco import CocoStyleDataset
+from updetr.data.io import DataError, load_annotated_image
+from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from updetr.structures import ImageBatch, Target
+
+__all__ = [
+    "PAPER_VOC_SPLIT", "OneShotSplit", "load_oneshot_split", "ExemplarBank", "crop_query_patch",
+    "check_exemplar_box", "OneShotTrainDataset", "OneShotEpisodes", "collate_one_shot",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_CROP_CACHE = 1024  # evaluation keeps this many uint8 exemplar crops per process
+
+
+@dataclass(frozen=True)
+class OneShotSplit:
+    """Class names trained on (``seen``) and evaluated only (``unseen``); disjoint."""
+
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.seen) & set(self.unseen))
+        if both:
+            raise DataError(f"one-shot split: {both} are listed as both seen and unseen")
+        if not self.seen:
+            raise DataError("one-shot split: no seen class (training needs at least one)")
+
+    def labels(self, classes: Sequence[str], source: str = "the dataset") -> tuple[list[int], list[int]]:
+        """(seen, unseen) contiguous labels in ``classes``; an unknown name is a DataError naming it."""
+        unknown = [name for name in self.seen + self.unseen if name not in classes]
+        if unknown:
+            raise DataError(
+                f"one-shot split names {', '.join(map(repr, unknown))}, not a class of {source} "
+                f"(its classes: {', '.join(classes)})"
+            )
+        return [classes.index(n) for n in self.seen], [classes.index(n) for n in self.unseen]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"seen": list(self.seen), "unseen": list(self.unseen)}
+
+
+#: Paper Table 3 / CoAE: 16 seen VOC classes, 4 unseen (cow, sheep, cat, aeroplane).
+PAPER_VOC_SPLIT = OneShotSplit(
+    seen=("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
+          "horse", "bicycle", "dog", "bird", "motorbike", "diningtable"),  # fmt: skip
+    unseen=("cow", "sheep", "cat", "aeroplane"),
+)
+
+
+def load_oneshot_split(
+    spec: str | Mapping[str, Sequence[str]] | OneShotSplit,
+    classes: Sequence[str],
+    *,
+    data_root: str = "",
+    data_format: str = "coco",
+) -> OneShotSplit:
+    """Resolve a split description against the dataset's ``classes`` (validated).
+
+    ``spec``: ``""`` (``data_root/oneshot_split.json`` when it exists, else the paper's VOC
+    split for ``data_format == "voc"``), ``"voc"``, ``"embedded"`` (``data_root/oneshot_split.json``),
+    a JSON file or a folder holding ``oneshot_split.json``, ``"unseen=a,b[;seen=c,d]"``,
+    a ``{"seen", "unseen"}`` mapping or a :class:`OneShotSplit`.
+
+    Raises:
+        DataError: unreadable file, malformed spec, or a class name not in ``classes``.
+    """
+    if isinstance(spec, OneShotSplit):
+        split = spec
+    elif isinstance(spec, Mapping):
+        split = _from_mapping(spec, "split")
+    else:
+        spec = spec.strip()
+        root_file = Path(data_root) / "oneshot_split.json" if data_root else None
+        if spec == "":
+            if root_file is not None and root_file.is_file():
+                spec = str(root_file)
+            elif data_format == "voc":
+                spec = "voc"
+            else:
+                raise DataError(
+                    "no one-shot split given: pass --split (voc | a JSON file with 'seen' and 'unseen' class names "
+                    f"| 'unseen=a,b'), or put oneshot_split.json in data.root ({data_root or 'unset'})"
+                )
+        if spec == "voc":
+            split = PAPER_VOC_SPLIT
+        elif spec == "embedded":
+            if root_file is None:
+                raise DataError("split 'embedded' needs data.root, the embedded benchmark folder")
+            split = _from_file(root_file)
+        elif "=" in spec and not Path(spec).exists():
+            split = _from_inline(spec, classes)
+        else:
+            path = Path(spec)
+            split = _from_file(path / "oneshot_split.json" if path.is_dir() else path)
+    split.labels(classes)
+    return split
+
+
+def _from_mapping(data: Mapping, source: str) -> OneShotSplit:
+    if not isinstance(data, Mapping) or set(data) != {"seen", "unseen"}:
+        raise DataError(f"{source}: a one-shot split must hold exactly 'seen' and 'unseen' lists of class names")
+    lists = [data["seen"], data["unseen"]]
+    if not all(isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v) for v in lists):
+        raise DataError(f"{source}: 'seen' and 'unseen' must be lists of class names")
+    return OneShotSplit(tuple(lists[0]), tuple(lists[1]))
+
+
+def _from_file(path: Path) -> OneShotSplit:
+    if not path.is_file():
+        raise DataError(f"{path}: one-shot split file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read the one-shot split ({err})") from None
+    return _from_mapping(data, str(path))
+
+
+def _from_inline(spec: str, classes: Sequence[str]) -> OneShotSplit:
+    parts = {}
+    for item in spec.split(";"):
+        key, sep, names = item.partition("=")
+        if not sep or key.strip() not in ("seen", "unseen"):
+            raise DataError(f"split {spec!r}: expected 'unseen=a,b' optionally followed by ';seen=c,d'")
+        parts[key.strip()] = tuple(n.strip() for n in names.split(",") if n.strip())
+    if "unseen" not in parts:
+        raise DataError(f"split {spec!r}: names no unseen class")
+    seen = parts.get("seen", tuple(c for c in classes if c not in parts["unseen"]))
+    return OneShotSplit(seen, parts["unseen"])
+
+
+# ----------------------------------------------------------------------------- exemplars
+
+
+def check_exemplar_box(box_xyxy_px: Sequence[float], image_hw: tuple[int, int], min_size: int, source: str) -> None:
+    """Raise DataError unless the box lies inside the image and both sides are >= ``min_size`` pixels."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy_px)
+    height, width = image_hw
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise DataError(f"{source}: exemplar box {list(box_xyxy_px)} is not finite")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height or x1 <= x0 or y1 <= y0:
+        raise DataError(
+            f"{source}: exemplar box x={x0:g}, y={y0:g}, w={x1 - x0:g}, h={y1 - y0:g} is outside the "
+            f"{width}x{height} (width x height) image or empty"
+        )
+    if x1 - x0 < min_size or y1 - y0 < min_size:
+        raise DataError(
+            f"{source}: exemplar box is {x1 - x0:g}x{y1 - y0:g} pixels, smaller than the minimum "
+            f"{min_size}x{min_size} (min_exemplar_size)"
+        )
+
+
+def crop_query_patch(pixels: Tensor, box_xyxy_px: Sequence[float], query_size: int) -> Tensor:
+    """Crop a box of a uint8 (3, H, W) image, resize to (3, q, q) (antialiased), normalise (float)."""
+    return normalize_patch(crop_patch_uint8(pixels, box_xyxy_px, query_size))
+
+
+def crop_patch_uint8(pixels: Tensor, box_xyxy_px: Sequence[float], query_size: int) -> Tensor:
+    height, width = pixels.shape[-2:]
+    x0, y0 = max(0, math.floor(box_xyxy_px[0])), max(0, math.floor(box_xyxy_px[1]))
+    x1, y1 = min(width, math.ceil(box_xyxy_px[2])), min(height, math.ceil(box_xyxy_px[3]))
+    return F.resized_crop(pixels, y0, x0, max(1, y1 - y0), max(1, x1 - x0), [query_size, query_size], antialias=True)
+
+
+def normalize_patch(patch_uint8: Tensor) -> Tensor:
+    return (patch_uint8.float() / 255.0 - _MEAN) / _STD  # (3, q, q)
+
+
+def load_pixels(dataset: CocoStyleDataset, index: int) -> Tensor:
+    """The original image of item ``index`` as uint8 (3, H, W)."""
+    hw = tuple(int(v) for v in dataset.raw_target(index)["orig_size"])
+    return F.pil_to_tensor(load_annotated_image(dataset.image_paths[index], hw))
+
+
+class ExemplarBank:
+    """The boxes of ``dataset`` usable as query patches, per class label.
+
+    ``image_index[label]``: int64 (E,) item index of each exemplar; ``boxes[label]``: float
+    (E, 4) xyxy pixels of the original image; in dataset order.
+    """
+
+    def __init__(self, dataset: CocoStyleDataset, labels: Iterable[int], min_size: int) -> None:
+        self.dataset = dataset
+        wanted = set(labels)
+        index: dict[int, list[int]] = {c: [] for c in wanted}
+        boxes: dict[int, list[Tensor]] = {c: [] for c in wanted}
+        for i in range(len(dataset)):
+            target = dataset.raw_target(i)
+            sides = target["boxes"][:, 2:] - target["boxes"][:, :2]  # (N, 2) w, h
+            usable = (target["iscrowd"] == 0) & (sides >= min_size).all(dim=1)
+            for n in torch.nonzero(usable).flatten().tolist():
+                label = int(target["labels"][n])
+                if label in wanted:
+                    index[label].append(i)
+                    boxes[label].append(target["boxes"][n])
+        self.image_index = {c: np.asarray(index[c], dtype=np.int64) for c in wanted}
+        self.boxes = {c: torch.stack(boxes[c]) if boxes[c] else torch.zeros((0, 4)) for c in wanted}
+        self._cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
+
+    def candidates(self, label: int, exclude_index: int | None) -> np.ndarray:
+        """Positions (into this class's exemplars) not taken from item ``exclude_index``."""
+        return np.flatnonzero(self.image_index[label] != (-1 if exclude_index is None else exclude_index))
+
+    def describe(self, label: int, position: int) -> dict:
+        i = int(self.image_index[label][position])
+        return {"image_id": int(self.dataset.image_ids[i]), "box_xyxy_px": self.boxes[label][position].tolist()}
+
+    def patch(self, label: int, position: int, query_size: int, cache: bool = False) -> Tensor:
+        """The normalised (3, q, q) query patch of exemplar ``position`` of ``label``."""
+        key = (label, position)
+        crop = self._cache.get(key) if cache else None
+        if crop is None:
+            pixels = load_pixels(self.dataset, int(self.image_index[label][position]))
+            crop = crop_patch_uint8(pixels, self.boxes[label][position].tolist(), query_size)
+            if cache:
+                self._cache[key] = crop
+                if len(self._cache) > _CROP_CACHE:
+                    self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return normalize_patch(crop)
+
+
+def _present_labels(target: Target) -> set[int]:
+    return set(target["labels"][target["iscrowd"] == 0].tolist())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class OneShotTrainDataset(Dataset):
+    """(image, target of the query's class, query patch) training pairs; see the module docstring.
+
+    Args:
+        dataset: the training set, with its train transforms attached.
+        split: seen / unseen classes (validated against ``dataset.classes``).
+        query_size: side of the square query patch.
+        min_exemplar_size: smallest exemplar box side (pixels of the original image).
+        seed: base of the per-sample generators.
+        exclude_unseen_images: also skip images showing any unseen object.
+
+    ``dataset[i]`` is ``(pixels (3, H, W), target, patch (3, q, q))``: ``target`` keeps only
+    the query class's boxes (normalised cxcywh) with ``labels`` 0, plus ``query_label`` (the
+    class's index in ``classes``) and ``query_image_id`` (where the patch came from).
+    ``skipped`` counts the skipped images by reason.
+    """
+
+    def __init__(
+        self,
+        dataset: CocoStyleDataset,
+        split: OneShotSplit,
+        *,
+        query_size: int,
+        min_exemplar_size: int,
+        seed: int = 0,
+        exclude_unseen_images: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.split = split
+        seen, unseen = split.labels(list(dataset.classes), getattr(dataset, "source", "the training set"))
+        self.seen_labels, self.unseen_labels = seen, unseen
+        self.query_size = query_size
+        self.seed = int(seed)
+        self.epoch = 0
+        self.bank = ExemplarBank(dataset, seen, min_exemplar_size)
+        self.indices: list[int] = []  # dataset items used
+        self.choices: list[list[int]] = []  # the seen labels each can be queried with
+        self.skipped: Counter[str] = Counter()
+        for i in range(len(dataset)):
+            present = _present_labels(dataset.raw_target(i))
+            usable = [c for c in sorted(present & set(seen)) if self.bank.candidates(c, i).size]
+            if exclude_unseen_images and present & set(unseen):
+                self.skipped["shows an unseen class"] += 1
+            elif not present & set(seen):
+                self.skipped["only unseen classes" if present & set(unseen) else "no seen-class object"] += 1
+            elif not usable:
+                self.skipped["no exemplar of its seen classes in another image"] += 1
+            else:
+                self.indices.append(i)
+                self.choices.append(usable)
+        if self.skipped:
+            logger.info("one-shot training: %d of %d images used; skipped %s", len(self.indices), len(dataset),
+                        dict(self.skipped))  # fmt: skip
+        if not self.indices:
+            raise DataError(f"one-shot training: no usable image among {len(dataset)} ({dict(self.skipped)})")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, Target, Tensor]:
+        index = self.indices[item]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        label = self.choices[item][int(rng.integers(len(self.choices[item])))]
+        candidates = self.bank.candidates(label, index)
+        position = int(candidates[int(rng.integers(len(candidates)))])
+        patch = self.bank.patch(label, position, self.query_size)
+        pixels, target = self.dataset[index]
+        keep = target["labels"] == label
+        for key in ("boxes", "labels", "area", "iscrowd"):
+            if key in target:
+                target[key] = target[key][keep]
+        target["labels"] = torch.zeros_like(target["labels"])  # 0 = matches the query
+        target["query_label"] = torch.tensor(label)
+        target["query_image_id"] = torch.tensor(self.dataset.image_ids[int(self.bank.image_index[label][position])])
+        return pixels, target, patch
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class OneShotEpisodes(Dataset):
+    """Every (test image, class present in it) pair with its ``num_draws`` query patches.
+
+    Args:
+        dataset: the test set, with its eval transforms attached.
+        labels: class labels to evaluate (e.g. seen + unseen).
+        query_size, min_exemplar_size: as :class:`OneShotTrainDataset`.
+        num_draws: query patches per episode (the protocol: 5).
+        exemplars: where query patches come from (default: ``dataset`` itself, the
+            target image excluded); must share ``dataset.classes``.
+
+    ``episodes[e] = (item index, label)``; ``draws[e]``: ``num_draws`` exemplar positions.
+    ``dataset[e]`` is ``(pixels (3, H, W), target, patches (num_draws, 3, q, q))`` with the
+    class's boxes as targets (label 0) and ``episode``, ``query_label``.
+    ``missing_labels``: evaluated labels without any non-crowd box in ``dataset``;
+    ``skipped``: (image, class) pairs without an exemplar from another image, per label.
+    """
+
+    def __init__(
+        self,
+        dataset: CocoStyleDataset,
+        labels: Sequence[int],
+        *,
+        query_size: int,
+        min_exemplar_size: int,
+        num_draws: int = 5,
+        exemplars: CocoStyleDataset | None = None,
+    ) -> None:
+        if num_draws <= 0:
+            raise ValueError(f"num_draws={num_draws} must be positive")
+        if exemplars is not None and list(exemplars.classes) != list(dataset.classes):
+            raise DataError("the exemplar dataset and the test dataset have different classes")
+        self.dataset = dataset
+        self.labels = list(labels)
+        self.query_size = query_size
+        self.num_draws = num_draws
+        same = exemplars is None
+        self.bank = ExemplarBank(dataset if same else exemplars, self.labels, min_exemplar_size)
+        self.episodes: list[tuple[int, int]] = []
+        self.draws: list[list[int]] = []
+        self.skipped: Counter[int] = Counter()
+        present_anywhere: set[int] = set()
+        for i in range(len(dataset)):
+            present = _present_labels(dataset.raw_target(i)) & set(self.labels)
+            present_anywhere |= present
+            for label in sorted(present):
+                candidates = self.bank.candidates(label, i if same else None)
+                if not candidates.size:
+                    self.skipped[label] += 1
+                    continue
+                order = np.random.default_rng(int(dataset.image_ids[i])).permutation(len(candidates))
+                self.episodes.append((i, label))
+                self.draws.append([int(candidates[order[k % len(order)]]) for k in range(num_draws)])
+        self.missing_labels = [c for c in self.labels if c not in present_anywhere]
+        names = dataset.classes
+        if self.missing_labels:
+            logger.warning("one-shot evaluation: no test instance of %s; their AP is undefined",
+                           ", ".join(names[c] for c in self.missing_labels))  # fmt: skip
+        if self.skipped:
+            logger.warning("one-shot evaluation: skipped (image, class) pairs without an exemplar in another image: %s",
+                           {names[c]: n for c, n in self.skipped.items()})  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def ground_truth(self, episode: int) -> tuple[Tensor, Tensor]:
+        """Boxes of the episode's class in its image: (xyxy pixels (N, 4), ignore (N,) bool = crowd)."""
+        index, label = self.episodes[episode]
+        target = self.dataset.raw_target(index)
+        keep = target["labels"] == label
+        return target["boxes"][keep], target["iscrowd"][keep].bool()
+
+    def __getitem__(self, episode: int) -> tuple[Tensor, Target, Tensor]:
+        index, label = self.episodes[episode]
+        patches = torch.stack([self.bank.patch(label, p, self.query_size, cache=True) for p in self.draws[episode]])
+        pixels, target = self.dataset[index]
+        keep = target["labels"] == label
+        for key in ("boxes", "labels", "area", "iscrowd"):
+            if key in target:
+                target[key] = target[key][keep]
+        target["labels"] = torch.zeros_like(target["labels"])
+        target["episode"] = torch.tensor(episode)
+        target["query_label"] = torch.tensor(label)
+        return pixels, target, patches  # patches: (K, 3, q, q)
+
+
+def collate_one_shot(batch: Sequence[tuple[Tensor, Target, Tensor]]) -> tuple[ImageBatch, list[Target], Tensor]:
+    """Padded images (``padding_mask`` True on padding), targets, and stacked patches:
+    (B, 3, q, q) for training pairs, (B, K, 3, q, q) for evaluation episodes."""
+    images, targets, patches = zip(*batch)
+    return ImageBatch.from_tensors(list(images)), list(targets), torch.stack(patches)

@@ -1,0 +1,184 @@
+"""``updetr demo``: the paper's headline comparison, UP-DETR vs DETR, on the embedded benchmark.
+
+Stages (each cached under ``OUT/stages/<name>-<hash of its config>``, so a re-run with the
+same configuration reuses it):
+
+1. the embedded benchmark (``updetr data embedded``);
+2. the CNN both arms start from: a ResNet-18 pre-trained on classification of objects
+   rendered from material the benchmark never uses (:mod:`updetr.backbone_pretrain`);
+3. UP-DETR pre-training on the unlabelled split (frozen CNN, M query patches, attention
+   mask, feature reconstruction);
+4. fine-tuning from it, and DETR from the same CNN, same schedule, seed and budget;
+5. COCO AP of both at several points of the schedule.
+
+Then ``OUT/report/`` gets ``report.md`` (the table), ``convergence.png``,
+``detections.png`` and ``query_patches.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, make_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoBudget:
+    """Sizes and schedules of one demo run; ``quick`` shrinks everything to seconds."""
+
+    num_train: int = 800
+    num_val: int = 200
+    num_unlabeled: int = 1600
+    image_size: tuple[int, int] = (128, 192)
+    cnn_images: int = 8000
+    cnn_epochs: int = 3
+    pretrain_epochs: int = 3
+    finetune_epochs: int = 8
+    eval_points: int = 4
+    seed: int = 0
+    model: list[str] = field(default_factory=lambda: [
+        "model.backbone=resnet18", "model.hidden_dim=128", "model.num_heads=8", "model.enc_layers=3",
+        "model.dec_layers=3", "model.ffn_dim=512", "model.num_queries=30", "model.dropout=0.0", "model.pre_norm=true",
+        "pretrain.num_patches=5", "pretrain.query_size=64",
+        "data.scales=[128,144,160,176,192]", "data.max_size=256", "data.crop_resize=[112,128,144]",
+        "data.crop_size=[96,160]", "data.val_size=160", "data.batch_size=8", "data.num_workers=1",
+    ])
+    finetune: list[str] = field(default_factory=lambda: ["optim.lr=2e-4", "optim.lr_backbone=0"])
+    pretrain: list[str] = field(default_factory=lambda: ["optim.lr=2e-4", "optim.lr_backbone=0"])
+
+    @classmethod
+    def quick(cls) -> "DemoBudget":
+        return cls(num_train=16, num_val=8, num_unlabeled=16, image_size=(64, 96), cnn_images=256, cnn_epochs=1,
+                   pretrain_epochs=1, finetune_epochs=2, eval_points=2, model=[
+                       "model.backbone=resnet18", "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
+                       "model.dec_layers=2", "model.ffn_dim=64", "model.num_queries=8", "model.dropout=0.0",
+                       "model.pre_norm=true", "pretrain.num_patches=2", "pretrain.query_size=32",
+                       "data.scales=[64,80]", "data.max_size=128", "data.crop_resize=[64]", "data.crop_size=[48,64]",
+                       "data.val_size=64", "data.batch_size=4", "data.num_workers=0"])
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _stage_dir(root: Path, name: str, key: Any) -> Path:
+    return root / "stages" / f"{name}-{_digest(key)}"
+
+
+def _done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def _mark_done(path: Path, info: dict) -> None:
+    (path / "DONE").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def _run_fit(task_cls, cfg: Config, progress: bool) -> dict:
+    from .engine.distributed import init_distributed
+    from .engine.loop import fit
+
+    out = Path(cfg.output_dir)
+    if out.exists():
+        shutil.rmtree(out)  # a stage interrupted earlier: start it again cleanly
+    result = fit(task_cls(cfg), cfg, init_distributed(cfg.device), progress=progress)
+    return {"history": result.history, "final": result.final_metrics}
+
+
+@dataclass
+class DemoResult:
+    report_dir: Path
+    table: str
+    detr_history: list[dict]
+    updetr_history: list[dict]
+    seconds: float
+
+
+def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = "auto", progress: bool = True,
+             budget: DemoBudget | None = None) -> DemoResult:
+    from .backbone_pretrain import pretrain_backbone
+    from .data.embedded import generate_embedded
+    from .engine.detection import DetectionTask
+    from .engine.pretrain import PretrainTask
+
+    start = time.perf_counter()
+    budget = budget or (DemoBudget.quick() if quick else DemoBudget())
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+
+    # 1. benchmark
+    data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
+                    num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size))
+    data_dir = _stage_dir(root, "data", data_key)
+    _stage_banner(1, "embedded benchmark", data_dir)
+    generate_embedded(data_dir, seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
+                      num_unlabeled=budget.num_unlabeled, image_size=budget.image_size, progress=progress)
+
+    # 2. CNN
+    cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed)
+    cnn_dir = _stage_dir(root, "cnn", cnn_key)
+    _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
+    if not _done(cnn_dir):
+        cnn_dir.mkdir(parents=True, exist_ok=True)
+        summary = pretrain_backbone(cnn_dir / "resnet18.pth", num_images=budget.cnn_images, epochs=budget.cnn_epochs,
+                                    seed=budget.seed, progress=progress)
+        _mark_done(cnn_dir, summary)
+    cnn_weights = cnn_dir / "resnet18.pth"
+
+    common = [f'data.root="{data_dir}"', 'data.train_images="train"', 'data.val_images="val"',
+              'data.train_annotations="annotations/instances_train.json"',
+              'data.val_annotations="annotations/instances_val.json"', 'data.images="unlabeled"',
+              f'model.backbone_weights="{cnn_weights}"', f"seed={budget.seed}", f'device="{device}"']
+
+    # 3. UP-DETR pre-training
+    pre_cfg = make_config("pretrain-small", overrides=budget.model + common + budget.pretrain + [
+        f"optim.epochs={budget.pretrain_epochs}", f"optim.lr_drop={max(1, budget.pretrain_epochs * 2 // 3)}",
+        "eval_every=0"])
+    pre_dir = _stage_dir(root, "pretrain", pre_cfg.to_dict())
+    _stage_banner(3, "UP-DETR pre-training on the unlabelled split", pre_dir)
+    if not _done(pre_dir):
+        pre_cfg = pre_cfg.override([f'output_dir="{pre_dir}"'])
+        info = _run_fit(PretrainTask, pre_cfg, progress)
+        _mark_done(pre_dir, info["final"])
+    pretrained = pre_dir / "checkpoint.pth"
+
+    # 4-5. fine-tuning vs DETR, same CNN, schedule, seed
+    every = max(1, budget.finetune_epochs // budget.eval_points)
+    arms = {}
+    for arm, init in (("DETR", ""), ("UP-DETR", str(pretrained))):
+        cfg = make_config("small", overrides=budget.model + common + budget.finetune + [
+            f"optim.epochs={budget.finetune_epochs}", f"optim.lr_drop={max(1, budget.finetune_epochs * 2 // 3)}",
+            f"eval_every={every}", f'init_from="{init}"'])
+        key = cfg.to_dict()
+        run_dir = _stage_dir(root, arm.lower().replace("-", ""), key)
+        _stage_banner(4 if arm == "DETR" else 5, f"{arm}: fine-tuning on the labelled split", run_dir)
+        if not _done(run_dir):
+            info = _run_fit(DetectionTask, cfg.override([f'output_dir="{run_dir}"']), progress)
+            _mark_done(run_dir, info["final"])
+        arms[arm] = run_dir
+
+    from .report import write_demo_report
+
+    report_dir = root / "report"
+    table = write_demo_report(report_dir, arms, pretrained, data_dir, device=device)
+    seconds = time.perf_counter() - start
+    print(table)
+    print(f"\nreport: {report_dir}  ({seconds / 60:.1f} min)")
+    return DemoResult(report_dir, table, _history(arms["DETR"]), _history(arms["UP-DETR"]), seconds)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _stage_banner(index: int, title: str, path: Path) -> None:
+    state = "cached" if _done(path) or (path / "meta.json").is_file() else "running"
+    log.info("[%d/5] %s (%s: %s)", index, title, state, path)

@@ -1,0 +1,163 @@
+"""Reports generated from run logs (``metrics.jsonl``) and checkpoints — never typed in."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .visualize import draw_detections, save_image
+
+METRICS = ("AP", "AP50", "AP75")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def eval_points(history: list[dict]) -> list[dict]:
+    return [r for r in history if "val/AP" in r]
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def comparison_table(arms: dict[str, Path]) -> str:
+    """Final AP / AP50 / AP75 of each arm (Table 1 style) plus the gap, and AP at every evaluation point."""
+    finals = {name: eval_points(read_history(d))[-1] for name, d in arms.items()}
+    lines = ["| Model | epochs | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
+    for name, rec in finals.items():
+        lines.append(f"| {name} | {rec['epoch'] + 1} | " + " | ".join(_fmt(rec[f'val/{m}']) for m in METRICS) + " |")
+    if "DETR" in finals and "UP-DETR" in finals:
+        delta = [finals["UP-DETR"][f"val/{m}"] - finals["DETR"][f"val/{m}"] for m in METRICS]
+        lines.append("| UP-DETR − DETR | | " + " | ".join(f"{d:+.1f}" for d in delta) + " |")
+    points = {name: eval_points(read_history(d)) for name, d in arms.items()}
+    epochs = [r["epoch"] + 1 for r in next(iter(points.values()))]
+    lines += ["", "AP at each evaluation point (epoch):", "",
+              "| Model | " + " | ".join(str(e) for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+    for name, recs in points.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r["val/AP"]) for r in recs) + " |")
+    return "\n".join(lines)
+
+
+def convergence_plot(arms: dict[str, Path], path: Path, metric: str = "AP") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, run_dir in arms.items():
+        recs = eval_points(read_history(run_dir))
+        ax.plot([r["epoch"] + 1 for r in recs], [r[f"val/{metric}"] for r in recs], marker="o", label=name)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel(f"val {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _grid(rows: list[list[Image.Image]], pad: int = 4) -> Image.Image:
+    cell_w = max(im.width for row in rows for im in row)
+    cell_h = max(im.height for row in rows for im in row)
+    sheet = Image.new("RGB", (len(rows[0]) * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            sheet.paste(im, (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    return sheet
+
+
+@torch.inference_mode()
+def detection_sheet(arms: dict[str, Path], val_images: list[Path], path: Path, device: str = "cpu",
+                    threshold: float = 0.5, upscale: int = 2) -> None:
+    """Rows = images; columns = each arm's detections above ``threshold``."""
+    from .data.folder import ImageFolder
+    from .data.io import load_image
+    from .data.transforms import build_transforms
+    from .engine.inference import load_trained_model
+    from .evaluation.postprocess import postprocess_detections
+    from .structures import ImageBatch
+
+    columns = []
+    for run_dir in arms.values():
+        loaded = load_trained_model(run_dir / "checkpoint.pth", device)
+        dataset = ImageFolder([str(p) for p in val_images], transforms=build_transforms(loaded.config.data, train=False))
+        column = []
+        for i in range(len(dataset)):
+            pixels, info = dataset[i]
+            det = postprocess_detections(loaded.model(ImageBatch.from_tensors([pixels]).to(device)), info["orig_size"].view(1, 2))[0]
+            keep = det["scores"] >= threshold
+            image = load_image(info["path"])
+            big = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+            names = [loaded.classes[int(lab)] for lab in det["labels"][keep]]
+            column.append(draw_detections(big, det["boxes"][keep].cpu() * upscale, names, det["scores"][keep].cpu(),
+                                          color_ids=[int(lab) for lab in det["labels"][keep]]))
+        columns.append(column)
+    save_image(_grid([list(row) for row in zip(*columns)]), path)
+
+
+@torch.inference_mode()
+def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = "cpu", seed: int = 0, upscale: int = 2) -> float:
+    """Random query patches of each image (as in pre-training) and where the model finds them.
+
+    Returns the hit rate (IoU ≥ 0.5) over the drawn patches.
+    """
+    from torchvision.ops import box_iou
+
+    from .data.io import load_image
+    from .data.unlabeled import sample_patch_boxes
+    from .engine.inference import load_trained_model
+    from .query import crop_patch, query_image
+
+    loaded = load_trained_model(pretrained, device)
+    rng = np.random.default_rng(seed)
+    m, q, min_side = loaded.model.num_patches, loaded.config.pretrain.query_size, loaded.config.pretrain.min_patch_size
+    row, hits, total = [], 0, 0
+    for p in images:
+        image = load_image(p)
+        boxes = sample_patch_boxes(image.height, image.width, m, min_side, rng).float()  # (M, 4) xyxy px
+        patches = torch.stack([crop_patch(image, (x0, y0, x1 - x0, y1 - y0), q, str(p), min_side) for x0, y0, x1, y1 in boxes.tolist()])
+        found = query_image(loaded, image, patches, device)
+        pred = torch.tensor([b for b, _ in found])
+        ious = box_iou(pred, boxes).diagonal()
+        hits += int((ious >= 0.5).sum())
+        total += len(ious)
+        big = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+        drawn = draw_detections(big, boxes * upscale, [f"patch {i}" for i in range(m)], width=1)
+        drawn = draw_detections(drawn, pred * upscale, [f"found {i} IoU {v:.2f}" for i, v in enumerate(ious.tolist())], width=3)
+        row.append(drawn)
+    save_image(_grid([row[i:i + 3] for i in range(0, len(row), 3)] if len(row) >= 3 else [row]), path)
+    return 100.0 * hits / max(total, 1)
+
+
+def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path, data_dir: Path, device: str = "cpu") -> str:
+    """Write ``report.md``, ``convergence.png``, ``detections.png``, ``query_patches.png``, ``results.json``."""
+    from .engine.distributed import resolve_device
+
+    dev = str(resolve_device(device))
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(arms)
+    convergence_plot(arms, report_dir / "convergence.png")
+    val = sorted((Path(data_dir) / "val").glob("*.jpg"))[:4]
+    detection_sheet(arms, val, report_dir / "detections.png", device=dev)
+    unlabeled = sorted((Path(data_dir) / "unlabeled").glob("*.jpg"))[:6]
+    hit_rate = query_sheet(pretrained, unlabeled, report_dir / "query_patches.png", device=dev)
+    results = {name: eval_points(read_history(d)) for name, d in arms.items()}
+    (report_dir / "results.json").write_text(json.dumps({"runs": {k: str(v) for k, v in arms.items()}, "eval_points": results,
+                                                         "query_hit_rate": hit_rate}, indent=2) + "\n")
+    text = ["# UP-DETR vs DETR on the embedded benchmark", "", "Generated by `updetr demo` from the runs' metrics logs.", "",
+            table, "", f"Pre-trained model's query-patch hit rate (IoU ≥ 0.5) on unlabelled images: {hit_rate:.1f}%", "",
+            "![convergence](convergence.png)", "", "Detections (columns: " + ", ".join(arms) + "):", "",
+            "![detections](detections.png)", "", "Query patches (thin: where each patch was cut; thick: where the pre-trained model finds it):",
+            "", "![query patches](query_patches.png)", ""]
+    (report_dir / "report.md").write_text("\n".join(text))
+    return table

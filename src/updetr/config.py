@@ -338,6 +338,32 @@ def _paper_r50() -> Config:
     return cfg
 
 
+def _embedded() -> Config:
+    """The small recipe sized for the embedded benchmark (128–192-pixel images), CNN frozen.
+
+    This is what ``updetr demo`` trains: the CNN comes pre-trained (``model.backbone_weights``)
+    and stays frozen in both arms, so a CPU epoch costs only the transformer's backward pass.
+    """
+    cfg = _small_cpu()
+    cfg.pretrain = PretrainConfig(num_patches=5, query_size=64, min_patch_size=8)
+    cfg.data.scales = [128, 144, 160, 176, 192]
+    cfg.data.max_size = 256
+    cfg.data.crop_resize = [112, 128, 144]
+    cfg.data.crop_size = [96, 160]
+    cfg.data.val_size = 160
+    cfg.optim = OptimConfig(lr=2e-4, lr_backbone=0.0, epochs=8, lr_drop=6)
+    cfg.output_dir = "runs/embedded"
+    return cfg
+
+
+def _pretrain_embedded() -> Config:
+    cfg = _embedded()
+    cfg.loss.eos_coef = None  # M/Q
+    cfg.optim = OptimConfig(lr=2e-4, lr_backbone=0.0, epochs=3, lr_drop=2)
+    cfg.output_dir = "runs/pretrain-embedded"
+    return cfg
+
+
 def _pretrain_small() -> Config:
     """UP-DETR pre-training, small CPU recipe (the architecture of ``small``)."""
     cfg = _small_cpu()
@@ -370,7 +396,9 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "small": _small_cpu,
     "r50": _paper_r50,
     "detr": Config,  # DETR's own defaults (post-norm, lr_backbone 1e-5)
+    "embedded": _embedded,
     "pretrain-small": _pretrain_small,
+    "pretrain-embedded": _pretrain_embedded,
     "pretrain-r50": _pretrain_r50,
 }
 

@@ -45,15 +45,9 @@ class DemoBudget:
     finetune_epochs: int = 8
     eval_points: int = 4
     seed: int = 0
-    model: list[str] = field(default_factory=lambda: [
-        "model.backbone=resnet18", "model.hidden_dim=128", "model.num_heads=8", "model.enc_layers=3",
-        "model.dec_layers=3", "model.ffn_dim=512", "model.num_queries=30", "model.dropout=0.0", "model.pre_norm=true",
-        "pretrain.num_patches=5", "pretrain.query_size=64",
-        "data.scales=[128,144,160,176,192]", "data.max_size=256", "data.crop_resize=[112,128,144]",
-        "data.crop_size=[96,160]", "data.val_size=160", "data.batch_size=8", "data.num_workers=1",
-    ])
-    finetune: list[str] = field(default_factory=lambda: ["optim.lr=2e-4", "optim.lr_backbone=0"])
-    pretrain: list[str] = field(default_factory=lambda: ["optim.lr=2e-4", "optim.lr_backbone=0"])
+    model: list[str] = field(default_factory=list)  # overrides on top of the ``embedded`` presets
+    finetune: list[str] = field(default_factory=list)
+    pretrain: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> "DemoBudget":
@@ -139,7 +133,7 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
               f'model.backbone_weights="{cnn_weights}"', f"seed={budget.seed}", f'device="{device}"']
 
     # 3. UP-DETR pre-training
-    pre_cfg = make_config("pretrain-small", overrides=budget.model + common + budget.pretrain + [
+    pre_cfg = make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [
         f"optim.epochs={budget.pretrain_epochs}", f"optim.lr_drop={max(1, budget.pretrain_epochs * 2 // 3)}",
         "eval_every=0"])
     pre_dir = _stage_dir(root, "pretrain", pre_cfg.to_dict())
@@ -154,7 +148,7 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     every = max(1, budget.finetune_epochs // budget.eval_points)
     arms = {}
     for arm, init in (("DETR", ""), ("UP-DETR", str(pretrained))):
-        cfg = make_config("small", overrides=budget.model + common + budget.finetune + [
+        cfg = make_config("embedded", overrides=budget.model + common + budget.finetune + [
             f"optim.epochs={budget.finetune_epochs}", f"optim.lr_drop={max(1, budget.finetune_epochs * 2 // 3)}",
             f"eval_every={every}", f'init_from="{init}"'])
         key = cfg.to_dict()

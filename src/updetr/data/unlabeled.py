@@ -1,0 +1,539 @@
+"""Unlabelled images and random query patches for UP-DETR pre-training (method.md §1 "Data").
+
+Every sample is one image of a folder tree (labels are never used) with M random query
+patches cut from it. Patch boxes follow the paper's code exactly (NumPy ``randint``, high
+bound exclusive), in pixels of the original image of width ``w`` and height ``h``::
+
+    side_w ~ U{min, ..., w - min}      x ~ U{0, ..., w - side_w - 1}
+    side_h ~ U{min, ..., h - min}      y ~ U{0, ..., h - side_h - 1}
+    box_xyxy_px = [x, y, x + side_w, y + side_h]
+
+so a patch never touches the last row or column (method.md §7.8). Each patch is the crop of
+its box from the original image, resized to ``query_size`` x ``query_size`` (aspect ratio
+not kept), then augmented SimCLR-style without flipping: colour jitter (0.4, 0.4, 0.4, 0.1)
+with p = 0.8, grayscale with p = 0.2, Gaussian blur sigma ~ U[0.1, 2.0] with p = 0.5, then
+ImageNet normalisation. The image itself is resized (shortest side drawn from ``scales``,
+longest <= ``max_size``, no flip) and normalised.
+
+Speed (``benchmarks/pretrain_data.py`` compares with the paper's PIL pipeline): the image is
+decoded once to ``uint8`` (libjpeg-turbo for JPEG), each crop is resized with torch's
+antialiased ``uint8`` kernel (the same filter as PIL's bilinear resize), and each patch then
+runs through its whole augmentation chain while it is in cache, with closed-form
+arithmetic for the hue rotation and two matrix products for the blur.
+
+Randomness: every draw of a sample comes from one ``numpy.random.Generator`` seeded by
+``(seed, epoch, index)``, never from global state. DataLoader workers therefore never repeat
+each other's crops (the paper's code used ``np.random`` in workers, method.md §7.7), a sample
+is reproducible, and resuming at any (epoch, index) gives the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from updetr.box_ops import xyxy_px_to_normalized_cxcywh
+from updetr.data.io import IMAGE_EXTENSIONS, DataError, load_image
+from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_size
+from updetr.structures import ImageBatch, Target
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # a torchvision without its (deprecated) image decoders: Pillow decodes everything
+    decode_jpeg = None
+
+if TYPE_CHECKING:
+    from updetr.config import Config
+
+__all__ = [
+    "PatchAugmentation", "UnlabeledImages", "augment_query_patches", "collate_pretrain", "sample_patch_boxes",
+    "scan_images",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_NAME = ".updetr_images.txt"
+_CACHE_HEADER = "# updetr image list v1; root="
+_MAX_WARNINGS = 10  # skipped files logged one by one per process; later ones are only counted
+
+
+# --------------------------------------------------------------------------- folder scanning
+
+
+def scan_images(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, refresh: bool = False) -> list[str]:
+    """Every image file under ``root`` (recursive, symlinks followed, loops skipped), sorted.
+
+    Image files are those with an extension of ``updetr.data.io.IMAGE_EXTENSIONS``
+    (case-insensitive). The list is cached in ``<cache_dir or root>/.updetr_images.txt``
+    (first line names the absolute root; paths relative to it), or under
+    ``~/.cache/updetr/`` when that folder is not writable, so restarting on ImageNet does
+    not walk 1.28M files again. The cache is not invalidated by new files: pass
+    ``refresh=True`` to rescan.
+
+    Returns:
+        Absolute paths.
+
+    Raises:
+        DataError: ``root`` is not a folder or holds no image file.
+    """
+    root_abs = os.path.abspath(os.fspath(root))
+    return [os.path.join(root_abs, p) for p in _scan_relative(root_abs, cache_dir, refresh)]
+
+
+def _scan_relative(root_abs: str, cache_dir: str | os.PathLike | None, refresh: bool) -> list[str]:
+    """:func:`scan_images`, paths relative to ``root_abs``."""
+    if not os.path.isdir(root_abs):
+        raise DataError(f"{root_abs}: image folder not found")
+    primary = Path(cache_dir if cache_dir is not None else root_abs) / CACHE_NAME
+    key = hashlib.sha1(root_abs.encode()).hexdigest()[:16]
+    fallback = Path.home() / ".cache" / "updetr" / f"images-{key}.txt"
+    if not refresh:
+        for cache in (primary, fallback):
+            relative = _read_cache(cache, root_abs)
+            if relative is not None:
+                return relative
+    relative = _walk_images(root_abs)
+    if not relative:
+        raise DataError(f"{root_abs}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder tree")
+    for cache in (primary, fallback):
+        try:
+            _write_cache(cache, root_abs, relative)
+            break
+        except OSError as err:
+            logger.info("cannot write the image list cache %s (%s)", cache, err)
+    return relative
+
+
+def _walk_images(root: str) -> list[str]:
+    seen_dirs: set[tuple[int, int]] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:  # a symlink loop or a second link to a folder
+            dirnames[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirnames.sort()  # deterministic walk: of two links to one folder, the first in order wins
+        relative_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and "\n" not in name:  # one path a line
+                found.append(os.path.normpath(os.path.join(relative_dir, name)))
+    return sorted(found)
+
+
+def _read_cache(cache: Path, root_abs: str) -> list[str] | None:
+    try:
+        with open(cache, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") != _CACHE_HEADER + root_abs:
+                return None  # another root wrote this cache
+            relative = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return relative or None
+
+
+def _write_cache(cache: Path, root_abs: str, relative: list[str]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_CACHE_HEADER + root_abs + "\n")
+            f.write("\n".join(relative) + "\n")
+        os.replace(tmp, cache)  # atomic: readers see the old list or the whole new one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- patch sampling
+
+
+def sample_patch_boxes(height: int, width: int, num_patches: int, min_size: int, rng: np.random.Generator) -> Tensor:
+    """M random patch boxes, int64 (M, 4) xyxy pixels of a (height, width) image.
+
+    Exactly the paper's ``get_random_patch_from_img`` (see the module docstring); needs
+    ``width, height >= 2 * min_size``.
+    """
+    side_w = rng.integers(min_size, width - min_size + 1, size=num_patches)
+    side_h = rng.integers(min_size, height - min_size + 1, size=num_patches)
+    x = rng.integers(0, width - side_w)  # (M,), high exclusive as in np.random.randint
+    y = rng.integers(0, height - side_h)
+    return torch.from_numpy(np.stack([x, y, x + side_w, y + side_h], axis=1).astype(np.int64))
+
+
+def augment_query_patches(patches: Tensor, rng: np.random.Generator) -> Tensor:
+    """SimCLR-style augmentation of (M, 3, q, q) float patches in [0, 1], no flip; in place.
+
+    Per patch, independently and in this order (the paper's query-patch transform):
+
+    1. with p = 0.8 ``ColorJitter(0.4, 0.4, 0.4, 0.1)``: brightness, contrast and saturation
+       factors ~ U[0.6, 1.4], hue shift ~ U[-0.1, 0.1] of a turn, applied in a random order
+       as torchvision does, each clipped to [0, 1];
+    2. with p = 0.2 grayscale (ITU-R 601-2 luma, as PIL's ``convert("L")``), three channels;
+    3. with p = 0.5 Gaussian blur, sigma ~ U[0.1, 2.0] pixels, reflected borders.
+    """
+    augmentation = PatchAugmentation.draw(patches.shape[0], rng)
+    for i, patch in enumerate(patches):
+        augmentation.apply(patch, i)
+    return patches
+
+
+@dataclass
+class PatchAugmentation:
+    """Random parameters of :func:`augment_query_patches` for M patches (vectors of length M).
+
+    Drawing them all first and then running each patch through its whole chain on its own
+    keeps a (3, q, q) patch in the CPU's L2 cache: several times faster than applying each
+    step to the stacked (M, 3, q, q) patches, and the per-patch parameters need no masking.
+    """
+
+    jitter: np.ndarray  # bool, colour jitter applied
+    order: np.ndarray  # (M, 4) int, a random permutation of the jitter ops (_JITTER_OPS indices)
+    factors: np.ndarray  # (M, 4) float: brightness, contrast, saturation factors, hue shift
+    gray: np.ndarray  # bool
+    blur: np.ndarray  # bool
+    sigma: np.ndarray  # float, blur sigma in pixels
+    _kernels: dict[int, Tensor] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def draw(cls, m: int, rng: np.random.Generator) -> "PatchAugmentation":
+        jitter = rng.random(m) < 0.8
+        order = rng.random((m, 4)).argsort(axis=1)
+        factors = np.stack([
+            rng.uniform(0.6, 1.4, m),  # brightness
+            rng.uniform(0.6, 1.4, m),  # contrast
+            rng.uniform(0.6, 1.4, m),  # saturation
+            rng.uniform(-0.1, 0.1, m),  # hue
+        ], axis=1)  # (M, 4)
+        gray = rng.random(m) < 0.2
+        blur = rng.random(m) < 0.5
+        sigma = rng.uniform(0.1, 2.0, m)
+        return cls(jitter, order, factors, gray, blur, sigma)
+
+    def apply(self, patch: Tensor, i: int) -> None:
+        """Augment ``patch`` (3, q, q) float in [0, 1], in place, with the parameters of patch i."""
+        if self.jitter[i]:
+            for op in self.order[i]:
+                _JITTER_OPS[op](patch, float(self.factors[i, op]))
+        if self.gray[i]:
+            plane = _luma(patch)  # (1, q, q); blurring it once equals blurring three equal channels
+            if self.blur[i]:
+                plane = self._blurred(plane, i)
+            patch.copy_(plane.expand_as(patch))
+        elif self.blur[i]:
+            patch.copy_(self._blurred(patch, i))
+
+    def _blurred(self, x: Tensor, i: int) -> Tensor:
+        kernel = self._blur_kernel(i, x.shape[-1])  # (q, q)
+        return torch.matmul(torch.matmul(kernel, x), kernel.T)  # vertical, then horizontal pass
+
+    def _blur_kernel(self, i: int, size: int) -> Tensor:
+        if self._kernels is None:  # built for every blurred patch at once (fewer, larger ops)
+            blurred = np.flatnonzero(self.blur)
+            kernels = _blur_matrices(size, torch.from_numpy(self.sigma[blurred]).float())  # (k, q, q)
+            self._kernels = dict(zip(blurred.tolist(), kernels))
+        return self._kernels[i]
+
+
+def _luma(x: Tensor) -> Tensor:
+    """(1, q, q) luma of a (3, q, q) RGB patch, PIL's weights."""
+    return torch.matmul(_LUMA_WEIGHTS.view(1, 3), x.view(3, -1)).view(1, *x.shape[1:])
+
+
+# Each jitter op is torchvision's on a float image: a blend clipped to [0, 1]. The clip is
+# skipped where it cannot change anything (factor <= 1 blends values that are in [0, 1]).
+
+
+def _brightness(x: Tensor, factor: float) -> None:
+    x.mul_(factor)
+    if factor > 1.0:
+        x.clamp_(max=1.0)
+
+
+def _contrast(x: Tensor, factor: float) -> None:
+    mean = x.mean(dim=(1, 2)) @ _LUMA_WEIGHTS  # mean luma, 0-dim
+    x.lerp_(mean, 1.0 - factor)
+    if factor > 1.0:
+        x.clamp_(0.0, 1.0)
+
+
+def _saturation(x: Tensor, factor: float) -> None:
+    x.lerp_(_luma(x), 1.0 - factor)
+    if factor > 1.0:
+        x.clamp_(0.0, 1.0)
+
+
+def _hue(x: Tensor, shift: float) -> None:
+    """Rotate the HSV hue of a (3, q, q) patch by ``shift`` turns (torchvision's ``adjust_hue``).
+
+    The RGB -> HSV -> RGB round trip in closed form, with arithmetic only (comparisons that
+    produce bools, and ``where``, are slow on CPU). With the hue in sextants (red 0, green 2,
+    blue 4) and a = |hue - centre_c|, channel c is ``min + chroma * clamp(|3 - a| - 1, 0, 1)``.
+    Matches ``adjust_hue`` to 1e-6, ties between channels included.
+    """
+    r, g, b = x.unbind(dim=0)  # each (q, q)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    chroma = maxc - minc
+    # One-hot float masks of the largest channel, ties broken red > green (> blue).
+    is_r = torch.eq(r, maxc, out=torch.empty_like(r))
+    is_g = torch.eq(g, maxc, out=torch.empty_like(g)).sub_(is_r).clamp_(min=0.0)
+    # chroma * hue = is_r (g - b) + is_g (2 chroma + b - r) + is_b (4 chroma + r - g), is_b = 1 - is_r - is_g:
+    total = r + g + b
+    hue = torch.sub(r, g).addcmul_(is_r, torch.add(total, g, alpha=-3.0), value=-1.0)
+    hue.addcmul_(is_g, torch.add(total, r, alpha=-3.0)).div_(chroma.clamp(min=1e-12))
+    hue.add_(is_r, alpha=-4.0).add_(is_g, alpha=-2.0).add_(4.0 + 6.0 * shift)  # in (-1.6, 5.6)
+    # min + chroma * clamp(v - 1, 0, 1) = (min - chroma) + chroma * clamp(v, 1, 2)
+    v = (hue.unsqueeze(0) - _SEXTANT_CENTRES).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)  # (3, q, q)
+    torch.addcmul(minc - chroma, chroma, v, out=x)
+
+
+_LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
+_SEXTANT_CENTRES = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # torchvision's ColorJitter op indices
+
+
+def _blur_matrices(size: int, sigma: Tensor) -> Tensor:
+    """(k, size, size) matrices A with ``A @ signal`` = Gaussian blur of a 1-d signal (one per sigma).
+
+    A blur of a (3, q, q) patch is then two matrix products (``A @ x @ A.T``), which BLAS runs
+    faster on CPU than a depthwise convolution. Borders are reflected without repeating the
+    edge (torch's ``"reflect"`` padding): source s sits at p = s, p = -s and p = 2 (size - 1) - s,
+    so A is one Toeplitz plus two Hankel matrices of the 1-d Gaussian, each a strided view of
+    a vector. The Gaussian is floored at exp(-46) ~ 1e-20 (denormal weights would make the
+    products ~100x slower), which it reaches within 9.6 sigma.
+    """
+    k, n = sigma.shape[0], 2 * size - 1
+    offsets = torch.arange(n, dtype=torch.float32)
+    gauss = (offsets.square() * (-0.5 / sigma.square()).view(k, 1)).clamp_(min=-46.0).exp_()  # (k, n): g(d)
+    gauss /= 2.0 * gauss.sum(dim=1, keepdim=True) - gauss[:, :1]  # g(-d) .. g(d) sums to 1
+    centred = torch.cat([gauss[:, 1:size].flip(1), gauss[:, :size]], dim=1)  # (k, n): g(j - (size - 1))
+    matrix = centred.as_strided((k, size, size), (n, 1, 1)).flip(1)  # g(s - i), a copy
+    matrix[:, :, 1:] += gauss.as_strided((k, size, size - 1), (n, 1, 1), 1)  # g(i + s), s >= 1
+    matrix[:, :, :-1] += gauss.flip(1).as_strided((k, size, size - 1), (n, 1, 1))  # g(2 (size - 1) - i - s)
+    if 9.6 * float(sigma.max()) > size - 1:  # mass beyond one reflection is lost: renormalise rows
+        matrix /= matrix.sum(dim=2, keepdim=True)
+    return matrix
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_INV_STD = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_SCALE_255 = _INV_STD / 255.0
+_MEAN_OVER_STD = _MEAN * _INV_STD
+_PAPER_SCALES = (320, 336, 352, 368, 384, 400, 416, 432, 448, 464, 480)
+
+
+class UnlabeledImages(Dataset):
+    """Images of a folder tree with M random query patches each (UP-DETR pre-training).
+
+    ``dataset[i]`` is ``(image, target, patches)``:
+
+    - ``image``: float (3, H, W), resized and normalised with ImageNet mean/std;
+    - ``target``: ``boxes`` float (M, 4) normalised cxcywh of the patches in the image,
+      ``labels`` int64 (M,) zeros (one class), ``patch_index`` int64 (M,) ``arange(M)``
+      (box m is where patch m came from), ``image_id`` int64 scalar (index in ``files`` of
+      the image used), ``orig_size`` and ``size`` int64 (2,) (height, width) before and after
+      resizing, ``area`` float (M,) patch area in original pixels, ``iscrowd`` int64 zeros;
+    - ``patches``: float (M, 3, q, q) query patches, normalised with ImageNet mean/std.
+
+    Files that cannot be decoded and images whose width or height is ``<= 2 *
+    min_patch_size`` (the paper's ``w <= 16`` rule) are skipped: the next usable file (in
+    ``files`` order, wrapping around) takes their place and ``skipped`` counts them by reason
+    (``"unreadable"``, ``"too_small"``). Counts are per process (each DataLoader worker keeps
+    its own).
+
+    The sample depends only on ``(seed, epoch, index)``; call :meth:`set_epoch` before each
+    epoch's DataLoader iterator is created (persistent workers keep the epoch they started with).
+
+    The default ``scales`` are the paper's range (§4: shortest side in [320, 480], step 16);
+    the authors' code list omits 384 (method.md §1). ``augment=False`` leaves the patches as
+    the resized crops (for tests and inspection).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        num_patches: int = 10,
+        query_size: int = 128,
+        min_patch_size: int = 8,
+        scales: Sequence[int] = _PAPER_SCALES,
+        max_size: int | None = 600,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        augment: bool = True,
+    ) -> None:
+        for name, value in (("num_patches", num_patches), ("query_size", query_size), ("min_patch_size", min_patch_size)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be > 0")
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales={scales} must be a non-empty list of positive sizes")
+        self.root = os.path.abspath(os.fspath(root))
+        self.num_patches = num_patches
+        self.query_size = query_size
+        self.min_patch_size = min_patch_size
+        self.scales = tuple(int(s) for s in scales)
+        self.max_size = max_size
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+        # Relative paths in one fixed-width bytes array, not a list of 1.28M Python strings:
+        # reading it in DataLoader workers does not touch (and so copy) per-object refcounts.
+        self._relative = np.array([os.fsencode(p) for p in _scan_relative(self.root, cache_dir, False)])
+        self.skipped: Counter[str] = Counter()
+        self._bad: dict[int, str] = {}  # file index -> reason, so a bad file is decoded once
+
+    @classmethod
+    def from_config(cls, cfg: "Config", *, cache_dir: str | os.PathLike | None = None) -> "UnlabeledImages":
+        """Build from ``cfg.data`` (``images``, ``scales``, ``max_size``), ``cfg.pretrain`` and ``cfg.seed``.
+
+        ``cfg.data.scales`` / ``max_size`` are used as they are: a pre-training config sets them
+        to the paper's values (this class's defaults), not DETR's fine-tuning 480-800 / 1333.
+        """
+        return cls(
+            cfg.data.images,
+            num_patches=cfg.pretrain.num_patches,
+            query_size=cfg.pretrain.query_size,
+            min_patch_size=cfg.pretrain.min_patch_size,
+            scales=cfg.data.scales,
+            max_size=cfg.data.max_size,
+            seed=cfg.seed,
+            cache_dir=cache_dir,
+        )
+
+    def __len__(self) -> int:
+        return len(self._relative)
+
+    @property
+    def files(self) -> list[str]:
+        """Absolute paths of the images, sorted."""
+        return [self.file(i) for i in range(len(self))]
+
+    def file(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self._relative[index]))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def generator(self, index: int) -> np.random.Generator:
+        """The generator of every random draw of sample ``index`` in the current epoch."""
+        mask = (1 << 64) - 1  # SeedSequence takes non-negative integers
+        return np.random.default_rng([self.seed & mask, self.epoch & mask, int(index) & mask])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        file_index, pixels = self._load_usable(index)  # uint8 (3, h, w)
+        rng = self.generator(index)
+        height, width = pixels.shape[-2:]
+        boxes_xyxy_px = sample_patch_boxes(height, width, self.num_patches, self.min_patch_size, rng)  # (M, 4)
+        new_hw = resized_size(height, width, self.scales[rng.integers(len(self.scales))], self.max_size)
+
+        q = self.query_size
+        # First everything that reads the decoded image, while it is in cache: the crops
+        # (copied to contiguous channels-last tensors: torch's fast uint8 antialiased resize
+        # needs one, and on the strided view it takes a path twice as slow) and the image.
+        crops = [
+            nnf.interpolate(pixels[None, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last),
+                            size=(q, q), mode="bilinear", antialias=True)[0]  # uint8 (3, q, q)
+            for x0, y0, x1, y1 in boxes_xyxy_px.tolist()
+        ]
+        image_uint8 = F.resize(pixels, list(new_hw), antialias=True)  # (3, H, W)
+
+        augmentation = PatchAugmentation.draw(self.num_patches, rng) if self.augment else None
+        patches = torch.empty(self.num_patches, 3, q, q)  # (M, 3, q, q)
+        for i, (patch, crop) in enumerate(zip(patches, crops)):  # each patch's chain while it is in cache
+            patch.copy_(crop).mul_(1.0 / 255.0)
+            if augmentation is not None:
+                augmentation.apply(patch, i)
+            patch.sub_(_MEAN).mul_(_INV_STD)
+        image = torch.empty(image_uint8.shape).copy_(image_uint8).mul_(_SCALE_255).sub_(_MEAN_OVER_STD)
+
+        sides = (boxes_xyxy_px[:, 2:] - boxes_xyxy_px[:, :2]).float()  # (M, 2) width, height
+        m = self.num_patches
+        target: Target = {  # normalised boxes are the same for the original and the resized image
+            "boxes": xyxy_px_to_normalized_cxcywh(boxes_xyxy_px.float(), (height, width)),
+            "labels": torch.zeros(m, dtype=torch.int64),
+            "patch_index": torch.arange(m),
+            "image_id": torch.tensor(file_index),
+            "orig_size": torch.tensor([height, width]),
+            "size": torch.tensor(new_hw),
+            "area": sides.prod(dim=1),
+            "iscrowd": torch.zeros(m, dtype=torch.int64),
+        }
+        return image, target, patches
+
+    def _load_usable(self, index: int) -> tuple[int, Tensor]:
+        """The first usable file from ``index`` on (wrapping around), decoded to uint8 (3, h, w)."""
+        n = len(self)
+        for step in range(n):
+            file_index = (index + step) % n
+            if file_index in self._bad:
+                continue
+            path = self.file(file_index)
+            try:
+                pixels = _decode_rgb(path)
+            except DataError as err:
+                self._skip(file_index, "unreadable", str(err))
+                continue
+            height, width = pixels.shape[-2:]
+            if min(height, width) <= 2 * self.min_patch_size:
+                self._skip(file_index, "too_small", f"{path}: {height}x{width} pixels, too small for "
+                           f"{self.min_patch_size}-pixel patches (needs both sides > {2 * self.min_patch_size})")
+                continue
+            return file_index, pixels
+        raise DataError(f"{self.root}: none of its {n} image files is usable ({dict(self.skipped)} skipped)")
+
+    def _skip(self, file_index: int, reason: str, message: str) -> None:
+        self._bad[file_index] = reason
+        self.skipped[reason] += 1
+        if len(self._bad) <= _MAX_WARNINGS:
+            logger.warning("skipping image (%s): %s", reason, message)
+            if len(self._bad) == _MAX_WARNINGS:
+                logger.warning("further skipped images are counted in UnlabeledImages.skipped, not logged")
+
+
+def _decode_rgb(path: str) -> Tensor:
+    """uint8 (3, h, w) RGB pixels; JPEGs through libjpeg-turbo, the rest through ``load_image``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":  # JPEG: libjpeg-turbo, ~1.6x Pillow
+        try:
+            with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its decoders for TorchCodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                   apply_exif_orientation=True)
+        except (RuntimeError, TypeError):  # TypeError: torchvision < 0.17 (no EXIF argument)
+            pass  # let Pillow decide, and word the error
+    pixels = torch.from_numpy(np.array(load_image(path)))  # (h, w, 3)
+    return pixels.permute(2, 0, 1)  # (3, h, w), channels-last in memory
+
+
+def collate_pretrain(batch: Sequence[tuple[Tensor, Target, Tensor]]) -> tuple[ImageBatch, list[Target], Tensor]:
+    """Batch ``UnlabeledImages`` samples: padded images, targets, patches (B, M, 3, q, q).
+
+    Images are padded bottom/right; ``ImageBatch.padding_mask`` is ``True`` on padding.
+    """
+    images, targets, patches = zip(*batch)
+    return ImageBatch.from_tensors(list(images)), list(targets), torch.stack(patches)

@@ -258,11 +258,16 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
                 shutil.copyfile(out_dir / "checkpoint.pth", out_dir / "best.pth.tmp")
                 (out_dir / "best.pth.tmp").replace(out_dir / "best.pth")
             with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and isinstance(v, float))
-            log.info("epoch %d: %s", epoch, summary)
+                f.write(json.dumps(_json_safe(record)) + "\n")
+            shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         barrier()
     return FitResult(output_dir=out_dir, history=history, best_metric=best, final_metrics=final)
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN (e.g. AP of an area range without objects) becomes null: metrics.jsonl stays strict JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
 
 
 def _read_history(path: Path, upto_epoch: int, rewrite: bool) -> list[dict[str, Any]]:

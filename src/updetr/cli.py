@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine.one_shot import add_oneshot_parser
 
     add_oneshot_parser(sub)
+    from .engine.panoptic import add_panoptic_parser
+
+    add_panoptic_parser(sub)
 
     p = sub.add_parser("query", help="find query patches in an image with a pre-trained UP-DETR model")
     p.add_argument("--checkpoint", required=True, help="pre-training checkpoint (ours or converted)")

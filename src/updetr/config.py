@@ -144,10 +144,6 @@ class Config:
         _positive("oneshot.num_draws", self.oneshot.num_draws)
         _positive("oneshot.min_exemplar_size", self.oneshot.min_exemplar_size)
         _choice("oneshot.ap_method", self.oneshot.ap_method, ("voc07", "voc"))
-        if not 0.0 <= p.patch_drop_ratio < 1.0:
-            raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
-        _positive("pretrain.query_size", p.query_size)
-        _positive("pretrain.min_patch_size", p.min_patch_size)
         _positive("data.batch_size", d.batch_size)
         _positive("data.max_size", d.max_size)
         _positive("data.val_size", d.val_size)

@@ -48,8 +48,9 @@ class Task(Protocol):
 
 def build_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
     """AdamW with a separate backbone learning rate and a step decay (×0.1 after ``lr_drop`` epochs)."""
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    prefixes = ("backbone.", "detr.backbone.")  # DETR, and DETR wrapped by the segmentation head
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefixes)]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(prefixes)]
     groups = [{"params": rest, "lr": cfg.optim.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.optim.lr_backbone})

@@ -41,7 +41,13 @@ from ..losses.segmentation import SegmentationCriterion
 from ..models import DETR, build_detr
 from ..models.segmentation import DETRsegm
 from ..structures import DetectionOutput
-from .checkpoint import TASK_SPECIFIC_PREFIXES, CheckpointError, init_from_checkpoint, load_checkpoint, load_state_dict_strict
+from .checkpoint import (
+    TASK_SPECIFIC_PREFIXES,
+    CheckpointError,
+    init_from_checkpoint,
+    load_checkpoint,
+    load_state_dict_strict,
+)
 from .detection import evaluate_detection, targets_to_device
 
 log = logging.getLogger(__name__)
@@ -143,7 +149,9 @@ class PanopticTask:
 
     def _adopt(self, dataset: CocoPanoptic) -> None:
         if self.classes and list(dataset.classes) != self.classes:
-            raise DataError(f"{dataset.annotation_file}: classes {list(dataset.classes)} differ from the training set's {self.classes}")
+            raise DataError(
+                f"{dataset.annotation_file}: classes {list(dataset.classes)} differ from the training set's {self.classes}"
+            )
         if not self.classes:
             self.classes, self.category_ids = list(dataset.classes), list(dataset.category_ids)
             self.categories = [{k: c[k] for k in ("id", "name", "isthing", "color") if k in c} for c in dataset.categories]
@@ -167,7 +175,9 @@ class PanopticTask:
     def num_classes(self) -> int:
         n = self.cfg.model.num_classes
         if n is not None and self.classes and n != len(self.classes):
-            raise ConfigError(f"model.num_classes={n} but the panoptic dataset has {len(self.classes)} classes (things + stuff)")
+            raise ConfigError(
+                f"model.num_classes={n} but the panoptic dataset has {len(self.classes)} classes (things + stuff)"
+            )
         return n if n is not None else len(self.classes)
 
     @property
@@ -177,7 +187,9 @@ class PanopticTask:
     def build_model(self) -> nn.Module:
         stage = self.options.stage
         if stage == "2" and not self.cfg.init_from:
-            raise ConfigError("panoptic stage 2 freezes the detector: pass the stage-1 checkpoint as init_from (--init-from)")
+            raise ConfigError(
+                "panoptic stage 2 freezes the detector: pass the stage-1 checkpoint as init_from (--init-from)"
+            )
         model = build_panoptic_model(self.cfg, self.num_classes, stage)
         if self.cfg.init_from:
             initialise_panoptic_model(model, self.cfg.init_from, self.classes, require_class_head=stage == "2")
@@ -193,10 +205,14 @@ class PanopticTask:
         images, targets = batch
         return model(images.to(device)), targets_to_device(targets, device)
 
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True
+    ) -> dict[str, float]:
         if not self.with_masks:
             return evaluate_detection(model, loader, device, progress=progress)
-        return evaluate_panoptic(model, loader, device, threshold=self.options.threshold, min_area=self.options.min_area, progress=progress)
+        return evaluate_panoptic(
+            model, loader, device, threshold=self.options.threshold, min_area=self.options.min_area, progress=progress
+        )
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {
@@ -235,6 +251,9 @@ def initialise_panoptic_model(
     :func:`init_from_checkpoint`). The class head is kept only when the checkpoint was
     trained on the same ``classes``; ``require_class_head`` makes a different label set an
     error (stage 2 cannot train a frozen class head).
+
+    Returns :func:`init_from_checkpoint`'s report; ``loaded`` and ``kept_fresh`` name
+    ``model``'s keys, ``dropped`` the checkpoint's.
     """
     ckpt = load_checkpoint(path)
     state = ckpt["model"]
@@ -261,6 +280,12 @@ def initialise_panoptic_model(
         target = model
         drop = detector_drop
     report = init_from_checkpoint(target, path, drop_prefixes=drop)
+    if target is not model:  # name the model's own keys in the report
+        rename = (lambda k: "detr." + k) if isinstance(model, DETRsegm) else (lambda k: k.removeprefix("detr."))
+        report["loaded"] = [rename(k) for k in report["loaded"]]
+        report["kept_fresh"] = [rename(k) for k in report["kept_fresh"]]
+        if isinstance(model, DETRsegm):  # a detector-only source: the mask head starts fresh
+            report["kept_fresh"] += [k for k in model.state_dict() if not k.startswith("detr.")]
     if not report["loaded"]:
         raise CheckpointError(f"{path}: no tensor of the checkpoint fits the model")
     log.info(
@@ -336,7 +361,9 @@ def load_panoptic_model(path: str | Path, device: torch.device | str = "cpu") ->
     """Rebuild the model of a panoptic checkpoint (any stage) and load it strictly, in eval mode."""
     ckpt = load_checkpoint(path)
     if ckpt.get("task") != "panoptic" or "config" not in ckpt or "panoptic" not in ckpt:
-        raise CheckpointError(f"{path}: not a panoptic checkpoint (task {ckpt.get('task')!r}); train one with `updetr panoptic train`")
+        raise CheckpointError(
+            f"{path}: not a panoptic checkpoint (task {ckpt.get('task')!r}); train one with `updetr panoptic train`"
+        )
     try:
         cfg = Config.from_dict(ckpt["config"], str(path))
     except ConfigError as err:

@@ -1,0 +1,291 @@
+"""``updetr panoptic {train,eval,predict}``: parsing and printing only; the work is in the library.
+
+Hooked into ``updetr.cli.build_parser`` with ``add_panoptic_parser(sub)``. The shared helpers
+of ``updetr.cli`` are imported lazily, so either module may import the other first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["add_panoptic_parser", "predict_panoptic", "panoptic_overlay"]
+
+_TABLE = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
+
+
+def _leaf(psub: Any, common: argparse.ArgumentParser | None, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    p = psub.add_parser(name, parents=[common] if common is not None else [], **kwargs)
+    if common is None:  # an older cli.py with only top-level --verbose/--no-progress: keep theirs
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    return p
+
+
+def _add_path_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("panoptic files (default: annotations/panoptic_<images folder>.json and its PNG folder)")
+    g.add_argument("--train-json", help="train panoptic JSON")
+    g.add_argument("--train-png", help="train panoptic PNG folder")
+    g.add_argument("--val-json", help="val panoptic JSON")
+    g.add_argument("--val-png", help="val panoptic PNG folder")
+
+
+def _add_postprocess_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    p.add_argument("--threshold", type=float, default=0.85 if defaults else None,
+                   help="keep queries whose class probability exceeds this (default 0.85)")
+    p.add_argument("--min-area", type=int, default=5 if defaults else None,
+                   help="drop segments with fewer pixels (default 5, DETR's area <= 4)")
+
+
+def add_panoptic_parser(subparsers: Any) -> None:
+    """Add ``panoptic`` with ``train``, ``eval`` and ``predict`` to ``updetr``'s subcommands."""
+    from .cli import _add_config_args
+
+    common = getattr(subparsers, "common", None)
+    p = subparsers.add_parser("panoptic", help="panoptic segmentation: DETR's mask head, PQ / SQ / RQ")
+    psub = p.add_subparsers(dest="panoptic_command", required=True)
+
+    q = _leaf(psub, common, "train", help="train stage 1 (detector on boxes), stage 2 (frozen detector + mask head) or jointly")
+    _add_config_args(q)
+    q.add_argument("--stage", choices=["1", "2", "joint"], default="1",
+                   help="1: detector on the segments' boxes; 2: frozen detector, mask head (needs --init-from); joint")
+    q.add_argument("--init-from", help="start from a pre-training, detection or panoptic checkpoint (stage 2: the stage-1 run)")
+    q.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
+    q.add_argument("--mask-loss-coef", type=float, default=1.0, help="focal mask loss weight (default 1)")
+    q.add_argument("--dice-loss-coef", type=float, default=1.0, help="dice loss weight (default 1)")
+    _add_postprocess_args(q, defaults=True)
+    _add_path_args(q)
+    q.set_defaults(func=cmd_panoptic_train)
+
+    q = _leaf(psub, common, "eval", help="PQ / SQ / RQ (all, things, stuff) and segmentation AP of a checkpoint")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--split", default="val", choices=["train", "val"])
+    q.add_argument("--data-root")
+    q.add_argument("--embedded", metavar="DIR", help="the embedded benchmark generated in DIR")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    q.add_argument("--device")
+    q.add_argument("--per-class", action="store_true", help="also print PQ / SQ / RQ of every class")
+    q.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_postprocess_args(q, defaults=False)
+    _add_path_args(q)
+    q.set_defaults(func=cmd_panoptic_eval)
+
+    q = _leaf(psub, common, "predict", help="panoptic PNG + JSON and a colour overlay for each image")
+    q.add_argument("images", nargs="+", help="image files or folders")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--output", default="panoptic_predictions")
+    q.add_argument("--device")
+    _add_postprocess_args(q, defaults=False)
+    q.set_defaults(func=cmd_panoptic_predict)
+
+
+def _options_from_args(args: argparse.Namespace, base: Any = None) -> Any:
+    from .engine.panoptic import PanopticOptions
+
+    options = base or PanopticOptions()
+    updates = {
+        "stage": getattr(args, "stage", None), "loss_mask": getattr(args, "mask_loss_coef", None),
+        "loss_dice": getattr(args, "dice_loss_coef", None), "threshold": args.threshold, "min_area": args.min_area,
+        "train_annotations": args.train_json, "train_segmentations": args.train_png,
+        "val_annotations": args.val_json, "val_segmentations": args.val_png,
+    } if hasattr(args, "train_json") else {"threshold": args.threshold, "min_area": args.min_area}
+    for key, value in updates.items():
+        if value is not None:
+            setattr(options, key, value)
+    return options.validate()
+
+
+def _print_table(title: str, metrics: dict[str, float]) -> None:
+    keys = [k for k in _TABLE if k in metrics]
+    if not keys:
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
+    print(f"\n{title}")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    print("| " + " | ".join("n/a" if math.isnan(metrics[k]) else f"{metrics[k]:.1f}" for k in keys) + " |")
+
+
+def cmd_panoptic_train(args: argparse.Namespace) -> int:
+    from .cli import _setup_logging, config_from_args
+    from .engine.distributed import cleanup, init_distributed
+    from .engine.loop import fit
+    from .engine.panoptic import PanopticTask
+
+    cfg = config_from_args(args)
+    options = _options_from_args(args)
+    dist_info = init_distributed(cfg.device)
+    _setup_logging(dist_info.rank, getattr(args, "verbose", False))
+    try:
+        result = fit(PanopticTask(cfg, options), cfg, dist_info, resume=args.resume,
+                     progress=not getattr(args, "no_progress", False))
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        if result.final_metrics:
+            _print_table(f"final validation (stage {options.stage})", result.final_metrics)
+        print(f"run folder: {result.output_dir}")
+    return 0
+
+
+def cmd_panoptic_eval(args: argparse.Namespace) -> int:
+    from .cli import EMBEDDED_LAYOUT, _setup_logging
+    from .config import ConfigError
+    from .engine.distributed import DistInfo, resolve_device
+    from .engine.loop import make_loader
+    from .engine.panoptic import build_panoptic_dataset, load_panoptic_model, run_panoptic_evaluation
+
+    _setup_logging(0, getattr(args, "verbose", False))
+    device = resolve_device(args.device or "auto")
+    loaded = load_panoptic_model(args.checkpoint, device)
+    if loaded.options.stage == "1":
+        raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint; train the mask head first: "
+                          "updetr panoptic train --stage 2 --init-from CHECKPOINT")
+    cfg = loaded.config
+    options = loaded.options
+    if args.data_root or args.embedded:
+        for key in ("train_annotations", "train_segmentations", "val_annotations", "val_segmentations"):
+            setattr(options, key, "")  # the new root's default layout
+    # the checkpoint's config (its eval resize included) with only the data location changed
+    location = []
+    if args.embedded:
+        location += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
+        location += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+    if args.data_root:
+        location.append(f"data.root={json.dumps(str(args.data_root))}")
+    if location or args.overrides:
+        cfg = cfg.override(location + list(args.overrides))
+    options = _options_from_args(args, options)
+    dataset = build_panoptic_dataset(cfg, options, args.split, return_masks=False)
+    if list(dataset.classes) != loaded.classes:
+        raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
+    loader = make_loader(dataset, _collate, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device),
+                         train=False, seed=0)
+    with torch.inference_mode():
+        pq, ap = run_panoptic_evaluation(loaded.model, loader, device, threshold=options.threshold,
+                                         min_area=options.min_area, progress=not getattr(args, "no_progress", False))
+    metrics = {**pq.summarize(), **ap.summarize()}
+    _print_table(f"{args.split} ({len(dataset)} images, threshold {options.threshold})", metrics)
+    if args.per_class:
+        _print_per_class(pq.per_class())
+    if args.json:
+        Path(args.json).write_text(json.dumps({**metrics, "per_class": pq.per_class()}, indent=2) + "\n")
+    return 0
+
+
+def _print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
+    print("\n| class | thing | PQ | SQ | RQ | TP | FP | FN |\n|---|---|---|---|---|---|---|---|")
+    for name, v in per_class.items():
+        cells = ["n/a" if math.isnan(v[k]) else f"{v[k]:.1f}" for k in ("PQ", "SQ", "RQ")]
+        print(f"| {name} | {'yes' if v['isthing'] else 'no'} | " + " | ".join(cells) + f" | {v['TP']} | {v['FP']} | {v['FN']} |")
+
+
+def _collate(batch):
+    from .data.collate import collate_detection
+
+    return collate_detection(batch)
+
+
+def cmd_panoptic_predict(args: argparse.Namespace) -> int:
+    from .cli import _setup_logging
+    from .engine.distributed import resolve_device
+    from .engine.panoptic import load_panoptic_model
+
+    _setup_logging(0, getattr(args, "verbose", False))
+    device = resolve_device(args.device or "auto")
+    loaded = load_panoptic_model(args.checkpoint, device)
+    if loaded.options.stage == "1":
+        from .config import ConfigError
+
+        raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint and has no mask head")
+    options = _options_from_args(args, loaded.options)
+    out = predict_panoptic(loaded, args.images, args.output, threshold=options.threshold, min_area=options.min_area,
+                           device=device, progress=not getattr(args, "no_progress", False))
+    print(f"wrote {out / 'panoptic.json'}, panoptic PNGs and overlays to {out}")
+    return 0
+
+
+@torch.inference_mode()
+def predict_panoptic(
+    loaded: Any, inputs: list[str], output_dir: str | Path, *, threshold: float = 0.85, min_area: int = 5,
+    device: torch.device | str = "cpu", progress: bool = True,
+) -> Path:
+    """Segment image files/folders. Per image ``NNNN_<stem>.png`` (COCO panoptic ids as RGB),
+    ``NNNN_<stem>_overlay.png`` (colours over the image) and one ``panoptic.json``:
+    ``{"annotations": [{"image_id", "file_name", "image", "width", "height", "segments_info"}],
+    "categories": [...]}`` in COCO panoptic form."""
+    from tqdm.auto import tqdm
+
+    from .data.coco_panoptic import id_to_rgb
+    from .data.folder import ImageFolder
+    from .data.io import load_image
+    from .data.transforms import build_transforms
+    from .evaluation.panoptic import postprocess_panoptic
+    from .structures import ImageBatch
+    from .visualize import save_image
+
+    out = Path(output_dir)
+    paths: list[str] = []
+    for item in inputs:
+        if Path(item).is_dir():
+            paths.extend(str(p) for p in ImageFolder(item).paths)
+        else:
+            paths.append(item)
+    dataset = ImageFolder(paths, transforms=build_transforms(loaded.config.data, train=False))
+    annotations = []
+    for i in tqdm(range(len(dataset)), desc="panoptic", disable=not progress, dynamic_ncols=True):
+        pixels, info = dataset[i]
+        batch = ImageBatch.from_tensors([pixels]).to(device)
+        output = loaded.model(batch)
+        segmentation = postprocess_panoptic(
+            output, info["size"].view(1, 2), info["orig_size"].view(1, 2), isthing=loaded.isthing,
+            category_ids=loaded.category_ids, threshold=threshold, min_area=min_area,
+        )[0]
+        path = Path(info["path"])
+        stem = f"{i:04d}_{path.stem}"
+        ids = segmentation.segment_ids.cpu().numpy()
+        save_image(Image.fromarray(id_to_rgb(ids)), out / f"{stem}.png")
+        overlay = panoptic_overlay(load_image(path), ids, segmentation.segments_info, loaded.categories)
+        save_image(overlay, out / f"{stem}_overlay.png")
+        names = {c["id"]: c["name"] for c in loaded.categories}
+        annotations.append({
+            "image_id": i, "file_name": f"{stem}.png", "image": str(path), "height": int(ids.shape[0]), "width": int(ids.shape[1]),
+            "segments_info": [dict(s, name=names[s["category_id"]]) for s in segmentation.segments_info],
+        })
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "panoptic.json.tmp"
+    tmp.write_text(json.dumps({"annotations": annotations, "categories": loaded.categories}, indent=1) + "\n")
+    tmp.replace(out / "panoptic.json")
+    return out
+
+
+def panoptic_overlay(
+    image: Image.Image, segment_ids: np.ndarray, segments_info: list[dict[str, Any]], categories: list[dict[str, Any]],
+    alpha: float = 0.5,
+) -> Image.Image:
+    """``image`` blended with one colour per segment (the category's ``color`` when it has one;
+    thing instances of a class shifted apart), segment borders dark, void left as is."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colours = {c["id"]: np.asarray(c.get("color") or _fallback_colour(c["id"]), dtype=np.float32) for c in categories}
+    painted = rgb.copy()
+    for k, segment in enumerate(segments_info):
+        colour = colours.get(segment["category_id"], _fallback_colour(segment["category_id"]))
+        if segment.get("isthing"):
+            colour = np.clip(colour + np.asarray(_fallback_colour(k + 7)) * 0.35 - 45, 0, 255)
+        mask = segment_ids == segment["id"]
+        painted[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+    border = np.zeros(segment_ids.shape, dtype=bool)
+    border[1:] |= segment_ids[1:] != segment_ids[:-1]
+    border[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    painted[border] *= 0.3
+    return Image.fromarray(np.clip(painted + 0.5, 0, 255).astype(np.uint8))
+
+
+def _fallback_colour(key: int) -> np.ndarray:
+    return np.random.default_rng(int(key) + 1000).integers(40, 256, size=3).astype(np.float32)

@@ -1,0 +1,25 @@
+"""`updetr demo --quick`: the README's first command, at a toy budget; a re-run reuses every stage."""
+
+import json
+
+from updetr.demo import run_demo
+
+
+def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out, quick=True, device="cpu", progress=False)
+    report = first.report_dir
+    for name in ("report.md", "convergence.png", "detections.png", "query_patches.png", "results.json"):
+        assert (report / name).is_file(), name
+    results = json.loads((report / "results.json").read_text())
+    # the table is generated from the runs' metrics logs
+    detr_final = results["eval_points"]["DETR"][-1]["val/AP"]
+    assert f"| DETR | 2 | {detr_final:.1f} |" in first.table
+    assert "| UP-DETR − DETR |" in first.table
+    stages = sorted(p.name for p in (out / "stages").iterdir())
+    assert [s.split("-")[0] for s in stages] == ["cnn", "data", "detr", "pretrain", "updetr"]
+    mtimes = {p: p.stat().st_mtime for p in (out / "stages").rglob("checkpoint.pth")}
+    second = run_demo(out, quick=True, device="cpu", progress=False)
+    assert second.table == first.table
+    assert {p: p.stat().st_mtime for p in (out / "stages").rglob("checkpoint.pth")} == mtimes
+    assert second.seconds < first.seconds

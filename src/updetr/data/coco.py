@@ -275,23 +275,30 @@ class CocoDetection(CocoStyleDataset):
         )
 
 
-def _read_coco_json(path: Path) -> dict[str, Any]:
-    """Read and structurally validate a COCO annotation file."""
+def read_annotation_json(path: Path, kind: str = "annotation") -> dict[str, Any]:
+    """Read a COCO-style JSON (detection or panoptic) whose top level holds the lists
+    ``images``, ``annotations`` and ``categories``; DataError naming the file otherwise."""
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(f"{path}: {kind} file not found")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read annotation file ({err})") from None
+        raise DataError(f"{path}: cannot read {kind} file ({err})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             problem = "is missing" if key not in data else "is not a list"
             raise DataError(f"{path}: top-level key {key!r} {problem}")
+    return data
+
+
+def _read_coco_json(path: Path) -> dict[str, Any]:
+    """Read and structurally validate a COCO annotation file."""
+    data = read_annotation_json(path)
     seen: set[int] = set()
     for k, img in enumerate(data["images"]):
         if not isinstance(img, dict):

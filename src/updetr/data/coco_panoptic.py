@@ -16,7 +16,6 @@ Classes are contiguous over things and stuff together, in ascending category-id 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from updetr.data.coco import read_annotation_json
 from updetr.data.io import DataError, load_annotated_image
 from updetr.structures import Target
 
@@ -273,20 +273,7 @@ def _is_int(value: Any) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """Read a panoptic JSON and check its structure; DataError naming the file otherwise."""
-    if not path.is_file():
-        raise DataError(f"{path}: panoptic annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read annotation file ({err})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: top-level key {key!r} {'is missing' if key not in data else 'is not a list'}")
+    data = read_annotation_json(path, "panoptic annotation")
     if not data["categories"]:
         raise DataError(f"{path}: 'categories' is empty")
     ids: set[int] = set()

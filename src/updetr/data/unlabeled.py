@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -200,6 +201,9 @@ class PatchAugmentation:
     Drawing them all first and then running each patch through its whole chain on its own
     keeps a (3, q, q) patch in the CPU's L2 cache: several times faster than applying each
     step to the stacked (M, 3, q, q) patches, and the per-patch parameters need no masking.
+    The elementwise steps run as NumPy ufuncs on a view of the patch's memory: on a
+    128 x 128 plane the work is a few microseconds, and a ufunc call costs about half of a
+    torch op's dispatch, which dominates here.
     """
 
     jitter: np.ndarray  # bool, colour jitter applied
@@ -226,21 +230,22 @@ class PatchAugmentation:
         return cls(jitter, order, factors, gray, blur, sigma)
 
     def apply(self, patch: Tensor, i: int) -> None:
-        """Augment ``patch`` (3, q, q) float in [0, 1], in place, with the parameters of patch i."""
+        """Augment ``patch`` (3, q, q) float32 in [0, 1], in place, with the parameters of patch i."""
+        x = patch.numpy()  # shares the memory
         if self.jitter[i]:
-            for op in self.order[i]:
-                _JITTER_OPS[op](patch, float(self.factors[i, op]))
+            for op in self.order[i].tolist():
+                _JITTER_OPS[op](x, float(self.factors[i, op]))
         if self.gray[i]:
-            plane = _luma(patch)  # (1, q, q); blurring it once equals blurring three equal channels
+            plane = _luma(x)  # (q, q); blurring it once equals blurring three equal channels
             if self.blur[i]:
-                plane = self._blurred(plane, i)
-            patch.copy_(plane.expand_as(patch))
+                plane = self._blurred(torch.from_numpy(plane)[None], i)[0].numpy()
+            np.copyto(x, plane)  # broadcast to the three channels
         elif self.blur[i]:
-            patch.copy_(self._blurred(patch, i))
+            self._blurred(patch, i, out=patch)
 
-    def _blurred(self, x: Tensor, i: int) -> Tensor:
+    def _blurred(self, x: Tensor, i: int, out: Tensor | None = None) -> Tensor:
         kernel = self._blur_kernel(i, x.shape[-1])  # (q, q)
-        return torch.matmul(torch.matmul(kernel, x), kernel.T)  # vertical, then horizontal pass
+        return torch.matmul(torch.matmul(kernel, x), kernel.T, out=out)  # vertical, then horizontal pass
 
     def _blur_kernel(self, i: int, size: int) -> Tensor:
         if self._kernels is None:  # built for every blurred patch at once (fewer, larger ops)
@@ -250,61 +255,109 @@ class PatchAugmentation:
         return self._kernels[i]
 
 
-def _luma(x: Tensor) -> Tensor:
-    """(1, q, q) luma of a (3, q, q) RGB patch, PIL's weights."""
-    return torch.matmul(_LUMA_WEIGHTS.view(1, 3), x.view(3, -1)).view(1, *x.shape[1:])
+# The colour kernels work in place on a float32 (3, q, q) ndarray in [0, 1] (any strides).
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    """(q, q) luma of a (3, q, q) RGB patch, PIL's weights."""
+    return np.matmul(_LUMA_WEIGHTS, x.reshape(3, -1)).reshape(x.shape[1:])
 
 
 # Each jitter op is torchvision's on a float image: a blend clipped to [0, 1]. The clip is
 # skipped where it cannot change anything (factor <= 1 blends values that are in [0, 1]).
 
 
-def _brightness(x: Tensor, factor: float) -> None:
-    x.mul_(factor)
+def _brightness(x: np.ndarray, factor: float) -> None:
+    np.multiply(x, np.float32(factor), out=x)
     if factor > 1.0:
-        x.clamp_(max=1.0)
+        np.minimum(x, np.float32(1.0), out=x)
 
 
-def _contrast(x: Tensor, factor: float) -> None:
-    mean = x.mean(dim=(1, 2)) @ _LUMA_WEIGHTS  # mean luma, 0-dim
-    x.lerp_(mean, 1.0 - factor)
+def _contrast(x: np.ndarray, factor: float) -> None:
+    mean = float(_luma(x).mean(dtype=np.float64))  # mean luma
+    np.multiply(x, np.float32(factor), out=x)
+    np.add(x, np.float32((1.0 - factor) * mean), out=x)
     if factor > 1.0:
-        x.clamp_(0.0, 1.0)
+        np.clip(x, np.float32(0.0), np.float32(1.0), out=x)
 
 
-def _saturation(x: Tensor, factor: float) -> None:
-    x.lerp_(_luma(x), 1.0 - factor)
+def _saturation(x: np.ndarray, factor: float) -> None:
+    luma = _luma(x)
+    np.multiply(luma, np.float32(1.0 - factor), out=luma)
+    np.multiply(x, np.float32(factor), out=x)
+    np.add(x, luma, out=x)
     if factor > 1.0:
-        x.clamp_(0.0, 1.0)
+        np.clip(x, np.float32(0.0), np.float32(1.0), out=x)
 
 
-def _hue(x: Tensor, shift: float) -> None:
+def _hue(x: np.ndarray, shift: float) -> None:
     """Rotate the HSV hue of a (3, q, q) patch by ``shift`` turns (torchvision's ``adjust_hue``).
 
-    The RGB -> HSV -> RGB round trip in closed form, with arithmetic only (comparisons that
-    produce bools, and ``where``, are slow on CPU). With the hue in sextants (red 0, green 2,
-    blue 4) and a = |hue - centre_c|, channel c is ``min + chroma * clamp(|3 - a| - 1, 0, 1)``.
-    Matches ``adjust_hue`` to 1e-6, ties between channels included.
+    The RGB -> HSV -> RGB round trip in closed form, with arithmetic only (NumPy's masked
+    selections are branchy and ~20x slower on mixed masks). Rotation keeps the max and min
+    channel values (V and V - chroma) and moves the hue; with the hue in sextants (red 0,
+    green 2, blue 4) and d_c its distance from channel c's centre, channel c is
+    ``min + chroma * clamp(2 - d_c, 0, 1)``. Matches ``adjust_hue`` to 1e-6, ties between
+    channels included (red, then green counts as the max, as in torchvision).
     """
-    r, g, b = x.unbind(dim=0)  # each (q, q)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    chroma = maxc - minc
-    # One-hot float masks of the largest channel, ties broken red > green (> blue).
-    is_r = torch.eq(r, maxc, out=torch.empty_like(r))
-    is_g = torch.eq(g, maxc, out=torch.empty_like(g)).sub_(is_r).clamp_(min=0.0)
+    r, g, b = x
+    maxc, minc, chroma, is_r, is_g, total, hue, tmp = _scratch(r.shape, 8)
+    np.maximum(r, g, out=maxc)
+    np.maximum(maxc, b, out=maxc)
+    np.minimum(r, g, out=minc)
+    np.minimum(minc, b, out=minc)
+    np.subtract(maxc, minc, out=chroma)
+    # 0/1 masks of the largest channel, ties broken red > green (> blue).
+    np.equal(r, maxc, out=is_r)
+    np.equal(g, maxc, out=is_g)
+    is_g -= is_r
+    np.maximum(is_g, _ZERO, out=is_g)
     # chroma * hue = is_r (g - b) + is_g (2 chroma + b - r) + is_b (4 chroma + r - g), is_b = 1 - is_r - is_g:
-    total = r + g + b
-    hue = torch.sub(r, g).addcmul_(is_r, torch.add(total, g, alpha=-3.0), value=-1.0)
-    hue.addcmul_(is_g, torch.add(total, r, alpha=-3.0)).div_(chroma.clamp(min=1e-12))
-    hue.add_(is_r, alpha=-4.0).add_(is_g, alpha=-2.0).add_(4.0 + 6.0 * shift)  # in (-1.6, 5.6)
-    # min + chroma * clamp(v - 1, 0, 1) = (min - chroma) + chroma * clamp(v, 1, 2)
-    v = (hue.unsqueeze(0) - _SEXTANT_CENTRES).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)  # (3, q, q)
-    torch.addcmul(minc - chroma, chroma, v, out=x)
+    np.add(r, g, out=total)
+    total += b
+    np.subtract(r, g, out=hue)
+    np.multiply(g, _MINUS_3, out=tmp)
+    tmp += total
+    tmp *= is_r
+    hue -= tmp  # r - g - is_r (r + b - 2 g)
+    np.multiply(r, _MINUS_3, out=tmp)
+    tmp += total
+    tmp *= is_g
+    hue += tmp  # ... + is_g (g + b - 2 r)
+    np.maximum(chroma, _TINY, out=tmp)
+    hue /= tmp  # 0 where gray
+    is_r += is_r
+    is_r += is_g
+    is_r += is_r
+    hue -= is_r  # hue - 4 in sextants, in [-5, 1]: offsets 0 (red), 2 (green), 4 (blue), minus 4
+    # a_c = |hue + 6 shift - centre_c| is in [0, 6] (hue + 6 shift in (-1.6, 5.6)), so
+    # 3 - d_c = |3 - a_c| and min + chroma * clamp(2 - d_c, 0, 1) = (min - chroma) + chroma * clamp(|a_c - 3|, 1, 2).
+    v = _scratch(x.shape, 1)[0]
+    np.subtract(hue, _SEXTANT_CENTRES - np.float32(4.0 + 6.0 * shift), out=v)  # (3, q, q)
+    np.abs(v, out=v)
+    v -= _THREE
+    np.abs(v, out=v)
+    np.clip(v, _ONE, _TWO, out=v)
+    v *= chroma
+    minc -= chroma
+    np.add(v, minc, out=x)
 
 
-_LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
-_SEXTANT_CENTRES = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)
+_ZERO, _ONE, _TWO, _THREE, _MINUS_3, _TINY = (np.float32(v) for v in (0.0, 1.0, 2.0, 3.0, -3.0, 1e-12))
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], n: int) -> np.ndarray:
+    """(n, *shape) float32 work buffers, reused: fresh arrays over 128 kB would be mmap'ed and page-faulted every call."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (shape, n)
+    if key not in buffers:
+        buffers[key] = np.empty((n, *shape), dtype=np.float32)
+    return buffers[key]
+
+
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_SEXTANT_CENTRES = np.array([0.0, 2.0, 4.0], dtype=np.float32).reshape(3, 1, 1)
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # torchvision's ColorJitter op indices
 
 
@@ -338,6 +391,11 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _INV_STD = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 _SCALE_255 = _INV_STD / 255.0
 _MEAN_OVER_STD = _MEAN * _INV_STD
+_INV_255 = np.float32(1.0 / 255.0)
+_MEAN_NP = _MEAN.numpy()
+_INV_STD_NP = _INV_STD.numpy()
+_SCALE_255_NP = _SCALE_255.numpy()
+_MEAN_OVER_STD_NP = _MEAN_OVER_STD.numpy()
 _PAPER_SCALES = (320, 336, 352, 368, 384, 400, 416, 432, 448, 464, 480)
 
 
@@ -461,11 +519,15 @@ class UnlabeledImages(Dataset):
         augmentation = PatchAugmentation.draw(self.num_patches, rng) if self.augment else None
         patches = torch.empty(self.num_patches, 3, q, q)  # (M, 3, q, q)
         for i, (patch, crop) in enumerate(zip(patches, crops)):  # each patch's chain while it is in cache
-            patch.copy_(crop).mul_(1.0 / 255.0)
+            x = patch.numpy()
+            np.multiply(crop.numpy(), _INV_255, out=x)  # uint8 channels-last -> float32 planes
             if augmentation is not None:
                 augmentation.apply(patch, i)
-            patch.sub_(_MEAN).mul_(_INV_STD)
-        image = torch.empty(image_uint8.shape).copy_(image_uint8).mul_(_SCALE_255).sub_(_MEAN_OVER_STD)
+            x -= _MEAN_NP
+            x *= _INV_STD_NP
+        image = torch.empty(image_uint8.shape)
+        np.multiply(image_uint8.numpy(), _SCALE_255_NP, out=image.numpy())
+        np.subtract(image.numpy(), _MEAN_OVER_STD_NP, out=image.numpy())
 
         sides = (boxes_xyxy_px[:, 2:] - boxes_xyxy_px[:, :2]).float()  # (M, 2) width, height
         m = self.num_patches

@@ -95,6 +95,8 @@ class DataConfig:
     crop_size: list[int] = field(default_factory=lambda: [384, 600])  # min, max side of the crop
     val_size: int = 800
     hflip: float = 0.5
+    size_divisibility: int = 32  # pad batches to a multiple of this: few distinct shapes, so
+    # the CPU convolution kernels built for a shape are reused (a new shape costs seconds)
     batch_size: int = 2  # per process
     num_workers: int = 2
 
@@ -145,6 +147,7 @@ class Config:
         _positive("oneshot.min_exemplar_size", self.oneshot.min_exemplar_size)
         _choice("oneshot.ap_method", self.oneshot.ap_method, ("voc07", "voc"))
         _positive("data.batch_size", d.batch_size)
+        _positive("data.size_divisibility", d.size_divisibility)
         _positive("data.max_size", d.max_size)
         _positive("data.val_size", d.val_size)
         if not d.scales or min(d.scales) <= 0:
@@ -347,6 +350,7 @@ def _embedded() -> Config:
     cfg.data.crop_resize = [112, 128, 144]
     cfg.data.crop_size = [96, 160]
     cfg.data.val_size = 160
+    cfg.data.size_divisibility = 64  # 128–256-pixel batches come in 3 x 3 shapes
     cfg.optim = OptimConfig(lr=2e-4, lr_backbone=0.0, epochs=8, lr_drop=6)
     cfg.output_dir = "runs/embedded"
     return cfg

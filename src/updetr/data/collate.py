@@ -9,7 +9,7 @@ from torch import Tensor
 
 from updetr.structures import ImageBatch, Target
 
-__all__ = ["collate_detection"]
+__all__ = ["collate_detection", "collate_with_patches"]
 
 
 def collate_detection(
@@ -29,3 +29,17 @@ def collate_detection(
     images = [item[0] for item in batch]
     targets: list[Any] = [item[1] for item in batch]
     return ImageBatch.from_tensors(images, size_divisibility=size_divisibility), targets
+
+
+def collate_with_patches(
+    batch: Sequence[tuple[Tensor, Target, Tensor]], size_divisibility: int = 1
+) -> tuple[ImageBatch, list[Target], Tensor]:
+    """Collate ``(pixels, target, patches)`` samples (UP-DETR pre-training, one-shot detection).
+
+    Returns the padded :class:`ImageBatch` (``padding_mask`` True on padding), the targets,
+    and the query patches stacked: (B, M, 3, q, q) or (B, 3, q, q), as each sample holds them.
+    """
+    import torch
+
+    images, targets, patches = zip(*batch)
+    return ImageBatch.from_tensors(list(images), size_divisibility=size_divisibility), list(targets), torch.stack(patches)

@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from updetr.data.coco import CocoStyleDataset
+from updetr.data.collate import collate_with_patches
 from updetr.data.io import DataError, load_annotated_image
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from updetr.structures import ImageBatch, Target
@@ -449,5 +450,4 @@ class OneShotEpisodes(Dataset):
 def collate_one_shot(batch: Sequence[tuple[Tensor, Target, Tensor]]) -> tuple[ImageBatch, list[Target], Tensor]:
     """Padded images (``padding_mask`` True on padding), targets, and stacked patches:
     (B, 3, q, q) for training pairs, (B, K, 3, q, q) for evaluation episodes."""
-    images, targets, patches = zip(*batch)
-    return ImageBatch.from_tensors(list(images)), list(targets), torch.stack(patches)
+    return collate_with_patches(batch)

@@ -58,7 +58,7 @@ class DetectionTask:
         return self._val
 
     def collate(self, batch: list) -> Any:
-        return collate_detection(batch)
+        return collate_detection(batch, self.cfg.data.size_divisibility)
 
     @property
     def num_classes(self) -> int:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..box_ops import normalized_cxcywh_to_xyxy_px
 from ..config import Config, ConfigError, DataConfig
 from ..data.build import build_detection_dataset
+from ..data.collate import collate_with_patches
 from ..data.io import DataError, load_image
 from ..data.one_shot import (
     OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
@@ -121,7 +122,7 @@ class OneShotTask:
         return self._val
 
     def collate(self, batch: list) -> Any:
-        return collate_one_shot(batch)
+        return collate_with_patches(batch, self.cfg.data.size_divisibility)
 
     def build_model(self) -> nn.Module:
         freeze = self.options.freeze_backbone

@@ -13,7 +13,8 @@ from torchvision.ops import box_iou
 
 from ..box_ops import cxcywh_to_xyxy
 from ..config import Config
-from ..data.unlabeled import UnlabeledImages, collate_pretrain
+from ..data.collate import collate_with_patches
+from ..data.unlabeled import UnlabeledImages
 from ..losses.criterion import build_criterion
 from ..models import build_updetr
 from ..structures import DetectionOutput
@@ -69,7 +70,7 @@ class PretrainTask:
         return Subset(full, list(range(min(EVAL_IMAGES, len(full)))))
 
     def collate(self, batch: list) -> Any:
-        return collate_pretrain(batch)
+        return collate_with_patches(batch, self.cfg.data.size_divisibility)
 
     @property
     def eos_coef(self) -> float:

@@ -332,14 +332,14 @@ def test_jitter_ops_match_torchvision(factor):
     x = torch.from_numpy(_colourful(20, 24, 5)).permute(2, 0, 1).float() / 255
     luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
     out = x.clone()
-    U._brightness(out, factor)
+    U._brightness(out.numpy(), factor)
     assert torch.allclose(out, F.adjust_brightness(x, factor), atol=1e-6)
     out = x.clone()
-    U._contrast(out, factor)
+    U._contrast(out.numpy(), factor)
     assert torch.allclose(out, (factor * x + (1 - factor) * luma.mean()).clamp(0, 1), atol=1e-6)
     assert torch.allclose(out, F.adjust_contrast(x, factor), atol=1e-4)  # torchvision: 0.2989 red
     out = x.clone()
-    U._saturation(out, factor)
+    U._saturation(out.numpy(), factor)
     assert torch.allclose(out, (factor * x + (1 - factor) * luma).clamp(0, 1), atol=1e-6)
     assert torch.allclose(out, F.adjust_saturation(x, factor), atol=1e-4)
 
@@ -353,7 +353,7 @@ def test_hue_matches_torchvision_including_ties(shift):
     x[2, 3] = x[1, 3]  # green = blue
     x = (x * 255).round() / 255
     out = x.clone()
-    U._hue(out, shift)
+    U._hue(out.numpy(), shift)
     assert torch.allclose(out, F.adjust_hue(x, shift), atol=1e-5)
 
 
@@ -399,3 +399,65 @@ def test_from_config_uses_pretrain_and_data_sections(folder):
     image, target, patches = ds[0]
     assert patches.shape == (cfg.pretrain.num_patches, 3, cfg.pretrain.query_size, cfg.pretrain.query_size)
     assert min(target["size"].tolist()) in (48, 56) or max(target["size"].tolist()) == 80
+
+
+def _reference_chain(x: torch.Tensor, params: PatchAugmentation, i: int) -> torch.Tensor:
+    """Patch i's augmentation from torchvision's functional ops (PIL luma weights for contrast/saturation/gray)."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    if params.jitter[i]:
+        for op in params.order[i]:
+            f = float(params.factors[i, op])
+            if op == 0:
+                x = F.adjust_brightness(x, f)
+            elif op == 1:
+                x = (f * x + (1 - f) * (x * weights).sum(0).mean()).clamp(0, 1)
+            elif op == 2:
+                x = (f * x + (1 - f) * (x * weights).sum(0, keepdim=True)).clamp(0, 1)
+            else:
+                x = F.adjust_hue(x, f)
+    if params.gray[i]:
+        x = (x * weights).sum(0, keepdim=True).expand(3, -1, -1)
+    if params.blur[i]:
+        size, s = x.shape[-1], float(params.sigma[i])
+        offsets = torch.arange(-(size - 1), size, dtype=torch.float32)
+        w = torch.exp(-0.5 * (offsets / s) ** 2)
+        w /= w.sum()
+        padded = nnf.pad(x[None], (size - 1,) * 4, mode="reflect")
+        x = nnf.conv2d(padded, w.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        x = nnf.conv2d(x, w.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]
+    return x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_whole_patch_chain_matches_torchvision_reference(channels_last):
+    """Every step, its order, the skipped clips and the shared work buffers, over many random draws."""
+    rng = np.random.default_rng(3)
+    params = PatchAugmentation.draw(60, rng)
+    for i in range(60):
+        x = torch.from_numpy(_colourful(20, 20, i)).permute(2, 0, 1).float() / 255
+        if i % 7 == 0:
+            x[:, :4] = x[:1, :4]  # gray rows: zero chroma
+        patch = x.clone() if channels_last else x.contiguous()  # clone keeps the channels-last strides
+        params.apply(patch, i)
+        assert torch.allclose(patch, _reference_chain(x, params, i), atol=2e-5), i
+
+
+def test_hue_matches_torchvision_on_saturated_image_any_strides():
+    x = torch.from_numpy(_colourful(32, 40, 9)).permute(2, 0, 1).float() / 255  # channels-last strides
+    for shift in np.linspace(-0.1, 0.1, 9):
+        out = x.clone()
+        U._hue(out.numpy(), float(shift))
+        assert torch.allclose(out, F.adjust_hue(x, float(shift)), atol=1e-5)
+        assert out.min() >= 0 and out.max() <= 1
+
+
+def test_image_is_normalised_resize_in_row_blocks(folder, monkeypatch):
+    monkeypatch.setattr(U, "_CHUNK", 3 * 50)  # a few rows per block, so blocks and a partial last block occur
+    ds = UnlabeledImages(folder, scales=(48, 56), max_size=80, query_size=16)
+    for i in range(len(ds)):
+        image, target, _ = ds[i]
+        original = torch.from_numpy(np.array(Image.open(ds.file(i)).convert("RGB"))).permute(2, 0, 1)
+        channels_last = original[None].contiguous(memory_format=torch.channels_last)
+        reference = F.resize(channels_last, target["size"].tolist(), antialias=True)[0]
+        reference = (reference.float() / 255 - MEAN) / STD
+        assert image.is_contiguous() and torch.allclose(image, reference, atol=1e-5), i

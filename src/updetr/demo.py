@@ -39,11 +39,11 @@ class DemoBudget:
     num_val: int = 200
     num_unlabeled: int = 1600
     image_size: tuple[int, int] = (128, 192)
-    cnn_images: int = 8000
+    cnn_images: int = 6000
     cnn_epochs: int = 3
-    pretrain_epochs: int = 3
-    finetune_epochs: int = 8
-    eval_points: int = 4
+    pretrain_epochs: int = 2
+    finetune_epochs: int = 6
+    eval_points: int = 3
     seed: int = 0
     model: list[str] = field(default_factory=list)  # overrides on top of the ``embedded`` presets
     finetune: list[str] = field(default_factory=list)

@@ -131,4 +131,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(embedded,
     assert set(ranks[0]["grads"]) == set(single_grads)
     for k, g in single_grads.items():
         for r in range(2):  # after the all-reduce every rank holds the same, global gradient
-            torch.testing.assert_close(ranks[r]["grads"][k], g, rtol=1e-4, atol=1e-7, msg=k)
+            # per-tensor relative error: round-off differs between batch sizes (the convolution
+            # kernels change), while a wrong normaliser would be off by ~10 % or more
+            err = float((ranks[r]["grads"][k] - g).norm() / g.norm().clamp_min(1e-12))
+            assert err < 1e-4, (k, err)

@@ -24,7 +24,7 @@ def draw_detections(
     width: int = 2,
 ) -> Image.Image:
     """Return a copy of ``image`` with boxes (N, 4) xyxy pixels and "label score" captions."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
     if len(boxes_xyxy_px) == 0:
         return image.convert("RGB")
     captions = [f"{lab} {float(s):.2f}" if scores is not None else lab for lab, s in zip(labels, scores if scores is not None else labels)]

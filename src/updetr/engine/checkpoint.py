@@ -91,16 +91,24 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
 TASK_SPECIFIC_PREFIXES = ("class_embed.", "patch2query.", "feature_align.")
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path, *, drop_prefixes: tuple[str, ...] = TASK_SPECIFIC_PREFIXES) -> dict[str, list[str]]:
+def init_from_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    drop_prefixes: tuple[str, ...] = TASK_SPECIFIC_PREFIXES,
+    checkpoint: dict[str, Any] | None = None,
+) -> dict[str, list[str]]:
     """Initialise ``model`` from another task's checkpoint (fine-tuning).
 
     Keys under ``drop_prefixes`` are dropped from the checkpoint *and* left at their fresh
     initialisation in the model (the task head). Every other model key must be present
     with the same shape, and the checkpoint may carry no other key: an architecture
     mismatch (e.g. pre-norm vs post-norm, other depth or width) is an error listing keys.
+    ``checkpoint`` is the file already read with :func:`load_checkpoint`, when the caller
+    needed it first (``path`` then only names it in messages).
     Returns ``{"loaded": [...], "dropped": [...], "kept_fresh": [...]}``.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
     state = ckpt["model"]
     if any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}

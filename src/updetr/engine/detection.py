@@ -72,10 +72,11 @@ class DetectionTask:
         model = build_detr(self.cfg.model, self.num_classes, train_backbone=train_backbone)
         if self.cfg.init_from:
             drop = TASK_SPECIFIC_PREFIXES
-            ckpt_classes = load_checkpoint(self.cfg.init_from).get("classes")
+            ckpt = load_checkpoint(self.cfg.init_from)
+            ckpt_classes = ckpt.get("classes")
             if ckpt_classes is not None and list(ckpt_classes) == self.classes:
                 drop = tuple(p for p in drop if p != "class_embed.")  # same label set: keep the class head
-            report = init_from_checkpoint(model, self.cfg.init_from, drop_prefixes=drop)
+            report = init_from_checkpoint(model, self.cfg.init_from, drop_prefixes=drop, checkpoint=ckpt)
             log.info(
                 "initialised from %s: %d tensors loaded, dropped %s, fresh %s",
                 self.cfg.init_from, len(report["loaded"]), report["dropped"] or "none", report["kept_fresh"] or "none",

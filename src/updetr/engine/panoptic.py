@@ -279,7 +279,7 @@ def initialise_panoptic_model(
     else:
         target = model
         drop = detector_drop
-    report = init_from_checkpoint(target, path, drop_prefixes=drop)
+    report = init_from_checkpoint(target, path, drop_prefixes=drop, checkpoint=ckpt)
     if target is not model:  # name the model's own keys in the report
         rename = (lambda k: "detr." + k) if isinstance(model, DETRsegm) else (lambda k: k.removeprefix("detr."))
         report["loaded"] = [rename(k) for k in report["loaded"]]

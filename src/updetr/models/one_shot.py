@@ -111,6 +111,7 @@ def init_one_shot_from_checkpoint(model: OneShotDETR, path: str | Path) -> dict[
     :class:`~updetr.engine.checkpoint.CheckpointError` listing them. Returns
     ``{"kind", "loaded", "dropped", "kept_fresh"}``.
     """
-    kind = checkpoint_kind(load_checkpoint(path))
-    report = init_from_checkpoint(model, path, drop_prefixes=_DROP[kind])
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    report = init_from_checkpoint(model, path, drop_prefixes=_DROP[kind], checkpoint=ckpt)
     return {"kind": kind, **report}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -99,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .data.build import build_detection_dataset
+    from .data.collate import collate_detection
     from .engine.detection import evaluate_detection
     from .engine.distributed import DistInfo, resolve_device
     from .engine.inference import load_trained_model
@@ -116,19 +118,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = build_detection_dataset(cfg.data, split)
     if list(dataset.classes) != loaded.classes:
         raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
-    loader = make_loader(dataset, _collate_detection, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device), train=False, seed=0)
+    # the same batching as evaluation during training, so the numbers agree
+    collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
+    loader = make_loader(dataset, collate, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device), train=False, seed=0)
     with torch.inference_mode():
         metrics = evaluate_detection(loaded.model, loader, device, progress=not args.no_progress)
     _print_metrics(f"{split} ({len(dataset)} images)", metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
-
-
-def _collate_detection(batch):
-    from .data.collate import collate_detection
-
-    return collate_detection(batch)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

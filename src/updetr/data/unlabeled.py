@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from updetr.box_ops import xyxy_px_to_normalized_cxcywh
+from updetr.data.collate import collate_with_patches
 from updetr.data.io import IMAGE_EXTENSIONS, DataError, load_image
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_size
 from updetr.structures import ImageBatch, Target
@@ -617,5 +618,4 @@ def collate_pretrain(batch: Sequence[tuple[Tensor, Target, Tensor]]) -> tuple[Im
 
     Images are padded bottom/right; ``ImageBatch.padding_mask`` is ``True`` on padding.
     """
-    images, targets, patches = zip(*batch)
-    return ImageBatch.from_tensors(list(images)), list(targets), torch.stack(patches)
+    return collate_with_patches(batch)

@@ -1,11 +1,13 @@
 """Training-step throughput, fraction of the fp32 matmul peak, and batch-1 inference latency.
 
     python benchmarks/train_step.py [--recipes small r50] [--steps 5] [--threads N] [--hf]
+    python benchmarks/train_step.py --device cuda [--amp bf16] [--batch-scale 4] --steps 20
 
 For each recipe: images/s of a full training step (forward, set loss with Hungarian
 matching on every decoder layer, backward, clipping, AdamW), the step's FLOPs counted
 with ``torch.utils.flop_counter.FlopCounterMode``, and the fraction of this machine's
-fp32 matmul peak (a large square matmul timed in the same run) the step reaches.
+fp32 matmul peak (a large square matmul timed in the same run) the step reaches. On CUDA
+the peak is measured in the step's precision (fp32 without TF32, or the ``--amp`` dtype).
 ``--hf`` also times Hugging Face transformers' DETR at batch 1 for the same
 architecture when ``transformers`` is installed.
 """
@@ -20,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from updetr.config import make_config
-from updetr.engine.loop import build_optimizer
+from updetr.engine.loop import _float_output, autocast_context, build_optimizer
 from updetr.losses.criterion import build_criterion
 from updetr.models import build_detr
 
@@ -31,13 +33,22 @@ RECIPES = {
 }
 
 
-def matmul_peak(threads: int, n: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    if device.type == "cuda":
+        n, repeats = 8192, 20
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
 
@@ -53,47 +64,65 @@ def fake_targets(batch: int, num_classes: int, gen: torch.Generator) -> list[dic
     return targets
 
 
-def bench_recipe(name: str, steps: int) -> dict:
+def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu"), amp: str = "none",
+                 batch_scale: int = 1) -> dict:
     preset, overrides, batch, side = RECIPES[name]
+    batch *= batch_scale
     cfg = make_config(preset, overrides=overrides)
     num_classes = 20
-    model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0)
+    model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0).to(device)
     criterion = build_criterion(cfg.loss, num_classes)
     optimizer, _ = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, side, side, generator=gen)
-    targets = fake_targets(batch, num_classes, gen)
+    images = torch.randn(batch, 3, side, side, generator=gen).to(device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in fake_targets(batch, num_classes, gen)]
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
 
     def step() -> None:
-        out = model(images)
-        loss = criterion(out, targets)["loss"]
+        with autocast_context(device, amp):
+            out = model(images)
+        loss = criterion(_float_output(out), targets)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
     model.train()
     with FlopCounterMode(display=False) as counter:
-        out = model(images)
-        criterion(out, targets)["loss"].backward()
+        with autocast_context(device, amp):
+            out = model(images)
+        criterion(_float_output(out), targets)["loss"].backward()
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
-    step()  # warm-up (oneDNN primitive creation)
+    step()  # warm-up (oneDNN primitive creation / cuDNN autotuning)
+    step()
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         step()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
 
     model.eval()
     one = images[:1]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_context(device, amp):
         model(one)
         lat = []
         for _ in range(max(3, steps)):
+            _sync(device)
             t0 = time.perf_counter()
             model(one)
+            _sync(device)
             lat.append(time.perf_counter() - t0)
     return {"recipe": name, "batch": batch, "side": side, "step_s": step_s, "images_per_s": batch / step_s,
             "gflop_per_step": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
@@ -132,15 +161,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--hf", action="store_true", help="also time Hugging Face DETR at batch 1 (needs transformers)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype (CUDA only)")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply each recipe's batch (GPUs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (4096² matmul)\n")
+    device = torch.device(args.device)
+    dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    peak = matmul_peak(device, dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s\n")
     print("| recipe | batch × side | step (s) | images/s | GFLOP/step | achieved GFLOP/s | % of peak | latency b=1 (ms) | HF DETR b=1 (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.recipes:
-        r = bench_recipe(name, args.steps)
-        hf = bench_hf(r["cfg"], r["side"]) if args.hf else None
+        r = bench_recipe(name, args.steps, device, args.amp, args.batch_scale)
+        hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" else None
         print(f"| {name} | {r['batch']} × {r['side']}² | {r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] * 1e9 / peak:.0f} % | {r['latency_ms']:.0f} | "
               f"{'n/a' if hf is None else f'{hf:.0f}'} |")

@@ -66,8 +66,8 @@ def render_classification_set(num: int, size: int = 64, seed: int = 0, photo_fra
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x.float() / 255.0 - mean) / std
 
 
@@ -81,6 +81,7 @@ def pretrain_backbone(
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
+    device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Train ``arch`` to classify rendered objects; save its state dict (no ``fc``) to ``out_path``.
@@ -91,7 +92,8 @@ def pretrain_backbone(
     torch.manual_seed(seed)
     images, labels = render_classification_set(num_images, size, seed)
     val_images, val_labels = render_classification_set(1000, size, seed + 1)
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=len(CLASSES))
+    dev = torch.device(device)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=len(CLASSES)).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = epochs * (num_images // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -105,7 +107,8 @@ def pretrain_backbone(
             x = images[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror half the crops (shapes and digit styles vary anyway)
             x[flip] = x[flip].flip(-1)
-            loss = F.cross_entropy(model(_normalise(x)), labels[idx], label_smoothing=0.1)
+            x = _normalise(x.to(dev)).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), labels[idx].to(dev), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,9 +118,9 @@ def pretrain_backbone(
     bar.close()
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(_normalise(val_images[i:i + 250])).argmax(1) == val_labels[i:i + 250]).sum())
+        correct = sum(int((model(_normalise(val_images[i:i + 250].to(dev))).argmax(1).cpu() == val_labels[i:i + 250]).sum())
                       for i in range(0, len(val_images), 250))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    state = {k: v.cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     save_checkpoint(out_path, {"model": state, "arch": arch})
     summary = {"arch": arch, "num_images": num_images, "size": size, "epochs": epochs, "seed": seed,
                "val_accuracy": correct / len(val_images), "seconds": round(time.perf_counter() - start, 1)}

@@ -209,7 +209,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _setup_logging(0, args.verbose)
-    run_demo(args.output, quick=args.quick, device=args.device or "auto", progress=not args.no_progress)
+    from .demo import DemoBudget, apply_budget_overrides
+
+    budget = DemoBudget.quick() if args.quick else DemoBudget()
+    budget = apply_budget_overrides(budget, args.budget)
+    run_demo(args.output, device=args.device or "auto", progress=not args.no_progress, budget=budget)
     return 0
 
 
@@ -301,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: the paper's comparison on the embedded benchmark, offline")
     p.add_argument("--output", default="demo")
     p.add_argument("--quick", action="store_true", help="a tiny budget (seconds), to check the pipeline")
+    p.add_argument("--budget", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change the demo budget (repeatable), e.g. finetune_epochs=12, seed=1, finetune=optim.lr=5e-4")
     p.add_argument("--device")
     p.set_defaults(func=cmd_demo)
     return parser

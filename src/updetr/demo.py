@@ -41,6 +41,9 @@ class DemoBudget:
     image_size: tuple[int, int] = (128, 192)
     cnn_images: int = 6000
     cnn_epochs: int = 3
+    cnn_size: int = 64
+    cnn_batch: int = 128
+    cnn_lr: float = 2e-3
     pretrain_epochs: int = 2
     finetune_epochs: int = 6
     eval_points: int = 3
@@ -58,6 +61,47 @@ class DemoBudget:
                        "model.pre_norm=true", "pretrain.num_patches=2", "pretrain.query_size=32",
                        "data.scales=[64,80]", "data.max_size=128", "data.crop_resize=[64]", "data.crop_size=[48,64]",
                        "data.val_size=64", "data.batch_size=4", "data.num_workers=0"])
+
+
+_LIST_FIELDS = ("model", "finetune", "pretrain")
+
+
+def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
+    """``FIELD=VALUE`` items (``--budget`` on the command line) applied to a copy of ``budget``.
+
+    ``model`` / ``finetune`` / ``pretrain`` take a config override and append it (for example
+    ``finetune=optim.lr=5e-4``); every other field takes a JSON value (``finetune_epochs=12``,
+    ``image_size=[96,128]``).
+    """
+    from dataclasses import fields, replace
+
+    from .config import ConfigError
+
+    known = {f.name: f for f in fields(DemoBudget)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ConfigError(f"--budget {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
+        if key in _LIST_FIELDS:
+            changes[key] = list(changes.get(key, getattr(budget, key))) + [raw]
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--budget {item!r}: {raw!r} is not a JSON value") from None
+        current = getattr(budget, key)
+        if isinstance(current, tuple):
+            if not (isinstance(value, list) and len(value) == len(current)):
+                raise ConfigError(f"--budget {key} needs a list of {len(current)} numbers, got {raw}")
+            value = tuple(value)
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(current):
+            raise ConfigError(f"--budget {key} must be {type(current).__name__}, got {raw}")
+        changes[key] = value
+    return replace(budget, **changes)
 
 
 def _digest(obj: Any) -> str:
@@ -96,17 +140,10 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = "auto", progress: bool = True,
-             budget: DemoBudget | None = None) -> DemoResult:
+def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progress: bool = True) -> tuple[Path, Path]:
+    """Stages 1–2 (cached): the embedded benchmark and the CNN both arms start from."""
     from .backbone_pretrain import pretrain_backbone
     from .data.embedded import generate_embedded
-    from .engine.detection import DetectionTask
-    from .engine.pretrain import PretrainTask
-
-    start = time.perf_counter()
-    budget = budget or (DemoBudget.quick() if quick else DemoBudget())
-    root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
 
     # 1. benchmark
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
@@ -117,15 +154,30 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
                       num_unlabeled=budget.num_unlabeled, image_size=budget.image_size, progress=progress)
 
     # 2. CNN
-    cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed)
+    cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed, size=budget.cnn_size,
+                   batch=budget.cnn_batch, lr=budget.cnn_lr)
     cnn_dir = _stage_dir(root, "cnn", cnn_key)
     _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
     if not _done(cnn_dir):
         cnn_dir.mkdir(parents=True, exist_ok=True)
         summary = pretrain_backbone(cnn_dir / "resnet18.pth", num_images=budget.cnn_images, epochs=budget.cnn_epochs,
-                                    seed=budget.seed, progress=progress)
+                                    size=budget.cnn_size, batch_size=budget.cnn_batch, lr=budget.cnn_lr,
+                                    seed=budget.seed, device=_cnn_device(device), progress=progress)
         _mark_done(cnn_dir, summary)
-    cnn_weights = cnn_dir / "resnet18.pth"
+    return data_dir, cnn_dir / "resnet18.pth"
+
+
+def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = "auto", progress: bool = True,
+             budget: DemoBudget | None = None) -> DemoResult:
+    from .engine.detection import DetectionTask
+    from .engine.pretrain import PretrainTask
+
+    start = time.perf_counter()
+    budget = budget or (DemoBudget.quick() if quick else DemoBudget())
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+
+    data_dir, cnn_weights = prepare_inputs(root, budget, device, progress)
 
     common = [f'data.root="{data_dir}"', 'data.train_images="train"', 'data.val_images="val"',
               'data.train_annotations="annotations/instances_train.json"',
@@ -167,6 +219,12 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     print(table)
     print(f"\nreport: {report_dir}  ({seconds / 60:.1f} min)")
     return DemoResult(report_dir, table, _history(arms["DETR"]), _history(arms["UP-DETR"]), seconds)
+
+
+def _cnn_device(device: str) -> str:
+    from .engine.distributed import resolve_device
+
+    return str(resolve_device(device))
 
 
 def _history(run_dir: Path) -> list[dict]:

@@ -26,7 +26,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """A process group is up: several processes, or one launched by ``torchrun``."""
+        return self.world_size > 1 or is_dist()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -41,12 +42,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by ``torchrun`` (NCCL on GPUs, Gloo on CPUs)."""
+    """Initialise the process group when launched by ``torchrun`` (NCCL on GPUs, Gloo on CPUs).
+
+    ``torchrun --nproc_per_node=1`` gets a process group of one (and DDP), so the collective
+    path can be checked on a single GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

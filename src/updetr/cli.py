@@ -217,6 +217,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import experiment_budget, run_experiment
+
+    _setup_logging(0, args.verbose)
+    budget = experiment_budget(args.quick, args.budget)
+    result = run_experiment(args.output, budget=budget, quick=args.quick, seeds=args.seeds, device=args.device or "auto",
+                            progress=not args.no_progress)
+    print(f"report: {result.report_dir / 'README.md'}")
+    return 0
+
+
 class _CommonSubparsers:
     """Adds the shared options (--verbose, --no-progress) to every subcommand."""
 
@@ -309,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change the demo budget (repeatable), e.g. finetune_epochs=12, seed=1, finetune=optim.lr=5e-4")
     p.add_argument("--device")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("experiment", help="the paper's tables at small scale, mean ± std over seeds (reuses demo stages)")
+    p.add_argument("--output", default="experiment")
+    p.add_argument("--quick", action="store_true", help="a tiny budget and 2 seeds (about a minute), to check the protocol")
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 (default 3; 2 with --quick)")
+    p.add_argument("--budget", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change the budget (repeatable), as for demo, e.g. finetune_epochs=4, pretrain_epochs=4")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

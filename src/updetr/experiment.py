@@ -1,0 +1,296 @@
+"""``updetr experiment``: the paper's tables rerun at small scale, with error bars over seeds.
+
+For every seed ``s`` in ``0..N-1`` the embedded benchmark, the CNN and every training use seed ``s``
+(``dataclasses.replace(budget, seed=s)``). With F = ``budget.finetune_epochs`` and
+P = ``budget.pretrain_epochs`` the protocol is:
+
+* RQ1 / Table 1: DETR vs UP-DETR (default pre-training) fine-tuned for F and for 2F epochs
+  (two schedules, each with its lr drop at 2/3, as the paper's 150 / 300 epochs);
+* Table 5: one query patch vs M (the budget's ``pretrain.num_patches``), fine-tuned for F;
+* Table 6: CNN frozen vs trained during pre-training × feature reconstruction on / off;
+* the attention mask on vs off: fine-tuned AP and the final pretext loss;
+* pre-training length: 1/4, 1/2 and 1 × P epochs (distinct whole numbers of epochs), fine-tuned for F.
+
+Every run is a demo stage (``OUT/stages/<kind>-<hash of its config>`` with a ``DONE`` marker), built
+exactly as ``updetr demo`` builds it, so a configuration asked for by several tables (the default
+pre-training serves RQ1, Table 5's M row, Table 6 (d), mask on and the full-length point) runs once,
+and a re-run reuses every finished run. ``OUT/reports/`` gets ``README.md``, the plots and
+``results.json`` (:mod:`updetr.experiment_report`), all generated from the runs' ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import Config, ConfigError
+from .demo import DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, make_config, prepare_inputs
+
+log = logging.getLogger(__name__)
+
+LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions of P
+# throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl; evaluation and a trained CNN
+# relative to them measured on the same data): the time-left estimate weighs the remaining runs with
+# these and scales them by the measured time of the runs finished so far
+_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _UNFROZEN_SLOWDOWN = 35.0, 23.0, 50.0, 190.0, 2.0
+
+
+def quick_budget() -> DemoBudget:
+    """``DemoBudget.quick()`` shrunk further: the whole protocol for 2 seeds in about 40 s on 2 CPU cores.
+
+    Half the images, a 32-pixel CNN on 64 images (its accuracy does not matter here), F = 1, and
+    P = 2 so that the pre-training length has two points.
+    """
+    quick = DemoBudget.quick()
+    return replace(quick, num_train=max(4, quick.num_train // 2), num_unlabeled=max(4, quick.num_unlabeled // 2),
+                   cnn_images=64, cnn_batch=32, cnn_size=32, pretrain_epochs=2, finetune_epochs=1, eval_points=1)
+
+
+def experiment_budget(quick: bool = False, overrides: list[str] | None = None) -> DemoBudget:
+    """The default (``DemoBudget()``) or quick budget with ``--budget FIELD=VALUE`` items applied."""
+    for item in overrides or []:
+        if item.partition("=")[0].strip() == "seed":
+            raise ConfigError(f"--budget {item!r}: the protocol sets the seed of every run (0..N-1); use --seeds N")
+    return apply_budget_overrides(quick_budget() if quick else DemoBudget(), list(overrides or []))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the protocol (a demo stage)."""
+
+    name: str  # variant: "default", "single_patch", ... for pre-training; "detr_F", "default_2F", ... for fine-tuning
+    seed: int
+    kind: str  # "pretrain" | "detr" | "updetr": the stage-folder prefix, shared with ``updetr demo``
+    label: str  # what the progress line says
+    cfg: Config
+    path: Path  # the stage folder
+    epochs: int
+
+    @property
+    def task(self):
+        from .engine.detection import DetectionTask
+        from .engine.pretrain import PretrainTask
+
+        return PretrainTask if self.kind == "pretrain" else DetectionTask
+
+
+@dataclass
+class SeedPlan:
+    """Every run of one seed, by variant name; several names may share one stage folder."""
+
+    seed: int
+    data_dir: Path
+    pretrain: dict[str, Run]
+    finetune: dict[str, Run]
+
+
+@dataclass
+class ExperimentResult:
+    report_dir: Path
+    readme: str
+    results: dict
+    plans: list[SeedPlan]
+    seconds: float
+
+
+def length_points(pretrain_epochs: int) -> list[int]:
+    """Distinct whole numbers of pre-training epochs for ``LENGTH_FRACTIONS`` of P (at least 1)."""
+    return sorted({max(1, round(f * pretrain_epochs)) for f in LENGTH_FRACTIONS})
+
+
+def common_overrides(data_dir: Path, cnn_weights: Path, seed: int, device: str) -> list[str]:
+    """The data, CNN, seed and device settings every run of one seed shares (as ``run_demo`` sets them)."""
+    return [f"data.root={json.dumps(str(data_dir))}", 'data.train_images="train"', 'data.val_images="val"',
+            'data.train_annotations="annotations/instances_train.json"',
+            'data.val_annotations="annotations/instances_val.json"', 'data.images="unlabeled"',
+            f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
+
+
+def pretrain_config(budget: DemoBudget, common: list[str], epochs: int, extra: list[str]) -> Config:
+    """UP-DETR pre-training built as ``run_demo`` builds it, then the variant's ``extra`` settings."""
+    return make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [
+        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", "eval_every=0"] + extra)
+
+
+def finetune_config(budget: DemoBudget, common: list[str], epochs: int, init_from: str) -> Config:
+    """Fine-tuning (``init_from`` a pre-training checkpoint) or DETR (``""``), built as ``run_demo`` builds it.
+
+    Evaluation every ``max(1, F // eval_points)`` epochs for every schedule, so the 2F curve shares
+    the F schedule's evaluation epochs.
+    """
+    every = max(1, budget.finetune_epochs // budget.eval_points)
+    return make_config("embedded", overrides=budget.model + common + budget.finetune + [
+        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", f"eval_every={every}",
+        f"init_from={json.dumps(init_from)}"])
+
+
+def pretrain_variants(base: Config, pretrain_epochs: int) -> dict[str, tuple[str, int, list[str]]]:
+    """Name -> (label, epochs, settings) of every pre-training the tables need.
+
+    Each factor is set explicitly, so a budget override cannot silently change a row's meaning;
+    equal resolved configs still share one stage. A trained CNN gets the transformer's lr, as in
+    the paper's code (``lr_backbone = 0 if fre_cnn else lr``); a frozen one keeps the preset's.
+    """
+    m = base.pretrain.num_patches
+    frozen = ["pretrain.freeze_backbone=true", f"optim.lr_backbone={base.optim.lr_backbone}"]
+    trained = ["pretrain.freeze_backbone=false", f"optim.lr_backbone={base.optim.lr}"]
+    recon, no_recon = ["pretrain.feature_reconstruction=true"], ["pretrain.feature_reconstruction=false"]
+    mask, no_mask = ["pretrain.attention_mask=true"], ["pretrain.attention_mask=false"]
+    p = pretrain_epochs
+    variants = {
+        "default": (f"default: M={m}, frozen CNN, reconstruction, mask", p, frozen + recon + mask),
+        "single_patch": ("M=1", p, frozen + recon + mask + ["pretrain.num_patches=1"]),
+        "unfrozen_no_recon": ("(a) trained CNN, no reconstruction", p, trained + no_recon + mask),
+        "frozen_no_recon": ("(b) frozen CNN, no reconstruction", p, frozen + no_recon + mask),
+        "unfrozen_recon": ("(c) trained CNN, reconstruction", p, trained + recon + mask),
+        "no_mask": ("no attention mask", p, frozen + recon + no_mask),
+    }
+    for e in length_points(p):
+        if e != p:
+            variants[f"length_{e}"] = (f"length {e} of {p}", e, frozen + recon + mask)
+    return variants
+
+
+# the order runs are executed in: the headline comparison first (for every seed), then the ablations
+FINETUNE_ORDER = ("detr_F", "default_F", "detr_2F", "default_2F", "single_patch_F", "unfrozen_no_recon_F",
+                  "frozen_no_recon_F", "unfrozen_recon_F", "no_mask_F")
+
+
+def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, cnn_weights: Path, device: str) -> SeedPlan:
+    """Build (without running) every run of ``budget.seed``; configuration errors surface here."""
+    common = common_overrides(data_dir, cnn_weights, budget.seed, device)
+    base = pretrain_config(budget, common, budget.pretrain_epochs, [])
+    pretrain: dict[str, Run] = {}
+    for name, (label, epochs, extra) in pretrain_variants(base, budget.pretrain_epochs).items():
+        cfg = pretrain_config(budget, common, epochs, extra)
+        cfg.check_query_groups()
+        pretrain[name] = Run(name, budget.seed, "pretrain", f"UP-DETR pre-training ({label}; {epochs} ep)", cfg,
+                             _stage_dir(root, "pretrain", cfg.to_dict()), epochs)
+    f = budget.finetune_epochs
+    finetune: dict[str, Run] = {}
+    for mult in (1, 2):
+        cfg = finetune_config(budget, common, mult * f, "")
+        name = "detr_F" if mult == 1 else "detr_2F"
+        finetune[name] = Run(name, budget.seed, "detr", f"DETR fine-tuning ({mult * f} ep)", cfg,
+                             _stage_dir(root, "detr", cfg.to_dict()), mult * f)
+    for pre_name, pre in pretrain.items():
+        for mult in (1, 2) if pre_name == "default" else (1,):
+            cfg = finetune_config(budget, common, mult * f, str(pre.path / "checkpoint.pth"))
+            name = f"{pre_name}_{'F' if mult == 1 else '2F'}"
+            label = f"UP-DETR fine-tuning ({mult * f} ep) after pre-training {pre.label.split(' ', 2)[2]}"
+            finetune[name] = Run(name, budget.seed, "updetr", label, cfg, _stage_dir(root, "updetr", cfg.to_dict()),
+                                 mult * f)
+    return SeedPlan(budget.seed, data_dir, pretrain, finetune)
+
+
+def execution_order(plans: list[SeedPlan]) -> list[Run]:
+    """Unique runs (by stage folder), each after the pre-training it starts from; RQ1 for all seeds first."""
+    ordered: list[Run] = []
+    seen: set[Path] = set()
+
+    def add(run: Run) -> None:
+        if run.path not in seen:
+            seen.add(run.path)
+            ordered.append(run)
+
+    def pretrain_of(plan: SeedPlan, name: str) -> str | None:
+        base = name.rsplit("_", 1)[0]
+        return base if base in plan.pretrain else None
+
+    for group in (FINETUNE_ORDER[:4], None):
+        for plan in plans:
+            names = list(group or FINETUNE_ORDER[4:] + tuple(sorted(n for n in plan.finetune if n.startswith("length_"))))
+            for name in names:
+                pre = pretrain_of(plan, name)
+                if pre is not None:
+                    add(plan.pretrain[pre])
+                add(plan.finetune[name])
+    return ordered
+
+
+def nominal_seconds(run: Run, budget: DemoBudget) -> float:
+    """A run's cost at the demo's measured rates; only its ratio to other runs' costs matters."""
+    if run.kind == "pretrain":
+        slow = 1.0 if run.cfg.pretrain.freeze_backbone else _UNFROZEN_SLOWDOWN
+        return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S * slow
+    every = max(1, run.cfg.eval_every)
+    evals = run.epochs // every + (1 if run.epochs % every else 0)
+    return run.epochs * budget.num_train / _FINETUNE_IMG_S + evals * budget.num_val / _EVAL_IMG_S
+
+
+def nominal_inputs_seconds(budget: DemoBudget) -> float:
+    """The CNN pre-training of one seed at the demo's measured rate (the benchmark itself takes seconds)."""
+    return budget.cnn_epochs * budget.cnn_images * (budget.cnn_size / 64) ** 2 / _CNN_IMG_S
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | None = None, quick: bool = False,
+                   seeds: int | None = None, device: str = "auto", progress: bool = True) -> ExperimentResult:
+    """Run (or reuse) every run of the protocol for seeds ``0..seeds-1`` and write ``OUT/reports/``.
+
+    ``seeds`` defaults to 3 (2 with ``quick``); ``budget`` defaults to ``experiment_budget(quick)``.
+    """
+    from .experiment_report import write_experiment_report
+
+    start = time.perf_counter()
+    budget = budget or experiment_budget(quick)
+    seeds = seeds if seeds is not None else (2 if quick else 3)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds!r}")
+    if budget.finetune_epochs < 1 or budget.pretrain_epochs < 1 or budget.eval_points < 1:
+        raise ConfigError("--budget finetune_epochs, pretrain_epochs and eval_points must be >= 1, got "
+                          f"{budget.finetune_epochs}, {budget.pretrain_epochs}, {budget.eval_points}")
+    root = Path(output)
+    budgets = [replace(budget, seed=s) for s in range(seeds)]
+    # every config is built once with placeholder inputs, so a bad --budget fails before anything runs
+    dry = plan_seed(root, budget, root / "stages" / "data", root / "stages" / "cnn.pth", device)
+    total_inputs = len(budgets)
+    n = total_inputs * (1 + len(execution_order([dry])))
+    root.mkdir(parents=True, exist_ok=True)
+
+    log.info("experiment: %d seeds, fine-tuning F=%d / 2F=%d epochs, pre-training P=%d epochs (length points %s), "
+             "output %s", seeds, budget.finetune_epochs, 2 * budget.finetune_epochs, budget.pretrain_epochs,
+             ", ".join(map(str, length_points(budget.pretrain_epochs))), root)
+    nominal = seeds * (nominal_inputs_seconds(budget) + sum(nominal_seconds(r, budget) for r in execution_order([dry])))
+    log.info("experiment: %d runs; about %s from scratch at the demo's throughput on 2 idle CPU cores", n,
+             _duration(nominal))
+    plans = []
+    for k, b in enumerate(budgets, 1):
+        log.info("[%d/%d] seed %d: embedded benchmark and CNN ...", k, n, b.seed)
+        data_dir, cnn_weights = prepare_inputs(root, b, device, progress)
+        plans.append(plan_seed(root, b, data_dir, cnn_weights, device))
+
+    runs = execution_order(plans)
+    cached = sum(_done(r.path) for r in runs)
+    log.info("experiment: %d runs (%d seeds x benchmark + CNN, %d trainings, %d of them already finished)",
+             n, total_inputs, len(runs), cached)
+    spent = nominal_spent = 0.0
+    for i, run in enumerate(runs, total_inputs + 1):
+        if _done(run.path):
+            log.info("[%d/%d] seed %d: %s ... cached (%s)", i, n, run.seed, run.label, run.path)
+            continue
+        remaining = sum(nominal_seconds(r, budget) for r in runs[i - total_inputs - 1:] if not _done(r.path))
+        left = (f"about {_duration(remaining * spent / nominal_spent)} left" if nominal_spent
+                else "time left estimated after the first finished run")
+        log.info("[%d/%d] seed %d: %s ... running (%s; %s)", i, n, run.seed, run.label, run.path, left)
+        t0 = time.perf_counter()
+        info = _run_fit(run.task, run.cfg.override([f"output_dir={json.dumps(str(run.path))}"]), progress)
+        _mark_done(run.path, info["final"])
+        spent += time.perf_counter() - t0
+        nominal_spent += nominal_seconds(run, budget)
+
+    report_dir = root / "reports"
+    readme, results = write_experiment_report(report_dir, root, plans, budget)
+    seconds = time.perf_counter() - start
+    log.info("experiment: report in %s (%s)", report_dir, _duration(seconds))
+    return ExperimentResult(report_dir, readme, results, plans, seconds)

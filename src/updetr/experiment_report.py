@@ -1,0 +1,451 @@
+"""``updetr experiment``'s report: tables, plots and ``results.json``, generated from the runs' ``metrics.jsonl``.
+
+Every number is the mean ± sample standard deviation over seeds. Every row sits next to the paper's
+number for the same row (method.md §2: R50 on VOC, COCO-style AP), and every comparison says whether our
+difference has the paper's direction; that verdict is computed from the numbers below it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from statistics import fmean, stdev
+from typing import Any, Callable
+
+from .demo import DemoBudget
+from .experiment import Run, SeedPlan, length_points
+
+METRICS = ("AP", "AP50", "AP75")
+
+# The paper's numbers (method.md §2; R50, VOC trainval07+12 -> test2007).
+PAPER_TABLE1 = {  # (model, fine-tuning epochs) -> AP, AP50, AP75
+    ("DETR", 150): (49.9, 74.5, 53.1), ("UP-DETR", 150): (56.1, 79.7, 60.6),
+    ("DETR", 300): (54.1, 78.0, 58.3), ("UP-DETR", 300): (57.2, 80.1, 62.0),
+}
+PAPER_TABLE5 = {"DETR": (49.9, 74.5, 53.1), "M=1": (53.1, 77.2, 57.4), "M=10": (54.9, 78.7, 59.1)}  # 15-ep pre-training
+PAPER_TABLE6_AP50 = {"DETR": 74.5, "a": 74.0, "b": 78.7, "c": 62.0, "d": 78.7}
+# AP after 150 fine-tuning epochs vs pre-training length as a fraction of the full 60 epochs:
+# none (DETR, Table 1), 15 epochs (the ablation setup, Table 5 M=10), 60 epochs (Table 1 UP-DETR / 150)
+PAPER_LENGTH_AP = {0.0: 49.9, 0.25: 54.9, 1.0: 56.1}
+PAPER_MASK = ("no noticeable difference after fine-tuning; lower pretext loss late in pre-training "
+              "with the mask (Fig. 6, curves only)")
+
+
+# ----------------------------------------------------------------------------- reading the runs
+def read_metrics(run: Run) -> list[dict]:
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics log; the run did not finish (delete {run.path} and re-run)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def detection_points(run: Run) -> list[dict]:
+    """The records with a validation AP (one per evaluation point)."""
+    points = [r for r in read_metrics(run) if "val/AP" in r]
+    if not points:
+        raise ValueError(f"{run.path / 'metrics.jsonl'}: no evaluation record (val/AP)")
+    return points
+
+
+def final_detection(run: Run, metric: str) -> float | None:
+    return detection_points(run)[-1].get(f"val/{metric}")
+
+
+def final_pretext(run: Run, key: str) -> float | None:
+    """``loss`` (the last epoch's mean pretext loss) or ``hit_rate`` (the last evaluation)."""
+    records = [r for r in read_metrics(run) if (f"val/{key}" if key == "hit_rate" else f"train/{key}") in r]
+    if not records:
+        raise ValueError(f"{run.path / 'metrics.jsonl'}: no {key} record")
+    return records[-1][f"val/{key}" if key == "hit_rate" else f"train/{key}"]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def summarise(entries: list[tuple[int, float | None, str]]) -> dict:
+    """(seed, value, run folder) per seed -> per-seed values, mean and sample std (None when undefined)."""
+    values = [v for _, v, _ in entries]
+    ok = bool(values) and all(_finite(v) for v in values)
+    return {
+        "mean": fmean(values) if ok else None,
+        "std": stdev(values) if ok and len(values) > 1 else None,
+        "per_seed": [{"seed": s, "value": v, "run": r} for s, v, r in entries],
+    }
+
+
+def _pm(stat: dict, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def _signed(stat: dict, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{stat['mean']:+.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def verdict(diffs: list[float | None], expected: int, digits: int = 2) -> tuple[bool | None, bool, str]:
+    """Does our per-seed difference go the paper's way? ``expected``: +1, -1, or 0 (no noticeable difference).
+
+    Returns (agrees, clear, text). A mean difference that rounds to zero at the ``digits`` the report
+    shows counts as no difference. For +1 / -1 we agree when the mean difference has that sign, clearly
+    when it is also larger than one standard deviation; for 0 we agree when the mean is within one
+    standard deviation of zero (or rounds to zero).
+    """
+    if not diffs or not all(_finite(d) for d in diffs):
+        return None, False, "n/a (missing numbers)"
+    mean = fmean(diffs)
+    spread = stdev(diffs) if len(diffs) > 1 else 0.0
+    zero = abs(mean) < 0.5 * 10.0 ** -digits
+    if expected == 0:
+        if zero:
+            return True, True, "yes (no difference)"
+        if abs(mean) <= spread:
+            return True, True, "yes (|difference| within one std)"
+        return False, False, "no (|difference| larger than one std)"
+    same = f"{sum(1 for d in diffs if d * expected > 0)}/{len(diffs)} seeds"
+    if zero:
+        return False, False, f"no (no difference; {same})"
+    if mean * expected < 0:
+        return False, False, f"no ({same})"
+    clear = abs(mean) > spread
+    return True, clear, f"yes ({same})" if clear else f"yes, within one std ({same})"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+class _Tables:
+    """Collects rows and comparisons for one seed set; ``rel`` names run folders relative to the output."""
+
+    def __init__(self, plans: list[SeedPlan], root: Path):
+        self.plans, self.root = plans, root
+
+    def rel(self, run: Run) -> str:
+        try:
+            return run.path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(run.path)
+
+    def stat(self, pick: Callable[[SeedPlan], Run], value: Callable[[Run], float | None]) -> dict:
+        return summarise([(p.seed, value(pick(p)), self.rel(pick(p))) for p in self.plans])
+
+    def compare(self, label: str, metric: str, a: Callable[[SeedPlan], Run], b: Callable[[SeedPlan], Run],
+                value: Callable[[Run], float | None], paper: float | None, paper_text: str, expected: int,
+                digits: int = 2) -> dict:
+        entries = []
+        for p in self.plans:
+            va, vb = value(a(p)), value(b(p))
+            diff = va - vb if _finite(va) and _finite(vb) else None
+            entries.append((p.seed, diff, f"{self.rel(a(p))} − {self.rel(b(p))}"))
+        ours = summarise(entries)
+        agrees, clear, text = verdict([d for _, d, _ in entries], expected, digits)
+        return {"comparison": label, "metric": metric, "ours": ours, "digits": digits, "paper": paper,
+                "paper_text": paper_text, "expected_sign": expected, "agrees": agrees, "clear": clear, "verdict": text}
+
+
+def _ft(name: str) -> Callable[[SeedPlan], Run]:
+    return lambda p: p.finetune[name]
+
+
+def _pre(name: str) -> Callable[[SeedPlan], Run]:
+    return lambda p: p.pretrain[name]
+
+
+def _det(metric: str) -> Callable[[Run], float | None]:
+    return lambda run: final_detection(run, metric)
+
+
+def _paper_diff(a: float, b: float, what: str = "") -> tuple[float, str]:
+    d = round(a - b, 1)
+    return d, f"{d:+.1f} ({a} vs {b}{what})"
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+# ----------------------------------------------------------------------------- the tables
+def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
+    t = _Tables(plans, root)
+    f, m = budget.finetune_epochs, plans[0].pretrain["default"].cfg.pretrain.num_patches
+    tables: dict[str, dict] = {}
+
+    # RQ1 / Table 1
+    rows, comps = [], []
+    for name, model, mult in (("detr_F", "DETR", 1), ("default_F", "UP-DETR", 1), ("detr_2F", "DETR", 2),
+                              ("default_2F", "UP-DETR", 2)):
+        paper = PAPER_TABLE1[(model, 150 * mult)]
+        rows.append({"row": model, "epochs": mult * f, "paper_row": f"{model} / {150 * mult}",
+                     "metrics": {k: t.stat(_ft(name), _det(k)) for k in METRICS}, "paper": dict(zip(METRICS, paper))})
+    for mult, (up, detr) in ((1, ("default_F", "detr_F")), (2, ("default_2F", "detr_2F"))):
+        for i, k in enumerate(METRICS):
+            d, text = _paper_diff(PAPER_TABLE1[("UP-DETR", 150 * mult)][i], PAPER_TABLE1[("DETR", 150 * mult)][i],
+                                  f" at {150 * mult} ep")
+            comps.append(t.compare(f"UP-DETR − DETR, {_epochs(mult * f)}", k, _ft(up), _ft(detr), _det(k), d, text,
+                                   _sign(d)))
+    tables["table1"] = {"rows": rows, "comparisons": comps}
+
+    # Table 5: one query patch vs M
+    rows = []
+    for name, label, paper_key in (("detr_F", "DETR", "DETR"), ("single_patch_F", "M=1", "M=1"),
+                                   ("default_F", f"M={m}", "M=10")):
+        rows.append({"row": label, "epochs": f, "paper_row": paper_key,
+                     "metrics": {k: t.stat(_ft(name), _det(k)) for k in METRICS},
+                     "paper": dict(zip(METRICS, PAPER_TABLE5[paper_key]))})
+    d1, text1 = _paper_diff(PAPER_TABLE5["M=10"][0], PAPER_TABLE5["M=1"][0], ", M=10 vs M=1")
+    d2, text2 = _paper_diff(PAPER_TABLE5["M=1"][0], PAPER_TABLE5["DETR"][0], ", M=1 vs DETR")
+    comps = [t.compare(f"M={m} − M=1", "AP", _ft("default_F"), _ft("single_patch_F"), _det("AP"), d1, text1, _sign(d1)),
+             t.compare("M=1 − DETR", "AP", _ft("single_patch_F"), _ft("detr_F"), _det("AP"), d2, text2, _sign(d2))]
+    tables["table5"] = {"rows": rows, "comparisons": comps}
+
+    # Table 6: frozen / trained CNN x feature reconstruction (AP50)
+    rows = []
+    six = (("detr_F", "DETR", "–", "–", "DETR"), ("unfrozen_no_recon_F", "(a)", "trained", "no", "a"),
+           ("frozen_no_recon_F", "(b)", "frozen", "no", "b"), ("unfrozen_recon_F", "(c)", "trained", "yes", "c"),
+           ("default_F", "(d) UP-DETR", "frozen", "yes", "d"))
+    for name, label, cnn, recon, key in six:
+        rows.append({"row": label, "cnn": cnn, "reconstruction": recon, "epochs": f,
+                     "metrics": {k: t.stat(_ft(name), _det(k)) for k in ("AP50", "AP")},
+                     "paper": {"AP50": PAPER_TABLE6_AP50[key]}})
+    p6 = PAPER_TABLE6_AP50
+    comps = []
+    for label, a, b, ka, kb in (("(b) − (a): freezing the CNN, no reconstruction", "frozen_no_recon_F", "unfrozen_no_recon_F", "b", "a"),
+                                ("(d) − (c): freezing the CNN, with reconstruction", "default_F", "unfrozen_recon_F", "d", "c"),
+                                ("(c) − (a): reconstruction, trained CNN", "unfrozen_recon_F", "unfrozen_no_recon_F", "c", "a"),
+                                ("(d) − (b): reconstruction, frozen CNN", "default_F", "frozen_no_recon_F", "d", "b"),
+                                ("(d) − DETR", "default_F", "detr_F", "d", "DETR")):
+        d, text = _paper_diff(p6[ka], p6[kb], f", ({ka}) vs ({kb})" if kb != "DETR" else ", (d) vs DETR")
+        comps.append(t.compare(label, "AP50", _ft(a), _ft(b), _det("AP50"), d, text, _sign(d)))
+    tables["table6"] = {"rows": rows, "comparisons": comps}
+
+    # attention mask: fine-tuned AP and the final pretext loss
+    loss = lambda run: final_pretext(run, "loss")  # noqa: E731
+    hit = lambda run: final_pretext(run, "hit_rate")  # noqa: E731
+    rows = []
+    for pre, ft, label in (("default", "default_F", "mask on (default)"), ("no_mask", "no_mask_F", "mask off")):
+        rows.append({"row": label, "epochs": f, "metrics": {
+            "AP": t.stat(_ft(ft), _det("AP")), "AP50": t.stat(_ft(ft), _det("AP50")),
+            "pretext_loss": t.stat(_pre(pre), loss), "pretext_hit_rate": t.stat(_pre(pre), hit)}})
+    comps = [t.compare("mask on − off, fine-tuned", "AP", _ft("default_F"), _ft("no_mask_F"), _det("AP"), None,
+                       "no noticeable difference", 0),
+             t.compare("mask on − off, final pretext loss", "pretext loss", _pre("default"), _pre("no_mask"), loss, None,
+                       "lower with the mask (Fig. 6)", -1, digits=3)]
+    tables["attention_mask"] = {"rows": rows, "comparisons": comps, "paper": PAPER_MASK}
+
+    # pre-training length
+    p = budget.pretrain_epochs
+    points = [(0, "detr_F")] + [(e, "default_F" if e == p else f"length_{e}_F") for e in length_points(p)]
+    rows = []
+    for e, name in points:
+        frac = e / p
+        paper = next((v for k, v in PAPER_LENGTH_AP.items() if abs(k - frac) < 1e-9), None)
+        rows.append({"row": "none (DETR)" if e == 0 else f"{e} of {p}", "pretrain_epochs": e, "fraction": frac,
+                     "epochs": f, "metrics": {k: t.stat(_ft(name), _det(k)) for k in ("AP", "AP50")},
+                     "paper": {"AP": paper}})
+    comps = []
+    shortest = points[1]
+    if shortest[0] != p:
+        d, text = _paper_diff(PAPER_LENGTH_AP[1.0], PAPER_LENGTH_AP[0.25], ", 60 vs 15 pre-training epochs")
+        comps.append(t.compare(f"{_epochs(p)} − {_epochs(shortest[0])} of pre-training", "AP", _ft("default_F"), _ft(shortest[1]),
+                               _det("AP"), d, text, _sign(d)))
+    d, text = _paper_diff(PAPER_LENGTH_AP[0.25], PAPER_LENGTH_AP[0.0], ", 15 pre-training epochs vs none")
+    comps.append(t.compare(f"{_epochs(shortest[0])} of pre-training − none (DETR)", "AP", _ft(shortest[1]), _ft("detr_F"),
+                           _det("AP"), d, text, _sign(d)))
+    tables["pretrain_length"] = {"rows": rows, "comparisons": comps}
+    return tables
+
+
+# ----------------------------------------------------------------------------- curves and plots
+def _curve(plans: list[SeedPlan], root: Path, pick: Callable[[SeedPlan], Run], x_key: str, y_key: str) -> dict:
+    t = _Tables(plans, root)
+    per_seed, xs = [], None
+    for p in plans:
+        records = [r for r in read_metrics(pick(p)) if y_key in r]
+        x = [r[x_key] + 1 for r in records]
+        if xs is not None and x != xs:
+            raise ValueError(f"{pick(p).path}: evaluation epochs {x} differ from the other seeds' {xs}")
+        xs = x
+        per_seed.append({"seed": p.seed, "run": t.rel(pick(p)), "values": [r[y_key] for r in records]})
+    stats = [summarise([(s["seed"], s["values"][i], s["run"]) for s in per_seed]) for i in range(len(xs or []))]
+    return {"epochs": xs or [], "mean": [s["mean"] for s in stats], "std": [s["std"] for s in stats],
+            "per_seed": per_seed}
+
+
+def build_curves(plans: list[SeedPlan], root: Path) -> dict:
+    return {
+        "convergence_AP": {"DETR": _curve(plans, root, _ft("detr_2F"), "epoch", "val/AP"),
+                           "UP-DETR": _curve(plans, root, _ft("default_2F"), "epoch", "val/AP")},
+        "pretext_loss": {"mask on": _curve(plans, root, _pre("default"), "epoch", "train/loss"),
+                         "mask off": _curve(plans, root, _pre("no_mask"), "epoch", "train/loss")},
+    }
+
+
+def _plot_curves(curves: dict, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for name, c in curves.items():
+        x = np.array(c["epochs"], dtype=float)
+        mean = np.array([np.nan if v is None else v for v in c["mean"]], dtype=float)
+        std = np.array([0.0 if v is None else v for v in c["std"]], dtype=float)
+        (line,) = ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_length(rows: list[dict], path: Path, finetune_epochs: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for metric in ("AP", "AP50"):
+        stats = [r["metrics"][metric] for r in rows]
+        ax.errorbar([r["pretrain_epochs"] for r in rows], [s["mean"] if s["mean"] is not None else float("nan") for s in stats],
+                    yerr=[s["std"] or 0.0 for s in stats], marker="o", capsize=3, label=metric)
+    ax.set_xlabel("UP-DETR pre-training epochs (0 = DETR)")
+    ax.set_ylabel(f"val AP after {_epochs(finetune_epochs)} of fine-tuning")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("fine-tuned AP vs pre-training length (mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- markdown
+def _comparison_lines(comps: list[dict]) -> list[str]:
+    lines = ["| comparison | metric | ours: difference (mean ± std over seeds) | paper | same direction as the paper? |",
+             "|---|---|---|---|---|"]
+    for c in comps:
+        lines.append(f"| {c['comparison']} | {c['metric']} | {_signed(c['ours'], c['digits'])} | {c['paper_text']} | "
+                     f"{c['verdict']} |")
+    return lines
+
+
+def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
+    n = protocol["seeds"]
+    f, p, m = protocol["finetune_epochs"], protocol["pretrain_epochs"], protocol["num_patches"]
+    comps = [c for t in tables.values() for c in t["comparisons"]]
+    judged = [c for c in comps if c["agrees"] is not None]
+    signed = [c for c in judged if c["expected_sign"] != 0]
+    lines = [
+        "# UP-DETR vs DETR: the paper's tables at small scale",
+        "",
+        f"Generated by `updetr experiment` from the runs' `metrics.jsonl` files ({n} seed{'s' if n > 1 else ''}: "
+        f"{', '.join(str(pl.seed) for pl in plans)}; every number is the mean ± sample std over seeds; per-seed "
+        "numbers and the run folder of each are in `results.json`).",
+        "",
+        f"Ours: the embedded benchmark ({protocol['budget']['num_train']} training, {protocol['budget']['num_val']} "
+        f"validation, {protocol['budget']['num_unlabeled']} unlabelled images), a small CNN pre-trained on other "
+        f"material, UP-DETR pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
+        f"F = {f} and 2F = {2 * f} epochs; AP is COCO-style on the validation split. The paper: R50 on VOC "
+        "(trainval07+12 -> test2007), 150 / 300 fine-tuning epochs, 60 pre-training epochs (15 for the ablations). "
+        "Absolute numbers are not comparable; the comparison columns check whether our differences point the "
+        "paper's way.",
+        "",
+        f"**{sum(c['agrees'] for c in judged)} of {len(judged)} comparisons agree in direction with the paper.** "
+        f"Of the {len(signed)} where the paper reports a difference, ours has the paper's sign in "
+        f"{sum(c['agrees'] for c in signed)} and is also larger than one standard deviation in "
+        f"{sum(c['agrees'] and c['clear'] for c in signed)}; of the {len(judged) - len(signed)} where it reports "
+        f"none, ours agrees in {sum(c['agrees'] for c in judged if c['expected_sign'] == 0)}.",
+        "",
+        "## RQ1 / Table 1: DETR vs UP-DETR",
+        "",
+        "| model | fine-tuning epochs | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in tables["table1"]["rows"]:
+        lines.append(f"| {r['row']} | {r['epochs']} | " + " | ".join(_pm(r["metrics"][k]) for k in METRICS)
+                     + f" | {r['paper_row']} | " + " | ".join(f"{r['paper'][k]}" for k in METRICS) + " |")
+    lines += ["", *_comparison_lines(tables["table1"]["comparisons"]), "",
+              f"![AP during fine-tuning for {_epochs(2 * f)}](convergence.png)", "",
+              f"## Table 5: one query patch vs M = {m} (fine-tuning {_epochs(f)})", "",
+              "| model | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |", "|---|---|---|---|---|---|---|---|"]
+    for r in tables["table5"]["rows"]:
+        lines.append(f"| {r['row']} | " + " | ".join(_pm(r["metrics"][k]) for k in METRICS)
+                     + f" | {r['paper_row']} | " + " | ".join(f"{r['paper'][k]}" for k in METRICS) + " |")
+    lines += ["", *_comparison_lines(tables["table5"]["comparisons"]), "",
+              f"## Table 6: frozen vs trained CNN × feature reconstruction (fine-tuning {_epochs(f)})", "",
+              "| row | CNN in pre-training | feature reconstruction | AP50 | AP | paper AP50 |", "|---|---|---|---|---|---|"]
+    for r in tables["table6"]["rows"]:
+        lines.append(f"| {r['row']} | {r['cnn']} | {r['reconstruction']} | {_pm(r['metrics']['AP50'])} | "
+                     f"{_pm(r['metrics']['AP'])} | {r['paper']['AP50']} |")
+    lines += ["", "A trained CNN gets the transformer's learning rate in pre-training, as in the paper's code.", "",
+              *_comparison_lines(tables["table6"]["comparisons"]), "",
+              f"## Attention mask (fine-tuning {_epochs(f)})", "",
+              f"Paper: {tables['attention_mask']['paper']}.", "",
+              "| pre-training | AP | AP50 | final pretext loss | pretext hit rate (%, IoU ≥ 0.5) |", "|---|---|---|---|---|"]
+    for r in tables["attention_mask"]["rows"]:
+        mm = r["metrics"]
+        lines.append(f"| {r['row']} | {_pm(mm['AP'])} | {_pm(mm['AP50'])} | {_pm(mm['pretext_loss'], 3)} | "
+                     f"{_pm(mm['pretext_hit_rate'], 1)} |")
+    lines += ["", *_comparison_lines(tables["attention_mask"]["comparisons"]), "",
+              "![pretext loss with and without the attention mask](pretext_loss.png)", "",
+              f"## Pre-training length (fine-tuning {_epochs(f)})", "",
+              "The paper's points: none (DETR, Table 1), 15 of 60 epochs (Table 5, M=10), 60 of 60 (Table 1), "
+              "all fine-tuned 150 epochs.", "",
+              "| pre-training epochs | AP | AP50 | paper AP (same fraction of the full length) |", "|---|---|---|---|"]
+    for r in tables["pretrain_length"]["rows"]:
+        paper = r["paper"]["AP"]
+        lines.append(f"| {r['row']} | {_pm(r['metrics']['AP'])} | {_pm(r['metrics']['AP50'])} | "
+                     f"{'–' if paper is None else paper} |")
+    lines += ["", *_comparison_lines(tables["pretrain_length"]["comparisons"]), "",
+              "![fine-tuned AP vs pre-training length](pretrain_length.png)", ""]
+    return "\n".join(lines)
+
+
+def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan], budget: DemoBudget) -> tuple[str, dict]:
+    """Write ``README.md``, ``convergence.png``, ``pretext_loss.png``, ``pretrain_length.png`` and ``results.json``."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(plans, root, budget)
+    curves = build_curves(plans, root)
+    budget_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(budget).items() if k != "seed"}
+    protocol = {"seeds": len(plans), "seed_values": [p.seed for p in plans], "finetune_epochs": budget.finetune_epochs,
+                "pretrain_epochs": budget.pretrain_epochs, "length_points": length_points(budget.pretrain_epochs),
+                "num_patches": plans[0].pretrain["default"].cfg.pretrain.num_patches, "budget": budget_dict}
+    runs: dict[str, dict] = {}
+    t = _Tables(plans, root)
+    for p in plans:
+        for group in (p.pretrain, p.finetune):
+            for name, run in group.items():
+                entry = runs.setdefault(t.rel(run), {"seed": run.seed, "kind": run.kind, "epochs": run.epochs,
+                                                     "label": run.label, "variants": []})
+                entry["variants"].append(name)
+    _plot_curves(curves["convergence_AP"], report_dir / "convergence.png", "fine-tuning epoch", "val AP",
+                 f"fine-tuning for {_epochs(2 * budget.finetune_epochs)} (mean ± std over {len(plans)} seeds)")
+    _plot_curves(curves["pretext_loss"], report_dir / "pretext_loss.png", "pre-training epoch", "pretext loss (train)",
+                 f"UP-DETR pre-training loss (mean ± std over {len(plans)} seeds)")
+    _plot_length(tables["pretrain_length"]["rows"], report_dir / "pretrain_length.png", budget.finetune_epochs)
+    results = {"protocol": protocol, "tables": tables, "curves": curves, "runs": runs}
+    (report_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    readme = render_readme(tables, protocol, plans)
+    (report_dir / "README.md").write_text(readme)
+    return readme, results
+

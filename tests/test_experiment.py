@@ -1,0 +1,196 @@
+"""`updetr experiment`: the quick protocol end to end, numbers traced to the runs' logs, the stage cache, bad
+budgets, and the full-scale configs under configs/."""
+
+import json
+import math
+from pathlib import Path
+from statistics import fmean
+
+import pytest
+import torch
+
+from updetr.cli import build_parser, config_from_args, main
+from updetr.config import ConfigError
+from updetr.experiment import experiment_budget, run_experiment
+from updetr.experiment_report import verdict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+ARTEFACTS = ("README.md", "convergence.png", "pretext_loss.png", "pretrain_length.png", "results.json")
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _final_eval(root: Path, run: str) -> dict:
+    lines = [json.loads(x) for x in (root / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if "val/AP" in r][-1]
+
+
+def _close(a, b) -> bool:
+    return a is None and b is None or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_path, one_thread):
+    out = tmp_path / "exp"
+    first = run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
+    report = out / "reports"
+    for name in ARTEFACTS:
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    assert results["protocol"]["seed_values"] == [0, 1]
+
+    # every detection number in every table is the mean of the per-seed values read from the runs' metrics.jsonl
+    checked = 0
+    for table in results["tables"].values():
+        for row in table["rows"]:
+            for metric, stat in row["metrics"].items():
+                if metric not in ("AP", "AP50", "AP75"):
+                    continue
+                values = [_final_eval(out, e["run"])[f"val/{metric}"] for e in stat["per_seed"]]
+                assert [e["seed"] for e in stat["per_seed"]] == [0, 1]
+                assert [e["value"] for e in stat["per_seed"]] == values
+                assert _close(stat["mean"], fmean(values))
+                checked += 1
+    assert checked >= 30
+    # and the README shows them
+    readme = (report / "README.md").read_text()
+    assert readme == first.readme
+    detr = results["tables"]["table1"]["rows"][0]["metrics"]["AP"]
+    assert f"| DETR | 1 | {detr['mean']:.2f} ± {detr['std']:.2f} |" in readme
+    # comparisons: per-seed differences of the two runs, and a verdict for each
+    for comp in results["tables"]["table1"]["comparisons"]:
+        assert comp["verdict"].split(" ")[0].rstrip(",") in ("yes", "no")
+    mask = results["tables"]["attention_mask"]
+    loss_diff = mask["comparisons"][1]["ours"]
+    on, off = (row["metrics"]["pretext_loss"] for row in mask["rows"])
+    assert _close(loss_diff["mean"], fmean(a["value"] - b["value"] for a, b in zip(on["per_seed"], off["per_seed"])))
+    comps = [c for t in results["tables"].values() for c in t["comparisons"]]
+    assert len(comps) == 17
+    for c in comps:  # each comparison's row: ours, the paper's, the verdict
+        assert f"| {c['comparison']} | {c['metric']} | " in readme and f"| {c['paper_text']} | {c['verdict']} |" in readme
+    assert f"**{sum(c['agrees'] for c in comps)} of 17 comparisons agree in direction with the paper.**" in readme
+
+    # the default pre-training (and its fine-tuning) is one run per seed, shared by every table that needs it
+    updetr_f = [e["run"] for e in results["tables"]["table1"]["rows"][1]["metrics"]["AP"]["per_seed"]]
+    assert [e["run"] for e in results["tables"]["table5"]["rows"][2]["metrics"]["AP"]["per_seed"]] == updetr_f
+    assert [e["run"] for e in results["tables"]["table6"]["rows"][4]["metrics"]["AP"]["per_seed"]] == updetr_f
+    assert [e["run"] for e in results["tables"]["pretrain_length"]["rows"][-1]["metrics"]["AP"]["per_seed"]] == updetr_f
+    stages = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir())
+    # per seed: data, CNN, 7 pre-trainings (default, M=1, a, b, c, no mask, half length), DETR F and 2F,
+    # UP-DETR F from each pre-training and 2F from the default one
+    assert stages.count("pretrain") == 2 * 7 and stages.count("detr") == 2 * 2 and stages.count("updetr") == 2 * 8
+    assert stages.count("data") == 2 and stages.count("cnn") == 2
+    assert all((out / "stages" / s / "DONE").is_file() for s in (p.name for p in (out / "stages").iterdir())
+               if not s.startswith("data"))
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("checkpoint.pth")}
+    assert len(mtimes) == 2 * 7 + 2 * 2 + 2 * 8
+    second = run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("checkpoint.pth")} == mtimes
+    assert (report / "README.md").read_text() == readme
+    assert json.loads((report / "results.json").read_text()) == results
+    assert second.seconds < first.seconds
+
+
+def test_verdict_follows_the_numbers():
+    assert verdict([1.0, 2.0, 3.0], +1) == (True, True, "yes (3/3 seeds)")
+    assert verdict([-1.0, 2.0, 3.0], +1) == (True, False, "yes, within one std (2/3 seeds)")
+    assert verdict([1.0, -2.0, -3.0], +1) == (False, False, "no (1/3 seeds)")
+    assert verdict([0.001, 0.002], +1) == (False, False, "no (no difference; 2/2 seeds)")  # +0.00 as shown
+    assert verdict([0.001, 0.002], +1, digits=3)[0] is True
+    assert verdict([0.5, -0.7], 0) == (True, True, "yes (|difference| within one std)")
+    assert verdict([5.0, 5.1], 0)[0] is False
+    assert verdict([1.0, None], +1)[0] is None
+
+
+@pytest.mark.parametrize("item, message", [
+    ("finetune_epochs=two", "'two' is not a JSON value"),
+    ("epochs=3", "expected FIELD=VALUE with FIELD one of"),
+    ("seed=3", "use --seeds N"),
+    ("finetune_epochs=0", "finetune_epochs, pretrain_epochs and eval_points must be >= 1"),
+    ("pretrain=pretrain.num_patches=3", "pretrain.num_patches=3 must divide model.num_queries=8"),
+    ("model=model.no_such_field=1", "unknown field 'model.no_such_field'"),
+])
+def test_a_bad_budget_item_is_a_clear_error_before_anything_runs(tmp_path, capsys, item, message):
+    out = tmp_path / "exp"
+    assert main(["experiment", "--quick", "--output", str(out), "--budget", item, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("updetr experiment: error:") and message in err, err
+    assert not out.exists()
+
+
+def test_seeds_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--seeds must be a whole number >= 1"):
+        run_experiment(tmp_path / "exp", quick=True, seeds=0, device="cpu", progress=False)
+
+
+def test_quick_budget_is_the_demo_quick_budget_shrunk():
+    from updetr.demo import DemoBudget
+
+    quick, demo_quick = experiment_budget(quick=True), DemoBudget.quick()
+    assert quick.model == demo_quick.model and quick.num_val == demo_quick.num_val
+    assert quick.num_train <= demo_quick.num_train and quick.cnn_images <= demo_quick.cnn_images
+    assert experiment_budget() == DemoBudget()
+    assert experiment_budget(overrides=["finetune_epochs=4"]).finetune_epochs == 4
+
+
+# ----------------------------------------------------------------------------- configs/
+PRESET = {"pretrain": "pretrain-r50", "train": "r50"}
+FILES = {  # file -> (command, data, epochs, lr drop, per-process batch)
+    "updetr-pretrain-imagenet.json": ("pretrain", None, 60, 40, 32),
+    "updetr-voc-150ep.json": ("train", "voc", 150, 100, 4),
+    "updetr-voc-300ep.json": ("train", "voc", 300, 200, 4),
+    "detr-voc-150ep.json": ("train", "voc", 150, 100, 4),
+    "detr-voc-300ep.json": ("train", "voc", 300, 200, 4),
+    "updetr-coco-150ep.json": ("train", "coco", 150, 100, 4),
+    "updetr-coco-300ep.json": ("train", "coco", 300, 200, 4),
+    "detr-coco-150ep.json": ("train", "coco", 150, 100, 4),
+    "detr-coco-300ep.json": ("train", "coco", 300, 200, 4),
+}
+RECIPE = ("model", "loss", "data", "optim", "seed", "output_dir", "eval_every", "init_from")
+
+
+def _load(command: str, preset: str, file: Path):
+    return config_from_args(build_parser().parse_args([command, "--preset", preset, "--config", str(file)]))
+
+
+def test_every_config_file_is_listed_and_loads_through_the_cli():
+    assert sorted(p.name for p in CONFIGS.glob("*.json")) == sorted(FILES)
+    readme = (CONFIGS / "README.md").read_text()
+    pre = _load("pretrain", "pretrain-r50", CONFIGS / "updetr-pretrain-imagenet.json")
+    for name, (command, fmt, epochs, drop, batch) in FILES.items():
+        file = CONFIGS / name
+        assert name in readme
+        cfg = _load(command, PRESET[command], file)
+        # the file alone fixes the recipe: any preset underneath gives the same values
+        other = _load(command, "detr", file).to_dict()
+        assert {k: cfg.to_dict()[k] for k in RECIPE} == {k: other[k] for k in RECIPE}, name
+        assert (cfg.optim.epochs, cfg.optim.lr_drop, cfg.data.batch_size) == (epochs, drop, batch), name
+        # the paper's global batch on 8 GPUs: 8 x 32 = 256 for pre-training, 8 x 4 = 32 for fine-tuning
+        assert cfg.data.batch_size * 8 == (256 if command == "pretrain" else 32)
+        assert cfg.model.backbone == "resnet50" and cfg.model.pre_norm and cfg.model.num_queries == 100
+        # the documented commands are the file's own
+        meta = json.loads(file.read_text())
+        assert f"--config configs/{name}" in meta["_command_1gpu"] and f"--config configs/{name}" in meta["_command_8gpu"]
+        assert meta["_command_8gpu"].startswith(f"torchrun --nproc_per_node=8 -m updetr {command} ")
+        assert meta["_command_1gpu"].startswith(f"updetr {command} ")
+        if command == "pretrain":
+            p = cfg.pretrain
+            assert (p.num_patches, p.freeze_backbone, p.feature_reconstruction, p.attention_mask) == (10, True, True, True)
+            assert cfg.model.backbone_weights == "swav" and cfg.optim.lr_backbone == 0.0 and cfg.loss.eos_coef is None
+            cfg.check_query_groups()
+            continue
+        assert cfg.data.format == fmt and (cfg.optim.lr, cfg.optim.lr_backbone) == (1e-4, 5e-5)
+        if name.startswith("updetr"):
+            assert cfg.init_from == f"{pre.output_dir}/checkpoint.pth"  # what the pre-training file writes
+            arch = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("backbone_weights", "num_classes")}
+            assert arch == {k: v for k, v in pre.to_dict()["model"].items() if k not in ("backbone_weights", "num_classes")}
+        else:
+            assert cfg.init_from == "" and cfg.model.backbone_weights == "swav"

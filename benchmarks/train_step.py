@@ -71,7 +71,7 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
     cfg = make_config(preset, overrides=overrides)
     num_classes = 20
     model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0).to(device)
-    criterion = build_criterion(cfg.loss, num_classes)
+    criterion = build_criterion(cfg.loss, num_classes).to(device)
     optimizer, _ = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, side, side, generator=gen).to(device)

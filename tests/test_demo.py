@@ -2,7 +2,10 @@
 
 import json
 
-from updetr.demo import run_demo
+import pytest
+
+from updetr.config import ConfigError
+from updetr.demo import DemoBudget, apply_budget_overrides, run_demo
 
 
 def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
@@ -23,3 +26,16 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
     assert second.table == first.table
     assert {p: p.stat().st_mtime for p in (out / "stages").rglob("checkpoint.pth")} == mtimes
     assert second.seconds < first.seconds
+
+
+def test_budget_overrides_parse_json_values_and_append_config_overrides():
+    budget = apply_budget_overrides(DemoBudget(), ["finetune_epochs=12", "image_size=[96,128]", "cnn_lr=1e-3",
+                                                   "finetune=optim.lr=5e-4", "finetune=model.num_queries=10"])
+    assert budget.finetune_epochs == 12 and budget.image_size == (96, 128) and budget.cnn_lr == 1e-3
+    assert budget.finetune == ["optim.lr=5e-4", "model.num_queries=10"]
+    assert DemoBudget().finetune == []  # the default is not modified
+    for bad, message in [("epochs=3", "FIELD one of"), ("finetune_epochs=many", "not a JSON value"),
+                         ("finetune_epochs=2.5", "must be int"), ("image_size=[96]", "list of 2"),
+                         ("finetune_epochs", "FIELD=VALUE")]:
+        with pytest.raises(ConfigError, match=message):
+            apply_budget_overrides(DemoBudget(), [bad])

@@ -104,9 +104,7 @@ def pretrain_backbone(
         order = torch.randperm(num_images, generator=gen)
         for b in range(num_images // batch_size):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            x = images[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror half the crops (shapes and digit styles vary anyway)
-            x[flip] = x[flip].flip(-1)
+            x = images[idx]  # no mirroring: a mirrored 2 or 7 is not a digit
             x = _normalise(x.to(dev)).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), labels[idx].to(dev), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     backbone_weights: str = "none"  # none | imagenet | swav | path to a .pth state dict
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
+    backbone_stage: int = 4  # last ResNet stage used: 4 (DETR, stride 32) or 3 (stride 16, small objects)
     position_embedding: str = "sine"  # sine (normalised, as DETR) | learned
     hidden_dim: int = 256  # D, transformer width
     num_heads: int = 8
@@ -131,6 +132,9 @@ class Config:
         m, p, o, d = self.model, self.pretrain, self.optim, self.data
         _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101"))
         _choice("model.position_embedding", m.position_embedding, ("sine", "learned"))
+        _choice("model.backbone_stage", m.backbone_stage, (3, 4))
+        if m.dilation and m.backbone_stage != 4:
+            raise ConfigError("model.dilation (DC5) dilates layer4; it needs model.backbone_stage=4")
         _choice("optim.amp", o.amp, ("none", "bf16", "fp16"))
         _choice("data.format", d.format, ("coco", "voc"))
         _choice("data.voc_difficult", d.voc_difficult, ("crowd", "include", "exclude"))
@@ -229,9 +233,9 @@ class Config:
         return Config.from_dict(data, "overrides")
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+def _choice(name: str, value, options: tuple) -> None:
     if value not in options:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, options))}")
 
 
 def _positive(name: str, value: int, allow_zero: bool = False) -> None:

@@ -39,6 +39,7 @@ class DemoBudget:
     num_val: int = 200
     num_unlabeled: int = 1600
     image_size: tuple[int, int] = (128, 192)
+    object_size: tuple[float, float] = (0.0, 0.45)  # object sides as fractions of the image's shorter side
     cnn_images: int = 6000
     cnn_epochs: int = 3
     cnn_size: int = 64
@@ -147,11 +148,13 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
 
     # 1. benchmark
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
-                    num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size))
+                    num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
+                    object_size=list(budget.object_size))
     data_dir = _stage_dir(root, "data", data_key)
     _stage_banner(1, "embedded benchmark", data_dir)
     generate_embedded(data_dir, seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
-                      num_unlabeled=budget.num_unlabeled, image_size=budget.image_size, progress=progress)
+                      num_unlabeled=budget.num_unlabeled, image_size=budget.image_size,
+                      object_size=budget.object_size, progress=progress)
 
     # 2. CNN
     cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed, size=budget.cnn_size,

@@ -179,9 +179,30 @@ def test_benchmark_draws_even_digit_samples_only():
         {"image_size": (16, 96)},
         {"image_size": (96, 64)},
         {"image_size": 128},
+        {"object_size": (0.5, 0.2)},
+        {"object_size": (0.1, 1.5)},
+        {"object_size": 0.3},
     ],
 )
 def test_invalid_arguments_raise(tmp_path, override):
     with pytest.raises(ValueError):
         generate_embedded(tmp_path / "bad", **{**TINY, **override})
     assert not os.listdir(tmp_path)
+
+
+def test_object_size_sets_the_range_of_object_sides(dataset, tmp_path):
+    big = generate_embedded(tmp_path / "big", **{**TINY, "num_train": 12, "object_size": (0.3, 0.6)})
+    meta = json.loads((big / "meta.json").read_text())
+    assert meta["arguments"]["object_size"] == [0.3, 0.6]
+    assert "object_size" not in json.loads((dataset / "meta.json").read_text())["arguments"]  # default: unchanged
+    coco = COCO(str(big / "annotations" / "instances_train.json"))
+    sides, shorter = [], []
+    for ann in coco.dataset["annotations"]:
+        image = coco.imgs[ann["image_id"]]
+        sides.append(max(ann["bbox"][2], ann["bbox"][3]))
+        shorter.append(min(image["width"], image["height"]))
+    sides, shorter = np.array(sides), np.array(shorter)
+    # the drawn box side lies in [0.3, 0.6] x shorter side; aspect jitter (up to ~10 %) and
+    # partial occlusion (tight box of the visible mask) only move it a little
+    assert np.all(sides <= 0.6 * 1.12 * shorter + 1)
+    assert np.median(sides / shorter) > 0.3

@@ -127,3 +127,25 @@ def test_learned_position_encoding_and_dc5():
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 6, 3)
     with pytest.raises(ValueError, match="DC5"):
         build_detr(tiny_cfg(dilation=True), num_classes=2)
+
+
+def test_stage3_backbone_gives_stride_16_features_and_loads_full_resnet_weights(tmp_path):
+    import torchvision
+
+    from updetr.config import ConfigError, make_config
+    from updetr.models.backbone import build_backbone
+
+    model = build_detr(tiny_cfg(backbone_stage=3), num_classes=2)
+    hidden = model.forward_hidden(torch.randn(1, 3, 64, 96))
+    assert hidden.memory.shape[1] == (64 // 16) * (96 // 16)  # tokens of a stride-16 map
+    assert not any(k.startswith("backbone.0.body.layer4") for k in model.state_dict())
+    assert model.input_proj.in_channels == 256
+    # a whole ResNet-18 state dict (layer4 and fc included) loads into the truncated CNN
+    full = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(full, tmp_path / "r18.pth")
+    joiner = build_backbone("resnet18", hidden_dim=32, weights=str(tmp_path / "r18.pth"), last_stage=3)
+    torch.testing.assert_close(joiner.body.body.layer3[0].conv1.weight, full["layer3.0.conv1.weight"])
+    with pytest.raises(ConfigError, match="backbone_stage"):
+        make_config("small", overrides=["model.backbone_stage=2"])
+    with pytest.raises(ConfigError, match="DC5"):
+        make_config("r50", overrides=["model.backbone_stage=3", "model.dilation=true"])

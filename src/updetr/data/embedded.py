@@ -18,7 +18,8 @@ Content of one image (H and W each drawn from ``image_size``):
        except the void ones (below).
     3. Things: 1-8 objects, each a handwritten digit (sklearn ``load_digits``, even-index samples only,
        upscaled smoothly and alpha-matted so the strokes are the object) or a drawn shape, with a random
-       colour that differs clearly from what lies under it, side 12 px to 45% of the image side. Later objects
+       colour that differs clearly from what lies under it, side 12 px to 45% of the image side by default
+       (``object_size``). Later objects
        paste over earlier ones; an object more than 70% occluded is dropped and its remaining visible pixels
        become void (panoptic id 0), like unannotated objects in real data. An object's mask is its visible
        pixels of alpha >= 0.5, and its box is the tight box of that mask.
@@ -64,7 +65,8 @@ _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_fi
 _STUFF_TINTS = {"brick": (165, 85, 65), "grass": (80, 145, 60), "gravel": (140, 135, 125)}  # mean RGB
 _SPLIT_STREAMS = {"train": 0, "val": 1, "unlabeled": 2}
 _MIN_SIDE = 12  # smallest object side (pixels)
-_MAX_SIDE_FRACTION = 0.45  # largest object side, as a fraction of the image's shorter side
+# object side range as fractions of the image's shorter side (never below _MIN_SIDE pixels)
+DEFAULT_OBJECT_SIZE: tuple[float, float] = (0.0, 0.45)
 _MAX_OBJECTS = 8
 _MAX_OCCLUDED = 0.7  # objects with more of their mask hidden than this are dropped (-> void)
 _MIN_STUFF_AREA = 64  # smaller stuff segments become void
@@ -254,7 +256,8 @@ def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     return np.where(under > 127, 20.0, 235.0).astype(np.float32)
 
 
-def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int) -> _Composite:
+def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int,
+             object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> _Composite:
     image = _background(rng, assets, height, width)  # (H, W, 3) float
     stuff = np.full((height, width), len(EMBEDDED_STUFF_CLASSES) - 1, dtype=np.int8)  # all "other"
     for _ in range(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])):
@@ -266,10 +269,11 @@ def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int)
 
     owner = np.zeros((height, width), dtype=np.int16)  # k + 1 where object k is on top (alpha >= 0.5)
     full_areas, classes, digit_indices = [], [], []
-    max_side = _MAX_SIDE_FRACTION * min(height, width)
+    max_side = object_size[1] * min(height, width)
+    min_side = min(max(_MIN_SIDE, object_size[0] * min(height, width)), max_side)
     for k in range(rng.integers(1, _MAX_OBJECTS + 1)):
         class_index = int(rng.integers(len(EMBEDDED_THING_CLASSES)))
-        side = math.exp(rng.uniform(math.log(_MIN_SIDE), math.log(max_side)))
+        side = math.exp(rng.uniform(math.log(min_side), math.log(max_side)))
         aspect = math.exp(rng.uniform(-0.2, 0.2))
         box_h, box_w = (max(_MIN_SIDE, round(side * s)) for s in (aspect**0.5, aspect**-0.5))
         digit_index = None
@@ -370,7 +374,8 @@ def _image_sizes(rng: np.random.Generator, image_size: tuple[int, int]) -> tuple
 
 
 def _generate_split(
-    split: str, count: int, seed: int, image_size: tuple[int, int], assets: _Assets, root: Path, progress: Any
+    split: str, count: int, seed: int, image_size: tuple[int, int], assets: _Assets, root: Path, progress: Any,
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
 ) -> dict[str, int]:
     """Write one split's images (and annotations unless unlabelled) under ``root``; return its counts."""
     (root / split).mkdir()
@@ -382,7 +387,7 @@ def _generate_split(
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_STREAMS[split], index])
         height, width = _image_sizes(rng, image_size)
-        composite = _compose(rng, assets, height, width)
+        composite = _compose(rng, assets, height, width, object_size)
         stem = f"{index:06d}"
         Image.fromarray(composite.image).save(root / split / f"{stem}.jpg", quality=95)
         if labelled:
@@ -403,6 +408,15 @@ def _generate_split(
         with open(root / "annotations" / name, "w") as f:
             json.dump(data, f)
     return {"images": count, "annotations": len(instances)}
+
+
+def _validate_object_size(object_size: Any) -> tuple[float, float]:
+    values = tuple(object_size) if isinstance(object_size, (tuple, list)) else ()
+    if (len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            or not 0.0 <= values[0] <= values[1] <= 1.0 or values[1] <= 0.0):
+        raise ValueError(f"object_size must be (smallest, largest) fractions with 0 <= smallest <= largest <= 1, "
+                         f"got {object_size!r}")
+    return float(values[0]), float(values[1])
 
 
 def _validate(
@@ -432,20 +446,26 @@ def generate_embedded(
     num_val: int = 200,
     num_unlabeled: int = 1600,
     image_size: tuple[int, int] = (128, 192),
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Generate the embedded benchmark into ``out_dir`` (layout in the module docstring) and return its path.
 
     ``image_size`` is (min_side, max_side): each image's height and width are drawn independently from it.
+    ``object_size`` is the (smallest, largest) object side as fractions of the image's shorter side; sides
+    are drawn log-uniformly between them and never below 12 pixels.
     If ``out_dir/meta.json`` records the same arguments the folder is reused as is. A folder holding anything
     else raises ``FileExistsError`` unless ``overwrite``. The dataset is written into a temporary sibling folder
     and renamed at the end, so an interrupted run never leaves a half-written dataset behind.
     """
     image_size = _validate(seed, num_train, num_val, num_unlabeled, image_size)
+    object_size = _validate_object_size(object_size)
     out_dir = Path(out_dir)
     arguments = {"seed": int(seed), "num_train": int(num_train), "num_val": int(num_val),
                  "num_unlabeled": int(num_unlabeled), "image_size": list(image_size)}  # fmt: skip
+    if object_size != DEFAULT_OBJECT_SIZE:
+        arguments["object_size"] = list(object_size)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -481,7 +501,7 @@ def generate_embedded(
         counts = {}
         with tqdm(total=num_train + num_val + num_unlabeled, desc="embedded benchmark", disable=not progress) as bar:
             for split, count in (("train", num_train), ("val", num_val), ("unlabeled", num_unlabeled)):
-                counts[split] = _generate_split(split, count, seed, image_size, assets, staging, bar)
+                counts[split] = _generate_split(split, count, seed, image_size, assets, staging, bar, object_size)
         unseen = list(ONESHOT_UNSEEN)
         split = {"seen": [name for name in EMBEDDED_THING_CLASSES if name not in unseen], "unseen": unseen}
         (staging / "oneshot_split.json").write_text(json.dumps(split, indent=1) + "\n")

@@ -122,6 +122,7 @@ def build_detr(cfg: ModelConfig, num_classes: int, *, train_backbone: bool = Tru
         dilation=cfg.dilation,
         weights=cfg.backbone_weights,
         return_interm_layers=return_interm_layers,
+        last_stage=cfg.backbone_stage,
     )
     transformer = Transformer(
         d_model=cfg.hidden_dim,

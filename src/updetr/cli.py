@@ -198,8 +198,8 @@ def cmd_data_embedded(args: argparse.Namespace) -> int:
     _setup_logging(0, args.verbose)
     out = generate_embedded(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-        num_unlabeled=args.num_unlabeled, image_size=(args.min_size, args.max_size), overwrite=args.overwrite,
-        progress=not args.no_progress,
+        num_unlabeled=args.num_unlabeled, image_size=(args.min_size, args.max_size),
+        object_size=tuple(args.object_size), overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"embedded benchmark in {out}")
     return 0
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-unlabeled", type=int, default=1600)
     q.add_argument("--min-size", type=int, default=128, help="smallest image side")
     q.add_argument("--max-size", type=int, default=192, help="largest image side")
+    q.add_argument("--object-size", type=float, nargs=2, default=[0.0, 0.45], metavar=("MIN", "MAX"),
+                   help="object side range as fractions of the image's shorter side (default 0 0.45; never below 12 px)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_data_embedded)
 

@@ -348,7 +348,7 @@ def _embedded() -> Config:
     and stays frozen in both arms, so a CPU epoch costs only the transformer's backward pass.
     """
     cfg = _small_cpu()
-    cfg.pretrain = PretrainConfig(num_patches=5, query_size=64, min_patch_size=8)
+    cfg.pretrain = PretrainConfig(num_patches=5, query_size=32, min_patch_size=8)  # the demo CNN's crop size
     cfg.data.scales = [128, 144, 160, 176, 192]
     cfg.data.max_size = 256
     cfg.data.crop_resize = [112, 128, 144]

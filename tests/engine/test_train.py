@@ -135,3 +135,20 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(embedded,
             # kernels change), while a wrong normaliser would be off by ~10 % or more
             err = float((ranks[r]["grads"][k] - g).norm() / g.norm().clamp_min(1e-12))
             assert err < 1e-4, (k, err)
+
+
+def test_best_checkpoint_keeps_the_best_epoch_when_later_epochs_are_worse(embedded, tmp_path, monkeypatch):
+    scores = iter([5.0, 1.0, 3.0])  # epoch 0 is the best
+
+    def fake_evaluate(self, model, loader, device, progress):
+        return {"AP": next(scores)}
+
+    monkeypatch.setattr(DetectionTask, "evaluate", fake_evaluate)
+    monkeypatch.setattr(DetectionTask, "primary_metric", "AP")
+    cfg = tiny_config(embedded, tmp_path / "run", "optim.epochs=3", "max_steps_per_epoch=1")
+    fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)
+    best, last = load_checkpoint(tmp_path / "run" / "best.pth"), load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (best["epoch"], best["best_metric"]) == (0, 5.0)
+    assert last["epoch"] == 2
+    assert not torch.equal(best["model"]["query_embed.weight"], last["model"]["query_embed.weight"])
+    assert not (tmp_path / "run" / "best.pth.tmp").exists()

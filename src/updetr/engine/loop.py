@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -261,8 +262,16 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
             }
             save_checkpoint(out_dir / "checkpoint.pth", payload)
             if is_best or not (out_dir / "best.pth").exists():
-                shutil.copyfile(out_dir / "checkpoint.pth", out_dir / "best.pth.tmp")
-                (out_dir / "best.pth.tmp").replace(out_dir / "best.pth")
+                # a hard link shares the bytes with this epoch's checkpoint.pth (the next epoch's
+                # atomic replace gives checkpoint.pth a new file, best.pth keeps this one); copy
+                # where the filesystem has no hard links
+                tmp = out_dir / "best.pth.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(out_dir / "checkpoint.pth", tmp)
+                except OSError:
+                    shutil.copyfile(out_dir / "checkpoint.pth", tmp)
+                tmp.replace(out_dir / "best.pth")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")
             shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}

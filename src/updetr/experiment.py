@@ -35,7 +35,7 @@ LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions 
 # throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl; evaluation and a trained CNN
 # relative to them measured on the same data): the time-left estimate weighs the remaining runs with
 # these and scales them by the measured time of the runs finished so far
-_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _UNFROZEN_SLOWDOWN = 35.0, 23.0, 50.0, 190.0, 2.0
+_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _UNFROZEN_SLOWDOWN = 34.0, 28.5, 50.0, 150.0, 2.0
 
 
 def quick_budget() -> DemoBudget:

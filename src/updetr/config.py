@@ -25,6 +25,7 @@ class ModelConfig:
     backbone_weights: str = "none"  # none | imagenet | swav | path to a .pth state dict
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
     backbone_stage: int = 4  # last ResNet stage used: 4 (DETR, stride 32) or 3 (stride 16, small objects)
+    backbone_unpadded: bool = False  # frozen CNN runs on each image's own area, not the batch's padding
     position_embedding: str = "sine"  # sine (normalised, as DETR) | learned
     hidden_dim: int = 256  # D, transformer width
     num_heads: int = 8

@@ -149,3 +149,25 @@ def test_stage3_backbone_gives_stride_16_features_and_loads_full_resnet_weights(
         make_config("small", overrides=["model.backbone_stage=2"])
     with pytest.raises(ConfigError, match="DC5"):
         make_config("r50", overrides=["model.backbone_stage=3", "model.dilation=true"])
+
+
+def test_unpadded_frozen_backbone_matches_each_image_alone():
+    from updetr.data.collate import collate_detection
+
+    torch.manual_seed(0)
+    model = build_detr(tiny_cfg(backbone_unpadded=True), num_classes=2, train_backbone=False).eval()
+    padded = build_detr(tiny_cfg(), num_classes=2, train_backbone=False).eval()
+    padded.load_state_dict(model.state_dict())
+    sizes = [(64, 128), (128, 64), (64, 64)]  # multiples of 64: each image's own area is exact
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    batch, _ = collate_detection([(img, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}) for img in images])
+    (feature, mask), = model.backbone.body(batch)
+    assert feature.shape[-2:] == (4, 4)
+    for i, img in enumerate(images):
+        alone = padded.backbone.body.body(img[None])["0"]
+        h, w = alone.shape[-2:]
+        torch.testing.assert_close(feature[i, :, :h, :w], alone[0], rtol=1e-4, atol=1e-4)
+        assert not mask[i, :h, :w].any() and mask[i].sum() == 16 - h * w
+        assert feature[i][:, mask[i]].abs().sum() == 0  # nothing computed on padding
+    out = model(batch)
+    assert out.logits.shape == (3, 6, 3) and torch.isfinite(out.boxes).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -83,15 +84,47 @@ class Backbone(nn.Module):
         self.num_channels = channels[-1]
         self.last_stage = last_stage
 
+    unpadded: bool = False  # frozen CNN: run images grouped by their own (rounded) size, not the batch's
+
     def forward(self, images: ImageBatch) -> list[tuple[Tensor, Tensor]]:
         """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last."""
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feats = self.body(images.pixels.contiguous(memory_format=torch.channels_last))
+        if self.unpadded and not self.trainable and len(self.strides) == 1:
+            feats = {"0": self._unpadded_features(images)}
+        else:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                feats = self.body(images.pixels.contiguous(memory_format=torch.channels_last))
         out = []
         for feature in feats.values():
             mask = F.interpolate(images.padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
             out.append((feature, mask))
         return out
+
+    def _unpadded_features(self, images: ImageBatch, multiple: int = 64) -> Tensor:
+        """The frozen CNN on each image's own area (rounded up to ``multiple``), not on the batch's padding.
+
+        Multi-scale batches are about half padding (measured 49 % for the embedded recipe); a frozen
+        CNN need not spend that work. Images with the same rounded size run together, so few distinct
+        shapes reach the convolution kernels. Features outside an image's area are zero (masked).
+        Near an image's right/bottom edge the values differ slightly from a padded-batch forward:
+        they no longer depend on how large the other images of the batch are.
+        """
+        pixels, mask = images.pixels, images.padding_mask
+        stride = self.strides[0]
+        multiple = max(multiple, stride)
+        batch, _, height, width = pixels.shape
+        valid_h = (~mask).any(dim=2).sum(dim=1).tolist()
+        valid_w = (~mask).any(dim=1).sum(dim=1).tolist()
+        out = pixels.new_zeros(batch, self.num_channels, math.ceil(height / stride), math.ceil(width / stride))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(zip(valid_h, valid_w)):
+            key = (min(height, math.ceil(max(h, 1) / multiple) * multiple), min(width, math.ceil(max(w, 1) / multiple) * multiple))
+            groups.setdefault(key, []).append(i)
+        with torch.no_grad():
+            for (h, w), index in groups.items():
+                crop = pixels[index, :, :h, :w].contiguous(memory_format=torch.channels_last)
+                feature = list(self.body(crop).values())[-1]
+                out[index, :, : feature.shape[-2], : feature.shape[-1]] = feature
+        return out.contiguous(memory_format=torch.channels_last)
 
     def pooled_features(self, pixels: Tensor) -> Tensor:
         """Global-average-pooled last-layer features of un-padded crops: (P, 3, h, w) -> (P, Cb)."""

@@ -124,6 +124,7 @@ def build_detr(cfg: ModelConfig, num_classes: int, *, train_backbone: bool = Tru
         return_interm_layers=return_interm_layers,
         last_stage=cfg.backbone_stage,
     )
+    backbone.body.unpadded = cfg.backbone_unpadded
     transformer = Transformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.num_heads,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from updetr.config import make_config
-from updetr.engine.loop import _float_output, autocast_context, build_optimizer
+from updetr.engine.loop import _float_output, autocast_context, build_optimizer, optimizer_step
 from updetr.losses.criterion import build_criterion
 from updetr.models import build_detr
 
@@ -82,18 +82,7 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
         with autocast_context(device, amp):
             out = model(images)
         loss = criterion(_float_output(out), targets)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(loss, model, optimizer, cfg.optim.clip_max_norm, scaler)
 
     model.train()
     with FlopCounterMode(display=False) as counter:

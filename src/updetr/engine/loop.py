@@ -78,6 +78,24 @@ def _to_float(loss_dict: dict[str, Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in loss_dict.items() if v.numel() == 1}
 
 
+def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, gradient clipping (``clip_max_norm`` > 0) and the optimizer step; fp16 goes through ``scaler``."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(
     task: Task,
     model: nn.Module,
@@ -110,19 +128,7 @@ def train_one_epoch(
         loss = loss_dict["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {steps}: {_to_float(loss_dict)}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(loss, model, optimizer, clip_max_norm, scaler)
         values = _to_float(loss_dict)
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v

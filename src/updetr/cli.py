@@ -10,17 +10,10 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, ConfigError, make_config
+from .data.embedded import EMBEDDED_LAYOUT, embedded_data_overrides  # noqa: F401 (EMBEDDED_LAYOUT: re-exported)
 
 log = logging.getLogger("updetr")
 
-EMBEDDED_LAYOUT = {
-    "format": "coco",
-    "train_images": "train",
-    "train_annotations": "annotations/instances_train.json",
-    "val_images": "val",
-    "val_annotations": "annotations/instances_val.json",
-    "images": "unlabeled",
-}
 
 
 def _setup_logging(rank: int = 0, verbose: bool = False) -> None:
@@ -53,8 +46,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides: list[str] = []
     if getattr(args, "embedded", None):
-        overrides += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
-        overrides += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+        overrides += embedded_data_overrides(args.embedded)
     simple = {
         "data_root": "data.root", "format": "data.format", "epochs": "optim.epochs", "batch_size": "data.batch_size",
         "output": "output_dir", "device": "device", "backbone_weights": "model.backbone_weights", "seed": "seed",

@@ -185,10 +185,10 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
 
     data_dir, cnn_weights = prepare_inputs(root, budget, device, progress)
 
-    common = [f'data.root="{data_dir}"', 'data.train_images="train"', 'data.val_images="val"',
-              'data.train_annotations="annotations/instances_train.json"',
-              'data.val_annotations="annotations/instances_val.json"', 'data.images="unlabeled"',
-              f'model.backbone_weights="{cnn_weights}"', f"seed={budget.seed}", f'device="{device}"']
+    from .data.embedded import embedded_data_overrides
+
+    common = embedded_data_overrides(data_dir) + [
+        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={budget.seed}", f"device={json.dumps(device)}"]
 
     # 3. UP-DETR pre-training
     pre_cfg = make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [

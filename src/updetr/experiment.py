@@ -103,10 +103,10 @@ def length_points(pretrain_epochs: int) -> list[int]:
 
 def common_overrides(data_dir: Path, cnn_weights: Path, seed: int, device: str) -> list[str]:
     """The data, CNN, seed and device settings every run of one seed shares (as ``run_demo`` sets them)."""
-    return [f"data.root={json.dumps(str(data_dir))}", 'data.train_images="train"', 'data.val_images="val"',
-            'data.train_annotations="annotations/instances_train.json"',
-            'data.val_annotations="annotations/instances_val.json"', 'data.images="unlabeled"',
-            f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
+    from .data.embedded import embedded_data_overrides
+
+    return embedded_data_overrides(data_dir) + [
+        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
 
 
 def pretrain_config(budget: DemoBudget, common: list[str], epochs: int, extra: list[str]) -> Config:

@@ -135,7 +135,8 @@ def cmd_panoptic_train(args: argparse.Namespace) -> int:
 
 
 def cmd_panoptic_eval(args: argparse.Namespace) -> int:
-    from .cli import EMBEDDED_LAYOUT, _setup_logging
+    from .cli import _setup_logging
+    from .data.embedded import embedded_data_overrides
     from .config import ConfigError
     from .engine.distributed import DistInfo, resolve_device
     from .engine.loop import make_loader
@@ -155,8 +156,7 @@ def cmd_panoptic_eval(args: argparse.Namespace) -> int:
     # the checkpoint's config (its eval resize included) with only the data location changed
     location = []
     if args.embedded:
-        location += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
-        location += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+        location += embedded_data_overrides(args.embedded)
     if args.data_root:
         location.append(f"data.root={json.dumps(str(args.data_root))}")
     if location or args.overrides:

@@ -60,6 +60,22 @@ EMBEDDED_STUFF_CLASSES: tuple[str, ...] = ("brick", "grass", "gravel", "other") 
 ONESHOT_UNSEEN: tuple[str, ...] = ("digit_3", "digit_7", "triangle", "cross")  # 10 seen / 4 unseen
 RESERVED_DIGIT_PARITY = 1  # digit samples with index % 2 == 1 are never used by the benchmark
 
+# where a generated benchmark keeps each part, as ``data.*`` config values relative to its root
+EMBEDDED_LAYOUT: dict[str, str] = {
+    "format": "coco",
+    "train_images": "train",
+    "train_annotations": "annotations/instances_train.json",
+    "val_images": "val",
+    "val_annotations": "annotations/instances_val.json",
+    "images": "unlabeled",
+}
+
+
+def embedded_data_overrides(root: str | os.PathLike[str]) -> list[str]:
+    """Config overrides (``data.root`` and :data:`EMBEDDED_LAYOUT`) that point a run at the benchmark in ``root``."""
+    return [f"data.root={json.dumps(str(Path(root)))}"] + [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+
+
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
            "immunohistochemistry", "coins", "moon", "clock")  # fmt: skip
 _STUFF_TINTS = {"brick": (165, 85, 65), "grass": (80, 145, 60), "gravel": (140, 135, 125)}  # mean RGB

@@ -446,14 +446,14 @@ def cmd_oneshot_train(args: argparse.Namespace) -> int:
 
 
 def cmd_oneshot_eval(args: argparse.Namespace) -> int:
-    from ..cli import EMBEDDED_LAYOUT, _setup_logging
+    from ..cli import _setup_logging
+    from ..data.embedded import embedded_data_overrides
 
     _setup_logging(0, getattr(args, "verbose", False))
     data = None
     overrides = []
     if args.embedded:
-        overrides += [f"data.root={json.dumps(str(Path(args.embedded)))}"]
-        overrides += [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
+        overrides += embedded_data_overrides(args.embedded)
     if args.data_root:
         overrides.append(f"data.root={json.dumps(args.data_root)}")
     if args.format:

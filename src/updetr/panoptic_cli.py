@@ -231,13 +231,7 @@ def predict_panoptic(
     from .visualize import save_image
 
     out = Path(output_dir)
-    paths: list[str] = []
-    for item in inputs:
-        if Path(item).is_dir():
-            paths.extend(str(p) for p in ImageFolder(item).paths)
-        else:
-            paths.append(item)
-    dataset = ImageFolder(paths, transforms=build_transforms(loaded.config.data, train=False))
+    dataset = ImageFolder(inputs, transforms=build_transforms(loaded.config.data, train=False))  # files and folders
     annotations = []
     for i in tqdm(range(len(dataset)), desc="panoptic", disable=not progress, dynamic_ncols=True):
         pixels, info = dataset[i]

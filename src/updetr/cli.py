@@ -191,7 +191,7 @@ def cmd_data_embedded(args: argparse.Namespace) -> int:
     out = generate_embedded(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
         num_unlabeled=args.num_unlabeled, image_size=(args.min_size, args.max_size),
-        object_size=tuple(args.object_size), overwrite=args.overwrite, progress=not args.no_progress,
+        object_size=tuple(args.object_size), max_objects=args.max_objects, overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"embedded benchmark in {out}")
     return 0
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-size", type=int, default=192, help="largest image side")
     q.add_argument("--object-size", type=float, nargs=2, default=[0.0, 0.45], metavar=("MIN", "MAX"),
                    help="object side range as fractions of the image's shorter side (default 0 0.45; never below 12 px)")
+    q.add_argument("--max-objects", type=int, default=8, help="most objects drawn per image (default 8)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_data_embedded)
 

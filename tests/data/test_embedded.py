@@ -182,6 +182,8 @@ def test_benchmark_draws_even_digit_samples_only():
         {"object_size": (0.5, 0.2)},
         {"object_size": (0.1, 1.5)},
         {"object_size": 0.3},
+        {"max_objects": 0},
+        {"max_objects": 2.0},
     ],
 )
 def test_invalid_arguments_raise(tmp_path, override):
@@ -206,3 +208,12 @@ def test_object_size_sets_the_range_of_object_sides(dataset, tmp_path):
     # partial occlusion (tight box of the visible mask) only move it a little
     assert np.all(sides <= 0.6 * 1.12 * shorter + 1)
     assert np.median(sides / shorter) > 0.3
+
+
+def test_max_objects_caps_the_objects_per_image(dataset, tmp_path):
+    few = generate_embedded(tmp_path / "few", **{**TINY, "num_train": 12, "max_objects": 2})
+    assert json.loads((few / "meta.json").read_text())["arguments"]["max_objects"] == 2
+    assert "max_objects" not in json.loads((dataset / "meta.json").read_text())["arguments"]  # default: unchanged
+    coco = COCO(str(few / "annotations" / "instances_train.json"))
+    per_image = [len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()]
+    assert max(per_image) == 2  # capped, and the cap is reached

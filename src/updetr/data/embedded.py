@@ -16,7 +16,7 @@ Content of one image (H and W each drawn from ``image_size``):
     2. Stuff: 1-3 random polygons or bands filled with a tinted scikit-image texture (brick, grass, gravel).
        Whatever the photograph still shows is the stuff class ``other``, so a panoptic PNG labels every pixel
        except the void ones (below).
-    3. Things: 1-8 objects, each a handwritten digit (sklearn ``load_digits``, even-index samples only,
+    3. Things: 1-8 objects (``max_objects``), each a handwritten digit (sklearn ``load_digits``, even-index samples only,
        upscaled smoothly and alpha-matted so the strokes are the object) or a drawn shape, with a random
        colour that differs clearly from what lies under it, side 12 px to 45% of the image side by default
        (``object_size``). Later objects
@@ -83,7 +83,7 @@ _SPLIT_STREAMS = {"train": 0, "val": 1, "unlabeled": 2}
 _MIN_SIDE = 12  # smallest object side (pixels)
 # object side range as fractions of the image's shorter side (never below _MIN_SIDE pixels)
 DEFAULT_OBJECT_SIZE: tuple[float, float] = (0.0, 0.45)
-_MAX_OBJECTS = 8
+DEFAULT_MAX_OBJECTS = 8
 _MAX_OCCLUDED = 0.7  # objects with more of their mask hidden than this are dropped (-> void)
 _MIN_STUFF_AREA = 64  # smaller stuff segments become void
 _MIN_COLOUR_DISTANCE = 90.0  # RGB distance between an object's colour and the mean colour under it
@@ -273,7 +273,7 @@ def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
 
 
 def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int,
-             object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> _Composite:
+             object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE, max_objects: int = DEFAULT_MAX_OBJECTS) -> _Composite:
     image = _background(rng, assets, height, width)  # (H, W, 3) float
     stuff = np.full((height, width), len(EMBEDDED_STUFF_CLASSES) - 1, dtype=np.int8)  # all "other"
     for _ in range(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])):
@@ -287,7 +287,7 @@ def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int,
     full_areas, classes, digit_indices = [], [], []
     max_side = object_size[1] * min(height, width)
     min_side = min(max(_MIN_SIDE, object_size[0] * min(height, width)), max_side)
-    for k in range(rng.integers(1, _MAX_OBJECTS + 1)):
+    for k in range(rng.integers(1, max_objects + 1)):
         class_index = int(rng.integers(len(EMBEDDED_THING_CLASSES)))
         side = math.exp(rng.uniform(math.log(min_side), math.log(max_side)))
         aspect = math.exp(rng.uniform(-0.2, 0.2))
@@ -391,7 +391,7 @@ def _image_sizes(rng: np.random.Generator, image_size: tuple[int, int]) -> tuple
 
 def _generate_split(
     split: str, count: int, seed: int, image_size: tuple[int, int], assets: _Assets, root: Path, progress: Any,
-    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE, max_objects: int = DEFAULT_MAX_OBJECTS,
 ) -> dict[str, int]:
     """Write one split's images (and annotations unless unlabelled) under ``root``; return its counts."""
     (root / split).mkdir()
@@ -403,7 +403,7 @@ def _generate_split(
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_STREAMS[split], index])
         height, width = _image_sizes(rng, image_size)
-        composite = _compose(rng, assets, height, width, object_size)
+        composite = _compose(rng, assets, height, width, object_size, max_objects)
         stem = f"{index:06d}"
         Image.fromarray(composite.image).save(root / split / f"{stem}.jpg", quality=95)
         if labelled:
@@ -463,6 +463,7 @@ def generate_embedded(
     num_unlabeled: int = 1600,
     image_size: tuple[int, int] = (128, 192),
     object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -470,18 +471,23 @@ def generate_embedded(
 
     ``image_size`` is (min_side, max_side): each image's height and width are drawn independently from it.
     ``object_size`` is the (smallest, largest) object side as fractions of the image's shorter side; sides
-    are drawn log-uniformly between them and never below 12 pixels.
+    are drawn log-uniformly between them and never below 12 pixels. Each image draws 1 to ``max_objects``
+    objects (before occluded ones are dropped).
     If ``out_dir/meta.json`` records the same arguments the folder is reused as is. A folder holding anything
     else raises ``FileExistsError`` unless ``overwrite``. The dataset is written into a temporary sibling folder
     and renamed at the end, so an interrupted run never leaves a half-written dataset behind.
     """
     image_size = _validate(seed, num_train, num_val, num_unlabeled, image_size)
     object_size = _validate_object_size(object_size)
+    if not isinstance(max_objects, (int, np.integer)) or isinstance(max_objects, bool) or not 1 <= max_objects <= 64:
+        raise ValueError(f"max_objects must be an int from 1 to 64, got {max_objects!r}")
     out_dir = Path(out_dir)
     arguments = {"seed": int(seed), "num_train": int(num_train), "num_val": int(num_val),
                  "num_unlabeled": int(num_unlabeled), "image_size": list(image_size)}  # fmt: skip
     if object_size != DEFAULT_OBJECT_SIZE:
         arguments["object_size"] = list(object_size)
+    if max_objects != DEFAULT_MAX_OBJECTS:
+        arguments["max_objects"] = int(max_objects)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -517,7 +523,8 @@ def generate_embedded(
         counts = {}
         with tqdm(total=num_train + num_val + num_unlabeled, desc="embedded benchmark", disable=not progress) as bar:
             for split, count in (("train", num_train), ("val", num_val), ("unlabeled", num_unlabeled)):
-                counts[split] = _generate_split(split, count, seed, image_size, assets, staging, bar, object_size)
+                counts[split] = _generate_split(split, count, seed, image_size, assets, staging, bar, object_size,
+                                                 int(max_objects))
         unseen = list(ONESHOT_UNSEEN)
         split = {"seen": [name for name in EMBEDDED_THING_CLASSES if name not in unseen], "unseen": unseen}
         (staging / "oneshot_split.json").write_text(json.dumps(split, indent=1) + "\n")

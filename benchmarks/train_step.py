@@ -1,6 +1,6 @@
 """Training-step throughput, fraction of the fp32 matmul peak, and batch-1 inference latency.
 
-    python benchmarks/train_step.py [--recipes small r50] [--steps 5] [--threads N] [--hf]
+    python benchmarks/train_step.py [--recipes small r50] [--steps 5] [--threads N] [--hf] [--breakdown]
     python benchmarks/train_step.py --device cuda [--amp bf16] [--batch-scale 4] --steps 20
 
 For each recipe: images/s of a full training step (forward, set loss with Hungarian
@@ -9,7 +9,9 @@ with ``torch.utils.flop_counter.FlopCounterMode``, and the fraction of this mach
 fp32 matmul peak (a large square matmul timed in the same run) the step reaches. On CUDA
 the peak is measured in the step's precision (fp32 without TF32, or the ``--amp`` dtype).
 ``--hf`` also times Hugging Face transformers' DETR at batch 1 for the same
-architecture when ``transformers`` is installed.
+architecture when ``transformers`` is installed. ``--breakdown`` also profiles the step and
+prints, per operator group, its FLOPs, its time and the fraction of the peak it runs at, and
+the time spent in operators that do no counted FLOPs (element-wise, copies, optimizer, matching).
 """
 
 from __future__ import annotations
@@ -64,8 +66,41 @@ def fake_targets(batch: int, num_classes: int, gen: torch.Generator) -> list[dic
     return targets
 
 
+# FLOP-counter operator -> the profiler events that do its work
+_GROUPS = {
+    "convolution": ("convolution", ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_convolution")),
+    "convolution backward": ("convolution_backward", ("aten::convolution_backward",)),
+    "matmul (mm/addmm/bmm)": (("mm", "addmm", "bmm"), ("aten::mm", "aten::addmm", "aten::bmm")),
+    "attention": (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"),
+                  ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward")),
+}
+
+
+def breakdown(step, counts: dict, steps: int, peak: float) -> list[tuple[str, float, float, float | None]]:
+    """(group, GFLOP per step, ms per step, fraction of peak) from a profile of ``steps`` steps."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    self_s = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
+    flops = {getattr(op, "__name__", str(op)).split(".")[0]: n for op, n in counts.items()}
+    rows, claimed = [], set()
+    for group, (flop_names, events) in _GROUPS.items():
+        names = (flop_names,) if isinstance(flop_names, str) else flop_names
+        f = sum(flops.get(n, 0) for n in names)
+        t = sum(self_s.get(e, 0.0) for e in events)
+        claimed.update(events)
+        rows.append((group, f / 1e9, 1000 * t, f / t / peak if t > 0 and f > 0 else None))
+    rest = sum(v for k, v in self_s.items() if k not in claimed and not k.startswith(("ProfilerStep", "autograd::", "Optimizer.")))
+    rows.append(("everything else (no counted FLOPs)", 0.0, 1000 * rest, None))
+    return rows
+
+
 def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu"), amp: str = "none",
-                 batch_scale: int = 1) -> dict:
+                 batch_scale: int = 1, peak: float | None = None) -> dict:
     preset, overrides, batch, side = RECIPES[name]
     batch *= batch_scale
     cfg = make_config(preset, overrides=overrides)
@@ -90,6 +125,7 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
             out = model(images)
         criterion(_float_output(out), targets)["loss"].backward()
     flops = counter.get_total_flops()
+    op_counts = counter.get_flop_counts().get("Global", {})
     optimizer.zero_grad(set_to_none=True)
     step()  # warm-up (oneDNN primitive creation / cuDNN autotuning)
     step()
@@ -113,9 +149,11 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
             model(one)
             _sync(device)
             lat.append(time.perf_counter() - t0)
+    model.train()
+    rows = breakdown(step, op_counts, steps, peak) if peak and device.type == "cpu" else None
     return {"recipe": name, "batch": batch, "side": side, "step_s": step_s, "images_per_s": batch / step_s,
             "gflop_per_step": flops / 1e9, "achieved_gflops": flops / step_s / 1e9,
-            "latency_ms": 1000 * statistics.median(lat), "cfg": cfg}
+            "latency_ms": 1000 * statistics.median(lat), "cfg": cfg, "breakdown": rows}
 
 
 def bench_hf(cfg, side: int, repeats: int = 5) -> float | None:
@@ -153,6 +191,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype (CUDA only)")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply each recipe's batch (GPUs)")
+    parser.add_argument("--breakdown", action="store_true", help="profile the step: time and %% of peak per operator group (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -162,12 +201,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}, {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s\n")
     print("| recipe | batch × side | step (s) | images/s | GFLOP/step | achieved GFLOP/s | % of peak | latency b=1 (ms) | HF DETR b=1 (ms) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    details = []
     for name in args.recipes:
-        r = bench_recipe(name, args.steps, device, args.amp, args.batch_scale)
+        r = bench_recipe(name, args.steps, device, args.amp, args.batch_scale, peak if args.breakdown else None)
+        if r["breakdown"]:
+            details.append((name, r["breakdown"]))
         hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" else None
         print(f"| {name} | {r['batch']} × {r['side']}² | {r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] * 1e9 / peak:.0f} % | {r['latency_ms']:.0f} | "
               f"{'n/a' if hf is None else f'{hf:.0f}'} |")
+    for name, rows in details:
+        print(f"\n{name}: where a training step's time goes (profiled, {args.steps} steps)\n")
+        print("| operators | GFLOP/step | ms/step | % of peak |")
+        print("|---|---|---|---|")
+        for group, gflop, ms, frac in rows:
+            print(f"| {group} | {gflop:.1f} | {ms:.0f} | {'–' if frac is None else f'{100 * frac:.0f} %'} |")
 
 
 if __name__ == "__main__":

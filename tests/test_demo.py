@@ -30,7 +30,9 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
 
 def test_budget_overrides_parse_json_values_and_append_config_overrides():
     budget = apply_budget_overrides(DemoBudget(), ["finetune_epochs=12", "image_size=[96,128]", "cnn_lr=1e-3",
-                                                   "finetune=optim.lr=5e-4", "finetune=model.num_queries=10"])
+                                                   "finetune=optim.lr=5e-4", "finetune=model.num_queries=10",
+                                                   "max_objects=3"])
+    assert budget.max_objects == 3
     assert budget.finetune_epochs == 12 and budget.image_size == (96, 128) and budget.cnn_lr == 1e-3
     assert budget.finetune == ["optim.lr=5e-4", "model.num_queries=10"]
     assert DemoBudget().finetune == []  # the default is not modified

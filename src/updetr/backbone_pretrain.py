@@ -6,6 +6,11 @@ trained to classify single objects rendered on photo crops, using only the digit
 the benchmark never draws (odd indices of ``load_digits``) and freshly drawn shapes. It
 never sees a benchmark image or a detection label. The weights are then loaded into the
 detector's frozen-BN backbone (running statistics become the frozen statistics).
+
+An optional second phase (``context_steps``) trains the same CNN on scenes composed from the
+same reserved material so that the pooled feature of a resized crop resembles the scene's own
+features where the crop came from (:func:`crop_context_loss`): the property UP-DETR's query
+patches rely on, which a classifier lacks (``benchmarks/patch_probe.py`` measures it).
 """
 
 from __future__ import annotations
@@ -71,6 +76,34 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
+def crop_context_loss(trunk: torch.nn.Module, scenes: torch.Tensor, boxes_per_image: int, crop_size: int,
+                      gen: torch.Generator, temperature: float = 0.1) -> tuple[torch.Tensor, float]:
+    """InfoNCE between the pooled feature of resized crops and the image's own features over the same boxes.
+
+    ``scenes``: normalised (B, 3, S, S). For each of ``boxes_per_image`` random boxes per scene (sides 12 px to
+    S, any aspect ratio), the crop resized to ``crop_size``² goes through ``trunk`` and is average-pooled (what
+    UP-DETR does to a query patch); the scene's feature map is pooled over the box (``roi_align``). Each crop
+    must pick its own box among all boxes of the batch. Returns the loss and the fraction picked right.
+    """
+    from torchvision.ops import roi_align
+
+    batch, _, height, width = scenes.shape
+    n = batch * boxes_per_image
+    side = torch.empty(n, 2).uniform_(math.log(12), math.log(min(height, width)), generator=gen).exp()
+    corner = torch.rand(n, 2, generator=gen) * (torch.tensor([width, height]) - side)
+    rois = torch.cat([torch.arange(batch).repeat_interleave(boxes_per_image)[:, None].float(), corner, corner + side], 1)
+    rois = rois.to(scenes.device)
+    crops = roi_align(scenes, rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    fmap = trunk(scenes)
+    stride = height / fmap.shape[-2]
+    in_place = roi_align(fmap, rois, output_size=1, spatial_scale=1.0 / stride, sampling_ratio=4, aligned=True).flatten(1)
+    crop_features = trunk(crops.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
+    logits = F.normalize(crop_features, dim=1) @ F.normalize(in_place, dim=1).t() / temperature
+    target = torch.arange(n, device=scenes.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    return loss, float((logits.argmax(1) == target).float().mean())
+
+
 def pretrain_backbone(
     out_path: str | Path,
     *,
@@ -83,8 +116,19 @@ def pretrain_backbone(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    context_steps: int = 0,
+    context_scenes: int = 1600,
+    context_size: int = 128,
+    context_batch: int = 16,
+    context_boxes: int = 8,
+    context_lr: float = 1e-3,
 ) -> dict:
     """Train ``arch`` to classify rendered objects; save its state dict (no ``fc``) to ``out_path``.
+
+    With ``context_steps`` > 0 a second phase follows on ``context_scenes`` reserved scenes
+    (:func:`updetr.data.embedded.render_reserved_scenes`, ``context_size``² pixels): :func:`crop_context_loss`
+    with ``size``² crops, so that a resized crop's pooled feature resembles the scene's own features where the
+    crop came from — the property of the paper's SwAV CNN that UP-DETR's query patches rely on.
 
     Returns a summary with the held-out accuracy (also written next to the weights as JSON).
     """
@@ -115,13 +159,57 @@ def pretrain_backbone(
             bar.update()
     bar.close()
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # measured before the crop-context phase, which leaves the classifier head behind
         correct = sum(int((model(_normalise(val_images[i:i + 250].to(dev))).argmax(1).cpu() == val_labels[i:i + 250]).sum())
                       for i in range(0, len(val_images), 250))
+    context = {}
+    if context_steps > 0:
+        context = _context_phase(model, context_steps, context_scenes, context_size, context_batch, context_boxes,
+                                 size, context_lr, seed, dev, progress)
+        model.eval()
     state = {k: v.cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     save_checkpoint(out_path, {"model": state, "arch": arch})
     summary = {"arch": arch, "num_images": num_images, "size": size, "epochs": epochs, "seed": seed,
-               "val_accuracy": correct / len(val_images), "seconds": round(time.perf_counter() - start, 1)}
+               "val_accuracy": correct / len(val_images), **context, "seconds": round(time.perf_counter() - start, 1)}
     Path(out_path).with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("CNN pre-training: held-out accuracy %.1f%% in %.0f s", 100 * summary["val_accuracy"], summary["seconds"])
     return summary
+
+
+def _context_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size: int, batch: int, boxes: int,
+                   crop_size: int, lr: float, seed: int, dev: torch.device, progress: bool) -> dict:
+    """The crop-context phase of :func:`pretrain_backbone`; returns its summary fields."""
+    from .data.embedded import render_reserved_scenes
+
+    scenes = torch.from_numpy(render_reserved_scenes(num_scenes, scene_size, seed)).permute(0, 3, 1, 2)
+    held_out = torch.from_numpy(render_reserved_scenes(64, scene_size, seed + 1_000_000)).permute(0, 3, 1, 2)
+    trunk = torch.nn.Sequential(*list(model.children())[:-2])  # without avgpool and fc
+    opt = torch.optim.AdamW(trunk.parameters(), lr=lr, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+
+    def held_out_match() -> float:
+        trunk.eval()
+        eval_gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            hits = [crop_context_loss(trunk, _normalise(held_out[i:i + batch].to(dev)).contiguous(
+                memory_format=torch.channels_last), boxes, crop_size, eval_gen)[1] for i in range(0, len(held_out), batch)]
+        trunk.train()
+        return sum(hits) / len(hits)
+
+    before = held_out_match()
+    bar = tqdm(total=steps, desc="CNN crop-context phase", disable=not progress, dynamic_ncols=True)
+    trunk.train()
+    for _ in range(steps):
+        idx = torch.randint(len(scenes), (batch,), generator=gen)
+        x = _normalise(scenes[idx].to(dev)).contiguous(memory_format=torch.channels_last)
+        loss, match = crop_context_loss(trunk, x, boxes, crop_size, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", match=f"{match:.2f}")
+        bar.update()
+    bar.close()
+    after = held_out_match()
+    log.info("CNN crop-context phase: held-out crop-to-box match %.1f%% -> %.1f%% (%d boxes per batch)",
+             100 * before, 100 * after, batch * boxes)
+    return {"context_steps": steps, "context_match_before": round(before, 4), "context_match": round(after, 4)}

@@ -49,6 +49,9 @@ class DemoBudget:
     cnn_size: int = 32
     cnn_batch: int = 128
     cnn_lr: float = 3e-3
+    # then the crop-context phase (backbone_pretrain.crop_context_loss): resized crops of reserved scenes must
+    # point back to their place in the scene's own features, as the paper's SwAV CNN does for query patches
+    cnn_context_steps: int = 0
     pretrain_epochs: int = 3
     finetune_epochs: int = 6
     eval_points: int = 3
@@ -165,13 +168,16 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
     # 2. CNN
     cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed, size=budget.cnn_size,
                    batch=budget.cnn_batch, lr=budget.cnn_lr)
+    if budget.cnn_context_steps:  # keyed only when used, so existing caches stay valid
+        cnn_key["context_steps"] = budget.cnn_context_steps
     cnn_dir = _stage_dir(root, "cnn", cnn_key)
     _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
     if not _done(cnn_dir):
         cnn_dir.mkdir(parents=True, exist_ok=True)
         summary = pretrain_backbone(cnn_dir / "resnet18.pth", num_images=budget.cnn_images, epochs=budget.cnn_epochs,
                                     size=budget.cnn_size, batch_size=budget.cnn_batch, lr=budget.cnn_lr,
-                                    seed=budget.seed, device=_cnn_device(device), progress=progress)
+                                    seed=budget.seed, device=_cnn_device(device), progress=progress,
+                                    context_steps=budget.cnn_context_steps)
         _mark_done(cnn_dir, summary)
     return data_dir, cnn_dir / "resnet18.pth"
 

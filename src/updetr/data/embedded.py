@@ -162,6 +162,31 @@ def _load_assets() -> _Assets:
     return _Assets(photos, names, textures, images, labels, indices, by_label)
 
 
+def reserved_assets() -> _Assets:
+    """The benchmark's photographs and textures with the reserved digit samples (odd indices) instead of its own."""
+    assets = _load_assets()
+    images, labels = reserved_digit_samples()
+    indices = np.flatnonzero(np.arange(len(_digit_source()[1])) % 2 == RESERVED_DIGIT_PARITY)
+    by_label = [np.flatnonzero(labels == d) for d in range(10)]
+    return _Assets(assets.photos, assets.photo_names, assets.textures, images, labels, indices, by_label)
+
+
+_RESERVED_STREAM = 99  # random stream of reserved scenes; the benchmark's splits use _SPLIT_STREAMS
+
+
+def render_reserved_scenes(num: int, size: int, seed: int = 0) -> np.ndarray:
+    """``num`` square scenes (N, size, size, 3) uint8 composed like benchmark images, from reserved digits only.
+
+    Drawn from their own random stream, so no scene equals a benchmark image and no benchmark digit sample
+    appears: material for pre-training a backbone without touching the benchmark.
+    """
+    assets = reserved_assets()
+    out = np.empty((num, size, size, 3), dtype=np.uint8)
+    for i in range(num):
+        out[i] = _compose(np.random.default_rng([seed, _RESERVED_STREAM, i]), assets, size, size).image
+    return out
+
+
 @dataclass
 class _Instance:
     class_index: int  # position in EMBEDDED_THING_CLASSES

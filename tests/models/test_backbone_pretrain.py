@@ -1,0 +1,47 @@
+"""The CNN stage: reserved material only, and the crop-context phase."""
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from updetr.backbone_pretrain import crop_context_loss, pretrain_backbone
+from updetr.data.embedded import RESERVED_DIGIT_PARITY, render_reserved_scenes, reserved_assets
+from updetr.models.backbone import Backbone, load_backbone_weights
+
+
+def test_reserved_scenes_use_reserved_digits_and_are_deterministic():
+    assets = reserved_assets()
+    assert len(assets.digit_indices) > 0 and np.all(assets.digit_indices % 2 == RESERVED_DIGIT_PARITY)
+    first = render_reserved_scenes(3, 64, seed=5)
+    assert first.shape == (3, 64, 64, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, render_reserved_scenes(3, 64, seed=5))
+    assert not np.array_equal(first, render_reserved_scenes(3, 64, seed=6))
+
+
+def test_crop_context_loss_is_learnable():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1))
+    scenes = torch.from_numpy(render_reserved_scenes(4, 64, seed=0)).permute(0, 3, 1, 2).float() / 255 - 0.5
+    opt = torch.optim.Adam(trunk.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, match = crop_context_loss(trunk, scenes, 4, 16, torch.Generator().manual_seed(1))  # the same boxes
+        assert torch.isfinite(loss) and 0.0 <= match <= 1.0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cnn_stage_with_context_phase_reports_both_phases_and_loads(tmp_path):
+    out = tmp_path / "cnn" / "resnet18.pth"
+    summary = pretrain_backbone(out, num_images=64, size=32, epochs=1, batch_size=32, seed=0, progress=False,
+                                context_steps=2, context_scenes=8, context_size=64, context_batch=4, context_boxes=2)
+    assert summary["context_steps"] == 2 and 0.0 <= summary["context_match"] <= 1.0
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert json.loads(out.with_suffix(".json").read_text()) == summary
+    backbone = Backbone("resnet18", trainable=False)
+    load_backbone_weights(backbone, str(out))

@@ -97,20 +97,23 @@ def _digit_source() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
 
 
+def _digit_samples(reserved: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images, labels, indices in load_digits)`` of the reserved (odd) or the benchmark's (even) samples."""
+    images, labels = _digit_source()
+    indices = np.flatnonzero((np.arange(len(labels)) % 2 == RESERVED_DIGIT_PARITY) == reserved)
+    return images[indices], labels[indices], indices
+
+
 def benchmark_digit_samples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The digit samples the benchmark draws from: ``(images (K, 8, 8) float in [0, 1], labels (K,), indices (K,))``,
     where ``indices`` are the even positions in ``sklearn.datasets.load_digits``."""
-    images, labels = _digit_source()
-    indices = np.flatnonzero(np.arange(len(labels)) % 2 != RESERVED_DIGIT_PARITY)
-    return images[indices], labels[indices], indices
+    return _digit_samples(reserved=False)
 
 
 def reserved_digit_samples() -> tuple[np.ndarray, np.ndarray]:
     """The digit samples the benchmark never uses (odd index in ``load_digits``): ``(images (K, 8, 8) float in
     [0, 1], labels (K,))``, for pre-training a backbone on material disjoint from the benchmark."""
-    images, labels = _digit_source()
-    indices = np.flatnonzero(np.arange(len(labels)) % 2 == RESERVED_DIGIT_PARITY)
-    return images[indices], labels[indices]
+    return _digit_samples(reserved=True)[:2]
 
 
 def load_split(out_dir: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -131,13 +134,14 @@ class _Assets:
     photos: list[Image.Image]  # RGB photographs
     photo_names: list[str]
     textures: dict[str, Image.Image]  # mode "F", contrast-stretched to about [0, 1]
-    digit_images: np.ndarray  # (K, 8, 8) float in [0, 1], even-index samples only
+    digit_images: np.ndarray  # (K, 8, 8) float in [0, 1]: even-index samples (odd ones for reserved assets)
     digit_labels: np.ndarray  # (K,)
     digit_indices: np.ndarray  # (K,) index in load_digits
     digits_by_label: list[np.ndarray]  # positions into the arrays above, one array per digit
 
 
-def _load_assets() -> _Assets:
+def _load_assets(reserved: bool = False) -> _Assets:
+    """Photographs, textures and digits; ``reserved`` takes the digit samples the benchmark never uses."""
     import skimage.data
 
     photos, names = [], []
@@ -157,18 +161,14 @@ def _load_assets() -> _Assets:
         texture = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
         low, high = np.percentile(texture, [2, 98])
         textures[name] = Image.fromarray((texture - low) / (high - low))
-    images, labels, indices = benchmark_digit_samples()
+    images, labels, indices = _digit_samples(reserved)
     by_label = [np.flatnonzero(labels == d) for d in range(10)]
     return _Assets(photos, names, textures, images, labels, indices, by_label)
 
 
 def reserved_assets() -> _Assets:
     """The benchmark's photographs and textures with the reserved digit samples (odd indices) instead of its own."""
-    assets = _load_assets()
-    images, labels = reserved_digit_samples()
-    indices = np.flatnonzero(np.arange(len(_digit_source()[1])) % 2 == RESERVED_DIGIT_PARITY)
-    by_label = [np.flatnonzero(labels == d) for d in range(10)]
-    return _Assets(assets.photos, assets.photo_names, assets.textures, images, labels, indices, by_label)
+    return _load_assets(reserved=True)
 
 
 _RESERVED_STREAM = 99  # random stream of reserved scenes; the benchmark's splits use _SPLIT_STREAMS

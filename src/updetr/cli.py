@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, ConfigError, make_config
-from .data.embedded import EMBEDDED_LAYOUT, embedded_data_overrides  # noqa: F401 (EMBEDDED_LAYOUT: re-exported)
+from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE, embedded_data_overrides
 
 log = logging.getLogger("updetr")
-
 
 
 def _setup_logging(rank: int = 0, verbose: bool = False) -> None:
@@ -302,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-unlabeled", type=int, default=1600)
     q.add_argument("--min-size", type=int, default=128, help="smallest image side")
     q.add_argument("--max-size", type=int, default=192, help="largest image side")
-    q.add_argument("--object-size", type=float, nargs=2, default=[0.0, 0.45], metavar=("MIN", "MAX"),
-                   help="object side range as fractions of the image's shorter side (default 0 0.45; never below 12 px)")
-    q.add_argument("--max-objects", type=int, default=8, help="most objects drawn per image (default 8)")
+    q.add_argument("--object-size", type=float, nargs=2, default=list(DEFAULT_OBJECT_SIZE), metavar=("MIN", "MAX"),
+                   help="object side range as fractions of the image's shorter side (default %(default)s; never below 12 px)")
+    q.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS,
+                   help="most objects drawn per image (default %(default)s)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_data_embedded)
 

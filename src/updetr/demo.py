@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, make_config
+from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class DemoBudget:
     num_val: int = 200
     num_unlabeled: int = 1600
     image_size: tuple[int, int] = (128, 192)
-    object_size: tuple[float, float] = (0.0, 0.45)  # object sides as fractions of the image's shorter side
-    max_objects: int = 8  # most objects drawn per image
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE  # object sides as fractions of the image's shorter side
+    max_objects: int = DEFAULT_MAX_OBJECTS  # most objects drawn per image
     # the CNN stage: 32-pixel crops (objects of 10-27 px, the benchmark's typical size) train a
     # ResNet-18 several times faster than 64-pixel ones; measured held-out accuracy 50-57 % in ~100 s
     # on 2 cores, against 17 % for 64-pixel crops in the same time
@@ -157,7 +158,7 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                     num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
                     object_size=list(budget.object_size))
-    if budget.max_objects != 8:  # keyed only when changed, so existing caches stay valid
+    if budget.max_objects != DEFAULT_MAX_OBJECTS:  # keyed only when changed, so existing caches stay valid
         data_key["max_objects"] = budget.max_objects
     data_dir = _stage_dir(root, "data", data_key)
     _stage_banner(1, "embedded benchmark", data_dir)

@@ -9,7 +9,7 @@ import torch
 
 from updetr import cli
 from updetr.config import ModelConfig, PretrainConfig, make_config
-from updetr.data.embedded import ONESHOT_UNSEEN, generate_embedded
+from updetr.data.embedded import EMBEDDED_LAYOUT, ONESHOT_UNSEEN, embedded_data_overrides, generate_embedded
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.engine.one_shot import OneShotOptions, OneShotTask, add_oneshot_parser, evaluate_one_shot, parse_exemplar
 from updetr.models import build_updetr
@@ -131,8 +131,8 @@ def test_eval_rejects_other_checkpoints_and_init_from_pretraining_keeps_patch2qu
     save_checkpoint(tmp_path / "pre.pth", {"model": pretrained.state_dict(), "task": "pretrain"})
     assert run("eval", "--no-progress", "--checkpoint", str(tmp_path / "pre.pth")) == 2
     assert "not one from `updetr oneshot train`" in capsys.readouterr().err
-    overrides = [s for s in TINY if s != "--set"] + [f"data.root={json.dumps(str(bench))}", f"init_from={json.dumps(str(tmp_path / 'pre.pth'))}"]
-    overrides += [f"data.{k}={json.dumps(v)}" for k, v in cli.EMBEDDED_LAYOUT.items()]
+    overrides = [s for s in TINY if s != "--set"] + [f"init_from={json.dumps(str(tmp_path / 'pre.pth'))}"]
+    overrides += embedded_data_overrides(bench)
     cfg = make_config("small", None, overrides)
     task = OneShotTask(cfg, OneShotOptions(freeze_backbone=True))
     task.train_dataset()
@@ -158,7 +158,7 @@ def test_oracle_predictions_score_100(bench):
     from updetr.engine.one_shot import run_one_shot_evaluation
     from updetr.structures import DetectionOutput
 
-    data = DataConfig(root=str(bench), **cli.EMBEDDED_LAYOUT, val_size=64, max_size=96, batch_size=3, num_workers=0)
+    data = DataConfig(root=str(bench), **EMBEDDED_LAYOUT, val_size=64, max_size=96, batch_size=3, num_workers=0)
     test = build_detection_dataset(data, "val")
     episodes = OneShotEpisodes(test, list(range(len(test.classes))), query_size=16, min_exemplar_size=8, num_draws=2)
     loader = make_loader(episodes, collate_one_shot, 3, 0, DistInfo(), train=False, seed=0)

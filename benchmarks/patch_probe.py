@@ -64,8 +64,8 @@ def probe(task: PretrainTask, num_images: int, seed: int = 0) -> dict[str, float
                     counts["random cell"] += _inside(ys[r], xs[r], box, tol_y, tol_x)
                     inside = torch.tensor([_inside(y, x, box, tol_y, tol_x) for y, x in zip(ys, xs)])
                     own = F.normalize(fmap[:, inside].mean(1), dim=0) if inside.any() else fmap.mean(1)
-                    counts["pooled in place"] += _inside(*(lambda j: (ys[j], xs[j]))(int((own @ fmap).argmax())), box,
-                                                          tol_y, tol_x)
+                    best_own = int((own @ fmap).argmax())
+                    counts["pooled in place"] += _inside(ys[best_own], xs[best_own], box, tol_y, tol_x)
                     total += 1
     return {name: value / max(total, 1) for name, value in counts.items()} | {"patches": total}
 

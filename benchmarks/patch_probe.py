@@ -23,8 +23,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from updetr.config import make_config
+from updetr.config import ConfigError, make_config
+from updetr.data.io import DataError
 from updetr.engine.pretrain import PretrainTask
+from updetr.models.backbone import BackboneWeightsError
 
 
 def _inside(y: float, x: float, box: torch.Tensor, tol_y: float, tol_x: float) -> bool:
@@ -81,8 +83,11 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f'data.images="{args.images}"', f'model.backbone_weights="{args.backbone_weights}"',
                  "data.num_workers=0", *args.set]
-    cfg = make_config(args.preset, file=args.config, overrides=overrides)
-    result = probe(PretrainTask(cfg), args.images_used)
+    try:
+        cfg = make_config(args.preset, file=args.config, overrides=overrides)
+        result = probe(PretrainTask(cfg), args.images_used)
+    except (ConfigError, DataError, BackboneWeightsError) as error:
+        raise SystemExit(f"patch_probe: {error}") from None
     print(f"{result['patches']} query patches ({cfg.model.backbone}, stage {cfg.model.backbone_stage}, "
           f"{cfg.pretrain.query_size}² crops): most similar cell inside the patch box")
     for name in ("crop", "random cell", "pooled in place"):

@@ -101,6 +101,9 @@ class DataConfig:
     # the CPU convolution kernels built for a shape are reused (a new shape costs seconds)
     batch_size: int = 2  # per process
     num_workers: int = 2
+    # frozen CNN only: run it once per image (eval size, and the mirror image) and train on the
+    # stored maps; no multi-scale / crop augmentation (updetr.data.feature_cache)
+    cache_features: bool = False
 
 
 @dataclass

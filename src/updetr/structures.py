@@ -55,6 +55,43 @@ class ImageBatch:
         return cls(pixels, mask)
 
 
+@dataclass
+class FeatureBatch:
+    """A batch of precomputed last-layer CNN features, padded to a common size.
+
+    What a frozen backbone would return for an :class:`ImageBatch`; used when the
+    features were computed once and cached (``data.cache_features``).
+
+    Attributes:
+        features: float tensor (B, Cb, h, w); padded cells are 0.
+        padding_mask: bool tensor (B, h, w); ``True`` marks padding (not image).
+    """
+
+    features: Tensor
+    padding_mask: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "FeatureBatch":
+        return FeatureBatch(
+            self.features.to(device, non_blocking=non_blocking),
+            self.padding_mask.to(device, non_blocking=non_blocking),
+        )
+
+    @classmethod
+    def from_tensors(cls, features: list[Tensor]) -> "FeatureBatch":
+        """Pad a list of (Cb, h_i, w_i) feature maps to a batch, bottom/right padding."""
+        if not features:
+            raise ValueError("FeatureBatch.from_tensors needs at least one feature map")
+        max_h = max(f.shape[-2] for f in features)
+        max_w = max(f.shape[-1] for f in features)
+        out = features[0].new_zeros((len(features), features[0].shape[0], max_h, max_w))
+        mask = torch.ones((len(features), max_h, max_w), dtype=torch.bool)
+        for i, f in enumerate(features):
+            h, w = f.shape[-2:]
+            out[i, :, :h, :w] = f
+            mask[i, :h, :w] = False
+        return cls(out, mask)
+
+
 class Target(TypedDict, total=False):
     """Annotations of one image, as every dataset of this package yields them.
 

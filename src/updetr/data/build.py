@@ -13,14 +13,16 @@ from updetr.data.voc import VOCDetection
 __all__ = ["build_detection_dataset"]
 
 
-def build_detection_dataset(cfg: DataConfig, split: str, *, return_masks: bool = False) -> CocoStyleDataset:
+def build_detection_dataset(cfg: DataConfig, split: str, *, return_masks: bool = False,
+                            augment: bool | None = None) -> CocoStyleDataset:
     """The ``"train"`` or ``"val"`` dataset of ``cfg``, with its transforms attached.
 
     ``cfg.format == "coco"``: :class:`CocoDetection` over ``cfg.{split}_images`` and
     ``cfg.{split}_annotations``; ``"voc"``: :class:`VOCDetection` over ``cfg.root`` with
     ``cfg.voc_{split}_sets`` and ``cfg.voc_difficult``. Relative paths are resolved against
     ``cfg.root`` (the working directory when it is empty). Train uses the augmenting
-    transform, val the eval resize (``updetr.data.transforms.build_transforms``).
+    transform, val the eval resize (``updetr.data.transforms.build_transforms``);
+    ``augment`` overrides that choice (``False``: the eval resize for the train split too).
 
     Raises:
         ValueError: unknown ``split``.
@@ -33,7 +35,7 @@ def build_detection_dataset(cfg: DataConfig, split: str, *, return_masks: bool =
     root = Path(cfg.root) if cfg.root else None
     if root is not None and not root.is_dir():
         raise DataError(f"data.root={cfg.root!r}: folder not found")
-    transforms = build_transforms(cfg, train=train)
+    transforms = build_transforms(cfg, train=train if augment is None else augment)
 
     if cfg.format == "coco":
         images = _resolve(root, cfg.train_images if train else cfg.val_images)

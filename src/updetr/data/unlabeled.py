@@ -513,6 +513,11 @@ class UnlabeledImages(Dataset):
         return np.random.default_rng([self.seed & mask, self.epoch & mask, int(index) & mask])
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target, Tensor]:
+        return self.sample(index)  # type: ignore[return-value]
+
+    def sample(self, index: int, *, with_image: bool = True) -> tuple[Tensor | None, Target, Tensor]:
+        """Sample ``index`` of the current epoch; ``with_image=False`` skips resizing and normalising
+        the image (``None`` in its place; for cached image features) and draws the same patches."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         file_index, pixels = self._load_usable(index)  # uint8 (3, h, w)
@@ -530,7 +535,7 @@ class UnlabeledImages(Dataset):
                             size=(q, q), mode="bilinear", antialias=True)[0]  # uint8 (3, q, q)
             for x0, y0, x1, y1 in boxes_xyxy_px.tolist()
         ]
-        image_uint8 = F.resize(pixels, list(new_hw), antialias=True)  # (3, H, W)
+        image_uint8 = F.resize(pixels, list(new_hw), antialias=True) if with_image else None  # (3, H, W)
 
         augmentation = PatchAugmentation.draw(self.num_patches, rng) if self.augment else None
         patches = torch.empty(self.num_patches, 3, q, q)  # (M, 3, q, q)
@@ -541,14 +546,7 @@ class UnlabeledImages(Dataset):
                 augmentation.apply(patch, i)
             x -= _MEAN_NP
             x *= _INV_STD_NP
-        image_np = image_uint8.numpy()
-        image = torch.empty(image_np.shape)
-        out = image.numpy()
-        rows = max(1, _CHUNK // (3 * out.shape[2]))
-        for r0 in range(0, out.shape[1], rows):
-            block = out[:, r0:r0 + rows]
-            np.multiply(image_np[:, r0:r0 + rows], _SCALE_255_NP, out=block)
-            block -= _MEAN_OVER_STD_NP
+        image = None if image_uint8 is None else _normalize(image_uint8)
 
         sides = (boxes_xyxy_px[:, 2:] - boxes_xyxy_px[:, :2]).float()  # (M, 2) width, height
         m = self.num_patches
@@ -563,6 +561,13 @@ class UnlabeledImages(Dataset):
             "iscrowd": torch.zeros(m, dtype=torch.int64),
         }
         return image, target, patches
+
+    def fixed_size_image(self, index: int, size: int) -> tuple[int, Tensor]:
+        """(file index, normalised float (3, H, W) image) of sample ``index`` resized to shortest
+        side ``size`` (longest ``<= max_size``), without random draws."""
+        file_index, pixels = self._load_usable(index)
+        new_hw = resized_size(*pixels.shape[-2:], size, self.max_size)
+        return file_index, _normalize(F.resize(pixels, list(new_hw), antialias=True))
 
     def _load_usable(self, index: int) -> tuple[int, Tensor]:
         """The first usable file from ``index`` on (wrapping around), decoded to uint8 (3, h, w)."""
@@ -592,6 +597,19 @@ class UnlabeledImages(Dataset):
             logger.warning("skipping image (%s): %s", reason, message)
             if len(self._bad) == _MAX_WARNINGS:
                 logger.warning("further skipped images are counted in UnlabeledImages.skipped, not logged")
+
+
+def _normalize(image_uint8: Tensor) -> Tensor:
+    """uint8 (3, H, W) -> float (3, H, W) normalised with ImageNet mean/std, in cache-sized row blocks."""
+    image_np = image_uint8.numpy()
+    image = torch.empty(image_np.shape)
+    out = image.numpy()
+    rows = max(1, _CHUNK // (3 * out.shape[2]))
+    for r0 in range(0, out.shape[1], rows):
+        block = out[:, r0:r0 + rows]
+        np.multiply(image_np[:, r0:r0 + rows], _SCALE_255_NP, out=block)
+        block -= _MEAN_OVER_STD_NP
+    return image
 
 
 def _decode_rgb(path: str) -> Tensor:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_detection
+from ..data.feature_cache import CachedDetection, collate_features
 from ..evaluation.coco_eval import CocoEvaluator
 from ..evaluation.postprocess import postprocess_detections
 from ..losses.criterion import build_criterion
@@ -42,7 +43,8 @@ class DetectionTask:
 
     def train_dataset(self) -> Dataset:
         if self._train is None:
-            self._train = build_detection_dataset(self.cfg.data, "train")
+            # cached CNN features are computed once per image, at the eval size
+            self._train = build_detection_dataset(self.cfg.data, "train", augment=not self.cfg.data.cache_features)
             self.classes, self.category_ids = list(self._train.classes), list(self._train.category_ids)
         return self._train
 
@@ -58,7 +60,20 @@ class DetectionTask:
         return self._val
 
     def collate(self, batch: list) -> Any:
+        if self.cfg.data.cache_features:
+            return collate_features(batch)
         return collate_detection(batch, self.cfg.data.size_divisibility)
+
+    def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset | None]:
+        """Wrap the datasets in :class:`CachedDetection` (the frozen CNN run once per image)."""
+        data = self.cfg.data
+        train = CachedDetection(self.train_dataset(), model, device, hflip=data.hflip, seed=self.cfg.seed,
+                                num_workers=data.num_workers, progress=progress, desc="caching CNN features (train)")
+        val = self.val_dataset()
+        if val is not None:
+            val = CachedDetection(val, model, device, num_workers=data.num_workers, progress=progress,
+                                  desc="caching CNN features (val)")
+        return train, val
 
     @property
     def num_classes(self) -> int:

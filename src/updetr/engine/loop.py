@@ -166,7 +166,13 @@ class FitResult:
 
 
 def make_loader(dataset: Dataset, collate, batch_size: int, num_workers: int, dist_info: DistInfo, *, train: bool, seed: int) -> DataLoader:
-    """Deterministic, distributed-aware loader: the shuffle order is a function of (seed, epoch)."""
+    """Deterministic, distributed-aware loader: the shuffle order is a function of (seed, epoch).
+
+    A dataset that says it is ``in_memory`` (cached features) is read in this process: worker
+    processes would only add the cost of sending its tensors back.
+    """
+    if getattr(dataset, "in_memory", False):
+        num_workers = 0
     sampler = DistributedSampler(
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=train, seed=seed, drop_last=False
     )
@@ -201,6 +207,11 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
     train_set = task.train_dataset()
     val_set = task.val_dataset()
     model = task.build_model().to(device)
+    if cfg.data.cache_features:
+        cache = getattr(task, "cache_features", None)
+        if cache is None:
+            raise ValueError(f"data.cache_features: the {task.name} task cannot train on cached CNN features")
+        train_set, val_set = cache(model, device, progress)
     criterion = task.build_criterion().to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None

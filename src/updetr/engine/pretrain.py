@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 from ..box_ops import cxcywh_to_xyxy
 from ..config import Config
 from ..data.collate import collate_with_patches
+from ..data.feature_cache import CachedPretrainImages, collate_features_with_patches, pretrain_feature_table
 from ..data.unlabeled import UnlabeledImages
 from ..losses.criterion import build_criterion
 from ..models import build_updetr
@@ -70,7 +71,17 @@ class PretrainTask:
         return Subset(full, list(range(min(EVAL_IMAGES, len(full)))))
 
     def collate(self, batch: list) -> Any:
+        if self.cfg.data.cache_features:
+            return collate_features_with_patches(batch)
         return collate_with_patches(batch, self.cfg.data.size_divisibility)
+
+    def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset]:
+        """Image features from the frozen CNN once per file (eval size); patches are drawn as always."""
+        train = self.train_dataset()
+        table = pretrain_feature_table(train, model, device, self.cfg.data.val_size, progress=progress)
+        full_val = self._dataset(augment=False, seed=self.cfg.seed + 1)
+        val = Subset(CachedPretrainImages(full_val, table), list(range(min(EVAL_IMAGES, len(full_val)))))
+        return CachedPretrainImages(train, table), val
 
     @property
     def eos_coef(self) -> float:

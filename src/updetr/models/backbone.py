@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..structures import ImageBatch
+from ..structures import FeatureBatch, ImageBatch
 from .position_encoding import build_position_encoding
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,16 @@ class Backbone(nn.Module):
 
     unpadded: bool = False  # frozen CNN: run images grouped by their own (rounded) size, not the batch's
 
-    def forward(self, images: ImageBatch) -> list[tuple[Tensor, Tensor]]:
-        """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last."""
+    def forward(self, images: ImageBatch | FeatureBatch) -> list[tuple[Tensor, Tensor]]:
+        """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last.
+
+        A :class:`FeatureBatch` holds this frozen CNN's features computed earlier (a cache); they
+        are passed through as they are.
+        """
+        if isinstance(images, FeatureBatch):
+            if self.trainable or len(self.strides) != 1:
+                raise ValueError("precomputed CNN features need a frozen backbone that returns only its last layer")
+            return [(images.features, images.padding_mask)]
         if self.unpadded and not self.trainable and len(self.strides) == 1:
             feats = {"0": self._unpadded_features(images)}
         else:

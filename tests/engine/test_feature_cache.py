@@ -1,0 +1,149 @@
+"""Cached frozen-CNN features (data.cache_features): same features and targets as the pixel path."""
+
+import pytest
+import torch
+
+from updetr.config import make_config
+from updetr.data.build import build_detection_dataset
+from updetr.data.feature_cache import (
+    CachedDetection, CachedPretrainImages, collate_features, collate_features_with_patches, pretrain_feature_table,
+)
+from updetr.data.unlabeled import UnlabeledImages
+from updetr.engine.detection import DetectionTask
+from updetr.engine.distributed import DistInfo
+from updetr.engine.loop import fit
+from updetr.engine.pretrain import PretrainTask
+from updetr.models import build_detr
+from updetr.structures import FeatureBatch, ImageBatch
+
+TINY = [
+    "model.backbone=resnet18", "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
+    "model.dec_layers=2", "model.ffn_dim=64", "model.num_queries=8", "model.dropout=0.0",
+    "pretrain.num_patches=2", "pretrain.query_size=32",
+    "data.scales=[64,80]", "data.max_size=128", "data.crop_resize=[64]", "data.crop_size=[48,64]",
+    "data.val_size=64", "data.batch_size=4", "data.num_workers=0", "optim.epochs=2", "optim.lr_backbone=0",
+]
+
+
+def detection_config(embedded, out, *extra):
+    layout = [f'data.root="{embedded}"', 'data.train_images="train"', 'data.val_images="val"',
+              'data.train_annotations="annotations/instances_train.json"',
+              'data.val_annotations="annotations/instances_val.json"', f'output_dir="{out}"']
+    return make_config("small", overrides=TINY + layout + list(extra))
+
+
+def frozen_detr(cfg):
+    torch.manual_seed(0)
+    return build_detr(cfg.model, 14, train_backbone=False).eval()
+
+
+def test_feature_batch_pads_bottom_right_and_masks_padding():
+    a, b = torch.ones(3, 2, 4), torch.full((3, 3, 2), 2.0)
+    batch = FeatureBatch.from_tensors([a, b])
+    assert batch.features.shape == (2, 3, 3, 4)
+    assert torch.equal(batch.features[0, :, :2, :4], a) and batch.features[0, :, 2:].abs().sum() == 0
+    assert torch.equal(batch.features[1, :, :3, :2], b) and batch.features[1, :, :, 2:].abs().sum() == 0
+    assert batch.padding_mask[0].tolist() == [[False] * 4, [False] * 4, [True] * 4]
+    assert batch.padding_mask[1].tolist() == [[False, False, True, True]] * 3
+
+
+def test_cached_features_give_the_pixel_path_outputs(embedded, tmp_path):
+    """On an image whose sides are multiples of 64 (no padding anywhere), DETR on the cached
+    features returns what DETR on the pixels returns; the mirrored view is the mirror image's."""
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    val = build_detection_dataset(cfg.data, "val", augment=False)
+    cached = CachedDetection(val, model, torch.device("cpu"), hflip=1.0, progress=False)
+    pixels, target = val[0]
+    crop = pixels[:, :64, :64]  # a 64 x 64 image: the cache's padding to 64 adds nothing
+    with torch.no_grad():
+        direct = model(ImageBatch.from_tensors([crop]))
+        feats = list(model.backbone[0].body(crop[None].contiguous(memory_format=torch.channels_last)).values())[-1]
+        via_cache = model(FeatureBatch(feats, torch.zeros(1, *feats.shape[-2:], dtype=torch.bool)))
+    torch.testing.assert_close(via_cache.logits, direct.logits)
+    torch.testing.assert_close(via_cache.boxes, direct.boxes)
+
+    # the cache's own maps: image and mirror image, cropped to ceil(size / 32) cells
+    h, w = (int(s) for s in target["size"])
+    features, _ = cached[0]
+    assert features.shape[-2:] == (-(-h // 32), -(-w // 32))
+    padded = torch.zeros(1, 3, -(-h // 64) * 64, -(-w // 64) * 64)
+    padded[0, :, :h, :w] = pixels.flip(-1)
+    with torch.no_grad():
+        expected = list(model.backbone[0].body(padded.contiguous(memory_format=torch.channels_last)).values())[-1][0]
+    torch.testing.assert_close(features, expected[:, : features.shape[-2], : features.shape[-1]], rtol=1e-4, atol=1e-4)
+
+
+def test_flips_mirror_boxes_and_are_a_function_of_seed_epoch_index(embedded, tmp_path):
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    train = build_detection_dataset(cfg.data, "train", augment=False)
+    cached = CachedDetection(train, model, torch.device("cpu"), hflip=0.5, seed=3, progress=False)
+    again = CachedDetection(train, model, torch.device("cpu"), hflip=0.5, seed=3, progress=False)
+    flips = []
+    for epoch in range(4):
+        cached.set_epoch(epoch)
+        again.set_epoch(epoch)
+        for i in range(len(cached)):
+            flipped = cached.flipped(i)
+            assert flipped == again.flipped(i)
+            flips.append(flipped)
+            features, target = cached[i]
+            _, plain = train[i]
+            expected = plain["boxes"].clone()
+            if flipped:
+                expected[:, 0] = 1 - expected[:, 0]
+            torch.testing.assert_close(target["boxes"], expected)
+            assert torch.equal(target["labels"], plain["labels"])
+            assert features is cached._features[i][int(flipped)]
+    assert 0 < sum(flips) < len(flips)  # both views are used
+    images, targets = collate_features([cached[0], cached[1]])
+    assert isinstance(images, FeatureBatch) and images.features.shape[0] == 2 and len(targets) == 2
+
+
+def test_a_trainable_cnn_cannot_be_cached(embedded, tmp_path):
+    cfg = detection_config(embedded, tmp_path)
+    model = build_detr(cfg.model, 14, train_backbone=True)
+    val = build_detection_dataset(cfg.data, "val", augment=False)
+    with pytest.raises(ValueError, match="frozen CNN"):
+        CachedDetection(val, model, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        model(FeatureBatch(torch.zeros(1, 512, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool)))
+
+
+def test_pretraining_samples_keep_their_patches_and_use_the_cached_image(embedded, tmp_path):
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    images = UnlabeledImages(embedded / "unlabeled", num_patches=2, query_size=32, scales=(64, 80), max_size=128, seed=5)
+    table = pretrain_feature_table(images, model, torch.device("cpu"), 64, progress=False)
+    assert sorted(table) == list(range(len(images)))
+    cached = CachedPretrainImages(images, table)
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        for i in range(len(images)):
+            image, target, patches = images[i]
+            features, cached_target, cached_patches = cached[i]
+            assert torch.equal(cached_patches, patches)  # same draws with and without the image
+            assert torch.equal(cached_target["boxes"], target["boxes"])
+            file_index, fixed = images.fixed_size_image(i, 64)
+            assert min(cached_target["size"].tolist()) == 64 and cached_target["size"].tolist() == list(fixed.shape[-2:])
+            assert features is table[file_index][0]
+    batch, targets, patches = collate_features_with_patches([cached[0], cached[1]])
+    assert isinstance(batch, FeatureBatch) and patches.shape == (2, 2, 3, 32, 32)
+
+
+def test_training_and_pretraining_run_on_cached_features(embedded, tmp_path):
+    cfg = detection_config(embedded, tmp_path / "det", "data.cache_features=true")
+    result = fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)
+    assert "AP" in result.final_metrics
+    pre = make_config("pretrain-small", overrides=TINY + [
+        f'data.root="{embedded}"', 'data.images="unlabeled"', f'output_dir="{tmp_path / "pre"}"',
+        "data.cache_features=true", "optim.epochs=1"])
+    result = fit(PretrainTask(pre), pre, DistInfo(), progress=False)
+    assert 0.0 <= result.final_metrics["hit_rate"] <= 100.0
+
+
+def test_cache_with_a_trainable_backbone_is_an_error(embedded, tmp_path):
+    cfg = detection_config(embedded, tmp_path, "data.cache_features=true", "optim.lr_backbone=1e-5")
+    with pytest.raises(ValueError, match="frozen CNN"):
+        fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)

@@ -53,6 +53,9 @@ class DemoBudget:
     # then the crop-context phase (backbone_pretrain.crop_context_loss): resized crops of reserved scenes must
     # point back to their place in the scene's own features, as the paper's SwAV CNN does for query patches
     cnn_context_steps: int = 0
+    # both arms and the pre-training keep the CNN frozen, so its features are computed once per
+    # image (data.cache_features): ~4x faster fine-tuning steps, ~2x pre-training steps
+    cache_features: bool = True
     pretrain_epochs: int = 3
     finetune_epochs: int = 6
     eval_points: int = 3
@@ -183,6 +186,39 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
     return data_dir, cnn_dir / "resnet18.pth"
 
 
+def common_overrides(data_dir: Path, cnn_weights: Path, seed: int, device: str) -> list[str]:
+    """The data, CNN, seed and device settings every training stage of one seed shares."""
+    from .data.embedded import embedded_data_overrides
+
+    return embedded_data_overrides(data_dir) + [
+        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
+
+
+def _cached(cfg: Config, budget: DemoBudget, frozen: bool) -> Config:
+    """``data.cache_features`` on where the budget asks for it and the stage's CNN is frozen."""
+    return cfg.override(["data.cache_features=true"]) if budget.cache_features and frozen else cfg
+
+
+def pretrain_config(budget: DemoBudget, common: list[str], epochs: int, extra: list[str] | None = None) -> Config:
+    """Stage 3, UP-DETR pre-training (``extra``: settings applied last, e.g. an ablation's)."""
+    cfg = make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [
+        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", "eval_every=0"] + list(extra or []))
+    return _cached(cfg, budget, cfg.pretrain.freeze_backbone)
+
+
+def finetune_config(budget: DemoBudget, common: list[str], epochs: int, init_from: str) -> Config:
+    """Stages 4-5: fine-tuning (``init_from`` a pre-training checkpoint) or DETR (``""``).
+
+    Evaluation every ``max(1, F // eval_points)`` epochs for every schedule (F = the budget's
+    ``finetune_epochs``), so a 2F curve shares the F schedule's evaluation epochs.
+    """
+    every = max(1, budget.finetune_epochs // budget.eval_points)
+    cfg = make_config("embedded", overrides=budget.model + common + budget.finetune + [
+        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", f"eval_every={every}",
+        f"init_from={json.dumps(init_from)}"])
+    return _cached(cfg, budget, cfg.optim.lr_backbone == 0)
+
+
 def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = "auto", progress: bool = True,
              budget: DemoBudget | None = None) -> DemoResult:
     from .engine.detection import DetectionTask
@@ -195,15 +231,10 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
 
     data_dir, cnn_weights = prepare_inputs(root, budget, device, progress)
 
-    from .data.embedded import embedded_data_overrides
-
-    common = embedded_data_overrides(data_dir) + [
-        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={budget.seed}", f"device={json.dumps(device)}"]
+    common = common_overrides(data_dir, cnn_weights, budget.seed, device)
 
     # 3. UP-DETR pre-training
-    pre_cfg = make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [
-        f"optim.epochs={budget.pretrain_epochs}", f"optim.lr_drop={max(1, budget.pretrain_epochs * 2 // 3)}",
-        "eval_every=0"])
+    pre_cfg = pretrain_config(budget, common, budget.pretrain_epochs)
     pre_dir = _stage_dir(root, "pretrain", pre_cfg.to_dict())
     _stage_banner(3, "UP-DETR pre-training on the unlabelled split", pre_dir)
     if not _done(pre_dir):
@@ -213,14 +244,10 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     pretrained = pre_dir / "checkpoint.pth"
 
     # 4-5. fine-tuning vs DETR, same CNN, schedule, seed
-    every = max(1, budget.finetune_epochs // budget.eval_points)
     arms = {}
     for arm, init in (("DETR", ""), ("UP-DETR", str(pretrained))):
-        cfg = make_config("embedded", overrides=budget.model + common + budget.finetune + [
-            f"optim.epochs={budget.finetune_epochs}", f"optim.lr_drop={max(1, budget.finetune_epochs * 2 // 3)}",
-            f"eval_every={every}", f'init_from="{init}"'])
-        key = cfg.to_dict()
-        run_dir = _stage_dir(root, arm.lower().replace("-", ""), key)
+        cfg = finetune_config(budget, common, budget.finetune_epochs, init)
+        run_dir = _stage_dir(root, arm.lower().replace("-", ""), cfg.to_dict())
         _stage_banner(4 if arm == "DETR" else 5, f"{arm}: fine-tuning on the labelled split", run_dir)
         if not _done(run_dir):
             info = _run_fit(DetectionTask, cfg.override([f'output_dir="{run_dir}"']), progress)

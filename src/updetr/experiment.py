@@ -27,7 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .demo import DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, make_config, prepare_inputs
+from .demo import (
+    DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, common_overrides, finetune_config,
+    prepare_inputs, pretrain_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,32 +102,6 @@ class ExperimentResult:
 def length_points(pretrain_epochs: int) -> list[int]:
     """Distinct whole numbers of pre-training epochs for ``LENGTH_FRACTIONS`` of P (at least 1)."""
     return sorted({max(1, round(f * pretrain_epochs)) for f in LENGTH_FRACTIONS})
-
-
-def common_overrides(data_dir: Path, cnn_weights: Path, seed: int, device: str) -> list[str]:
-    """The data, CNN, seed and device settings every run of one seed shares (as ``run_demo`` sets them)."""
-    from .data.embedded import embedded_data_overrides
-
-    return embedded_data_overrides(data_dir) + [
-        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
-
-
-def pretrain_config(budget: DemoBudget, common: list[str], epochs: int, extra: list[str]) -> Config:
-    """UP-DETR pre-training built as ``run_demo`` builds it, then the variant's ``extra`` settings."""
-    return make_config("pretrain-embedded", overrides=budget.model + common + budget.pretrain + [
-        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", "eval_every=0"] + extra)
-
-
-def finetune_config(budget: DemoBudget, common: list[str], epochs: int, init_from: str) -> Config:
-    """Fine-tuning (``init_from`` a pre-training checkpoint) or DETR (``""``), built as ``run_demo`` builds it.
-
-    Evaluation every ``max(1, F // eval_points)`` epochs for every schedule, so the 2F curve shares
-    the F schedule's evaluation epochs.
-    """
-    every = max(1, budget.finetune_epochs // budget.eval_points)
-    return make_config("embedded", overrides=budget.model + common + budget.finetune + [
-        f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", f"eval_every={every}",
-        f"init_from={json.dumps(init_from)}"])
 
 
 def pretrain_variants(base: Config, pretrain_epochs: int) -> dict[str, tuple[str, int, list[str]]]:

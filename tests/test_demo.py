@@ -41,3 +41,22 @@ def test_budget_overrides_parse_json_values_and_append_config_overrides():
                          ("finetune_epochs", "FIELD=VALUE")]:
         with pytest.raises(ConfigError, match=message):
             apply_budget_overrides(DemoBudget(), [bad])
+
+
+def test_comparison_table_reads_the_logs_and_shows_a_zero_gap_without_a_sign(tmp_path):
+    import json
+
+    from updetr.report import comparison_table
+
+    arms = {}
+    for name, aps in (("DETR", [(3, 1.04, 5.0), (7, 2.52, 9.96)]), ("UP-DETR", [(3, 4.0, 7.0), (7, 2.5, 12.0)])):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"epoch": e, "val/AP": ap, "val/AP50": ap50, "val/AP75": 0.01} for e, ap, ap50 in aps]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"epoch": 0}] + lines))
+        arms[name] = run
+    table = comparison_table(arms).splitlines()
+    assert table[2] == "| DETR | 8 | 2.5 | 10.0 | 0.0 |"
+    assert table[3] == "| UP-DETR | 8 | 2.5 | 12.0 | 0.0 |"
+    assert table[4] == "| UP-DETR − DETR | | 0.0 | +2.0 | 0.0 |"  # -0.02 rounds to 0.0, shown without a sign
+    assert "| DETR | 1.0 | 2.5 |" in table and "| UP-DETR | 4.0 | 2.5 |" in table

@@ -27,6 +27,12 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
 
+def _fmt_gap(v: float) -> str:
+    """A signed difference; one that rounds to zero is shown as 0.0, not -0.0."""
+    text = f"{v:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
+
+
 def comparison_table(arms: dict[str, Path]) -> str:
     """Final AP / AP50 / AP75 of each arm (Table 1 style) plus the gap, and AP at every evaluation point."""
     finals = {name: eval_points(read_history(d))[-1] for name, d in arms.items()}
@@ -35,7 +41,7 @@ def comparison_table(arms: dict[str, Path]) -> str:
         lines.append(f"| {name} | {rec['epoch'] + 1} | " + " | ".join(_fmt(rec[f'val/{m}']) for m in METRICS) + " |")
     if "DETR" in finals and "UP-DETR" in finals:
         delta = [finals["UP-DETR"][f"val/{m}"] - finals["DETR"][f"val/{m}"] for m in METRICS]
-        lines.append("| UP-DETR − DETR | | " + " | ".join(f"{d:+.1f}" for d in delta) + " |")
+        lines.append("| UP-DETR − DETR | | " + " | ".join(_fmt_gap(d) for d in delta) + " |")
     points = {name: eval_points(read_history(d)) for name, d in arms.items()}
     epochs = [r["epoch"] + 1 for r in next(iter(points.values()))]
     lines += ["", "AP at each evaluation point (epoch):", "",

@@ -35,10 +35,13 @@ from .demo import (
 log = logging.getLogger(__name__)
 
 LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions of P
-# throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl; evaluation and a trained CNN
-# relative to them measured on the same data): the time-left estimate weighs the remaining runs with
-# these and scales them by the measured time of the runs finished so far
-_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _UNFROZEN_SLOWDOWN = 34.0, 28.5, 50.0, 150.0, 2.0
+# throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl and logs): the time-left estimate weighs
+# the remaining runs with these and scales them by the measured time of the runs finished so far.
+# With cached CNN features: fine-tuning 104-122 img/s, pre-training 44-49 img/s, and building the cache ~55 images
+# (mirrors counted) per second; without (a trained CNN, or --budget cache_features=false): 34 and 28.5 img/s, and
+# pre-training with a trained CNN about half of that.
+_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _CACHE_IMG_S = 110.0, 47.0, 150.0, 150.0, 55.0
+_FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S, _EVAL_UNCACHED_IMG_S = 34.0, 28.5, 14.0, 50.0
 
 
 def quick_budget() -> DemoBudget:
@@ -190,12 +193,19 @@ def execution_order(plans: list[SeedPlan]) -> list[Run]:
 
 def nominal_seconds(run: Run, budget: DemoBudget) -> float:
     """A run's cost at the demo's measured rates; only its ratio to other runs' costs matters."""
+    cached = run.cfg.data.cache_features
     if run.kind == "pretrain":
-        slow = 1.0 if run.cfg.pretrain.freeze_backbone else _UNFROZEN_SLOWDOWN
-        return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S * slow
+        if not run.cfg.pretrain.freeze_backbone:
+            return run.epochs * budget.num_unlabeled / _PRETRAIN_TRAINED_CNN_IMG_S
+        if not cached:
+            return run.epochs * budget.num_unlabeled / _PRETRAIN_UNCACHED_IMG_S
+        return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S + budget.num_unlabeled / _CACHE_IMG_S
     every = max(1, run.cfg.eval_every)
     evals = run.epochs // every + (1 if run.epochs % every else 0)
-    return run.epochs * budget.num_train / _FINETUNE_IMG_S + evals * budget.num_val / _EVAL_IMG_S
+    if not cached:
+        return run.epochs * budget.num_train / _FINETUNE_UNCACHED_IMG_S + evals * budget.num_val / _EVAL_UNCACHED_IMG_S
+    cache = (2 * budget.num_train + budget.num_val) / _CACHE_IMG_S  # train images and their mirrors, val images
+    return run.epochs * budget.num_train / _FINETUNE_IMG_S + evals * budget.num_val / _EVAL_IMG_S + cache
 
 
 def nominal_inputs_seconds(budget: DemoBudget) -> float:

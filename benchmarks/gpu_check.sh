@@ -32,6 +32,9 @@ check train-bf16 180 $U train --preset embedded --embedded "$WORK/emb" --epochs 
 check train-bf16-resume 180 $U train --preset embedded --embedded "$WORK/emb" --epochs 3 --output "$WORK/bf16" $COMMON --set optim.amp=bf16 --resume "$WORK/bf16/checkpoint.pth"
 check pretrain-fp16 180 $U pretrain --preset pretrain-embedded --images "$WORK/emb/unlabeled" --epochs 1 --output "$WORK/pre" $COMMON --set optim.amp=fp16
 check torchrun-nccl-ddp 180 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m updetr train --preset embedded --embedded "$WORK/emb" --epochs 1 --output "$WORK/ddp" --init-from "$WORK/pre/checkpoint.pth" $COMMON --set optim.amp=bf16
+check pretrain-cached-bf16 180 $U pretrain --preset pretrain-embedded --images "$WORK/emb/unlabeled" --epochs 1 --output "$WORK/prec" $COMMON --set optim.amp=bf16 --set data.cache_features=true
+check train-cached-fp32 180 $U train --preset embedded --embedded "$WORK/emb" --epochs 2 --output "$WORK/ftc" --init-from "$WORK/prec/checkpoint.pth" $COMMON --set data.cache_features=true
+check torchrun-nccl-cached 180 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m updetr train --preset embedded --embedded "$WORK/emb" --epochs 1 --output "$WORK/ddpc" $COMMON --set data.cache_features=true --set optim.amp=bf16
 check eval 120 $U eval --checkpoint "$WORK/bf16/checkpoint.pth" --embedded "$WORK/emb" --device cuda --no-progress
 check oneshot 180 $U oneshot train --preset embedded --embedded "$WORK/emb" --init-from "$WORK/pre/checkpoint.pth" --epochs 1 --output "$WORK/os" $COMMON --set optim.amp=bf16
 check panoptic 180 $U panoptic train --stage joint --preset embedded --embedded "$WORK/emb" --epochs 1 --output "$WORK/pan" $COMMON --set optim.amp=bf16

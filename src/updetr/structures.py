@@ -9,6 +9,23 @@ import torch
 from torch import Tensor
 
 
+def _pad_bottom_right(maps: list[Tensor], size_divisibility: int = 1) -> tuple[Tensor, Tensor]:
+    """(C, H_i, W_i) tensors -> zero-padded (B, C, H, W) and the mask (B, H, W), True on padding.
+
+    H and W are the largest sizes, rounded up to a multiple of ``size_divisibility``.
+    """
+    multiple = max(1, size_divisibility)
+    max_h = -(-max(m.shape[-2] for m in maps) // multiple) * multiple
+    max_w = -(-max(m.shape[-1] for m in maps) // multiple) * multiple
+    out = maps[0].new_zeros((len(maps), maps[0].shape[0], max_h, max_w))
+    mask = torch.ones((len(maps), max_h, max_w), dtype=torch.bool)
+    for i, m in enumerate(maps):
+        h, w = m.shape[-2:]
+        out[i, :, :h, :w] = m
+        mask[i, :h, :w] = False
+    return out, mask
+
+
 @dataclass
 class ImageBatch:
     """A batch of images padded to a common size.
@@ -41,18 +58,7 @@ class ImageBatch:
         """Pad a list of (3, H_i, W_i) tensors to a batch, bottom/right padding."""
         if not images:
             raise ValueError("ImageBatch.from_tensors needs at least one image")
-        max_h = max(img.shape[-2] for img in images)
-        max_w = max(img.shape[-1] for img in images)
-        if size_divisibility > 1:
-            max_h = (max_h + size_divisibility - 1) // size_divisibility * size_divisibility
-            max_w = (max_w + size_divisibility - 1) // size_divisibility * size_divisibility
-        pixels = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
-        mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool)
-        for i, img in enumerate(images):
-            h, w = img.shape[-2:]
-            pixels[i, :, :h, :w] = img
-            mask[i, :h, :w] = False
-        return cls(pixels, mask)
+        return cls(*_pad_bottom_right(images, size_divisibility))
 
 
 @dataclass
@@ -81,15 +87,7 @@ class FeatureBatch:
         """Pad a list of (Cb, h_i, w_i) feature maps to a batch, bottom/right padding."""
         if not features:
             raise ValueError("FeatureBatch.from_tensors needs at least one feature map")
-        max_h = max(f.shape[-2] for f in features)
-        max_w = max(f.shape[-1] for f in features)
-        out = features[0].new_zeros((len(features), features[0].shape[0], max_h, max_w))
-        mask = torch.ones((len(features), max_h, max_w), dtype=torch.bool)
-        for i, f in enumerate(features):
-            h, w = f.shape[-2:]
-            out[i, :, :h, :w] = f
-            mask[i, :h, :w] = False
-        return cls(out, mask)
+        return cls(*_pad_bottom_right(features))
 
 
 class Target(TypedDict, total=False):

@@ -5,6 +5,7 @@ import torch
 
 from updetr.config import make_config
 from updetr.data.build import build_detection_dataset
+from updetr.data.embedded import embedded_data_overrides
 from updetr.data.feature_cache import (
     CachedDetection, CachedPretrainImages, collate_features, collate_features_with_patches, pretrain_feature_table,
 )
@@ -26,10 +27,7 @@ TINY = [
 
 
 def detection_config(embedded, out, *extra):
-    layout = [f'data.root="{embedded}"', 'data.train_images="train"', 'data.val_images="val"',
-              'data.train_annotations="annotations/instances_train.json"',
-              'data.val_annotations="annotations/instances_val.json"', f'output_dir="{out}"']
-    return make_config("small", overrides=TINY + layout + list(extra))
+    return make_config("small", overrides=TINY + embedded_data_overrides(embedded) + [f'output_dir="{out}"', *extra])
 
 
 def frozen_detr(cfg):

@@ -65,7 +65,7 @@ class PretrainTask:
             self._train = self._dataset(augment=True, seed=self.cfg.seed)
         return self._train
 
-    def val_dataset(self) -> Dataset | None:
+    def val_dataset(self) -> Subset:
         """A fixed subset of the same folder, un-augmented patches, fixed crops (seed + 1)."""
         full = self._dataset(augment=False, seed=self.cfg.seed + 1)
         return Subset(full, list(range(min(EVAL_IMAGES, len(full)))))
@@ -79,9 +79,8 @@ class PretrainTask:
         """Image features from the frozen CNN once per file (eval size); patches are drawn as always."""
         train = self.train_dataset()
         table = pretrain_feature_table(train, model, device, self.cfg.data.val_size, progress=progress)
-        full_val = self._dataset(augment=False, seed=self.cfg.seed + 1)
-        val = Subset(CachedPretrainImages(full_val, table), list(range(min(EVAL_IMAGES, len(full_val)))))
-        return CachedPretrainImages(train, table), val
+        val = self.val_dataset()  # the same files: the table serves its images too
+        return CachedPretrainImages(train, table), Subset(CachedPretrainImages(val.dataset, table), val.indices)
 
     @property
     def eos_coef(self) -> float:

@@ -86,6 +86,12 @@ class Backbone(nn.Module):
 
     unpadded: bool = False  # frozen CNN: run images grouped by their own (rounded) size, not the batch's
 
+    @property
+    def fixed_single_map(self) -> bool:
+        """Frozen and returning only its last layer: one map per image that never changes, so it may be
+        computed per image (``unpadded``) or once and cached (:class:`FeatureBatch`)."""
+        return not self.trainable and len(self.strides) == 1
+
     def forward(self, images: ImageBatch | FeatureBatch) -> list[tuple[Tensor, Tensor]]:
         """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last.
 
@@ -93,10 +99,10 @@ class Backbone(nn.Module):
         are passed through as they are.
         """
         if isinstance(images, FeatureBatch):
-            if self.trainable or len(self.strides) != 1:
+            if not self.fixed_single_map:
                 raise ValueError("precomputed CNN features need a frozen backbone that returns only its last layer")
             return [(images.features, images.padding_mask)]
-        if self.unpadded and not self.trainable and len(self.strides) == 1:
+        if self.unpadded and self.fixed_single_map:
             feats = {"0": self._unpadded_features(images)}
         else:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):

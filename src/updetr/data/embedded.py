@@ -187,6 +187,34 @@ def render_reserved_scenes(num: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def render_reserved_class_maps(
+    num: int,
+    size: int,
+    seed: int = 0,
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reserved scenes with a class map each: ``(images (N, S, S, 3) uint8, maps (N, S, S) int64)``.
+
+    A map holds, at every pixel, the thing class (position in :data:`EMBEDDED_THING_CLASSES`) of the topmost
+    kept object whose box covers it, and ``len(EMBEDDED_THING_CLASSES)`` for background. Scenes come from the
+    reserved stream and the reserved digits (as :func:`render_reserved_scenes`, with a stream of their own), so a
+    backbone trained on these maps never sees a benchmark image or a benchmark label.
+    """
+    assets = reserved_assets()
+    object_size = _validate_object_size(object_size)
+    images = np.empty((num, size, size, 3), dtype=np.uint8)
+    maps = np.full((num, size, size), len(EMBEDDED_THING_CLASSES), dtype=np.int64)
+    for i in range(num):
+        scene = _compose(np.random.default_rng([seed, _RESERVED_STREAM + 1, i]), assets, size, size,
+                         object_size=object_size, max_objects=max_objects)
+        images[i] = scene.image
+        for instance in scene.instances:  # paste order: later (upper) objects overwrite earlier ones
+            x0, y0, w, h = _tight_box(instance.mask)
+            maps[i, y0:y0 + h, x0:x0 + w] = instance.class_index
+    return images, maps
+
+
 @dataclass
 class _Instance:
     class_index: int  # position in EMBEDDED_THING_CLASSES

@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions of P
 # throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl and logs): the time-left estimate weighs
 # the remaining runs with these and scales them by the measured time of the runs finished so far.
-# With cached CNN features: fine-tuning 104-122 img/s, pre-training 44-49 img/s, and building the cache ~55 images
-# (mirrors counted) per second; without (a trained CNN, or --budget cache_features=false): 34 and 28.5 img/s, and
-# pre-training with a trained CNN about half of that.
-_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _CACHE_IMG_S = 110.0, 47.0, 150.0, 150.0, 55.0
+# With cached CNN features (10 queries): fine-tuning 195-207 img/s, pre-training ~72 img/s, and building the cache
+# ~55 images (mirrors counted) per second; without (a trained CNN, or --budget cache_features=false): 34 and 28.5
+# img/s, and pre-training with a trained CNN about half of that.
+_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _CACHE_IMG_S = 200.0, 72.0, 150.0, 150.0, 55.0
+_SCENE_IMG_S, _SCENE_RENDER_S = 69.0, 250.0  # CNN scene phase: 128-pixel scenes trained / rendered per second
 _FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S, _EVAL_UNCACHED_IMG_S = 34.0, 28.5, 14.0, 50.0
 
 
@@ -210,7 +211,10 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
 
 def nominal_inputs_seconds(budget: DemoBudget) -> float:
     """The CNN pre-training of one seed at the demo's measured rate (the benchmark itself takes seconds)."""
-    return budget.cnn_epochs * budget.cnn_images * (budget.cnn_size / 64) ** 2 / _CNN_IMG_S
+    scenes = budget.cnn_scene_steps * 32  # the scene phase's batch
+    scene = (scenes * (budget.cnn_scene_size / 128) ** 2 / _SCENE_IMG_S + min(scenes, 3000) / _SCENE_RENDER_S
+             if budget.cnn_scene_steps else 0.0)
+    return budget.cnn_epochs * budget.cnn_images * (budget.cnn_size / 64) ** 2 / _CNN_IMG_S + scene
 
 
 def _duration(seconds: float) -> str:

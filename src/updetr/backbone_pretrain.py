@@ -85,13 +85,15 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def crop_context_loss(trunk: torch.nn.Module, scenes: torch.Tensor, boxes_per_image: int, crop_size: int,
-                      gen: torch.Generator, temperature: float = 0.1) -> tuple[torch.Tensor, float]:
+                      gen: torch.Generator, temperature: float = 0.1,
+                      fmap: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """InfoNCE between the pooled feature of resized crops and the image's own features over the same boxes.
 
     ``scenes``: normalised (B, 3, S, S). For each of ``boxes_per_image`` random boxes per scene (sides 12 px to
     S, any aspect ratio), the crop resized to ``crop_size``² goes through ``trunk`` and is average-pooled (what
     UP-DETR does to a query patch); the scene's feature map is pooled over the box (``roi_align``). Each crop
-    must pick its own box among all boxes of the batch. Returns the loss and the fraction picked right.
+    must pick its own box among all boxes of the batch. ``fmap``: ``trunk(scenes)`` when the caller has it already.
+    Returns the loss and the fraction picked right.
     """
     from torchvision.ops import roi_align
 
@@ -102,7 +104,7 @@ def crop_context_loss(trunk: torch.nn.Module, scenes: torch.Tensor, boxes_per_im
     rois = torch.cat([torch.arange(batch).repeat_interleave(boxes_per_image)[:, None].float(), corner, corner + side], 1)
     rois = rois.to(scenes.device)
     crops = roi_align(scenes, rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    fmap = trunk(scenes)
+    fmap = trunk(scenes) if fmap is None else fmap
     stride = height / fmap.shape[-2]
     in_place = roi_align(fmap, rois, output_size=1, spatial_scale=1.0 / stride, sampling_ratio=4, aligned=True).flatten(1)
     crop_features = trunk(crops.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
@@ -131,6 +133,7 @@ def pretrain_backbone(
     scene_lr: float = 1e-3,
     scene_object_size: tuple[float, float] = emb.DEFAULT_OBJECT_SIZE,
     scene_max_objects: int = emb.DEFAULT_MAX_OBJECTS,
+    scene_context_weight: float = 0.0,
     context_steps: int = 0,
     context_scenes: int = 1600,
     context_size: int = 128,
@@ -142,7 +145,8 @@ def pretrain_backbone(
 
     With ``scene_steps`` > 0 the scene phase follows (:func:`_scene_phase`): ``scene_images`` reserved scenes of
     ``scene_size``² pixels with objects drawn as the benchmark draws them (``scene_object_size``,
-    ``scene_max_objects``), ``scene_steps`` steps of ``scene_batch`` scenes.
+    ``scene_max_objects``), ``scene_steps`` steps of ``scene_batch`` scenes, with the crop-context loss
+    (``size``² crops) added at ``scene_context_weight`` when that is > 0.
 
     With ``context_steps`` > 0 a last phase follows on ``context_scenes`` reserved scenes
     (:func:`updetr.data.embedded.render_reserved_scenes`, ``context_size``² pixels): :func:`crop_context_loss`
@@ -169,13 +173,7 @@ def pretrain_backbone(
             idx = order[b * batch_size:(b + 1) * batch_size]
             x = images[idx]  # no mirroring: a mirrored 2 or 7 is not a digit
             x = _normalise(x.to(dev)).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), labels[idx].to(dev), label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
+            _train_step(F.cross_entropy(model(x), labels[idx].to(dev), label_smoothing=0.1), opt, sched, bar)
     bar.close()
     model.eval()
     with torch.no_grad():  # measured before the crop-context phase, which leaves the classifier head behind
@@ -184,7 +182,8 @@ def pretrain_backbone(
     scene = {}
     if scene_steps > 0:
         scene = _scene_phase(model, scene_steps, scene_images, scene_size, scene_batch, scene_lr, scene_object_size,
-                             scene_max_objects, seed, dev, progress)
+                             scene_max_objects, seed, dev, progress, context_weight=scene_context_weight,
+                             crop_size=size)
     context = {}
     if context_steps > 0:
         context = _context_phase(model, context_steps, context_scenes, context_size, context_batch, context_boxes,
@@ -199,15 +198,30 @@ def pretrain_backbone(
     return summary
 
 
+def _train_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                bar: tqdm) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.update()
+
+
 def _scene_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size: int, batch: int, lr: float,
                  object_size: tuple[float, float], max_objects: int, seed: int, dev: torch.device,
-                 progress: bool) -> dict:
+                 progress: bool, context_weight: float = 0.0, context_boxes: int = 4, crop_size: int = 32) -> dict:
     """The scene phase of :func:`pretrain_backbone`: per-cell classes of reserved scenes; returns its summary.
 
     A 1×1 convolution on ``layer4`` predicts 14 thing classes + background; its logits are upsampled to stride 8
     and compared with the class map sampled at the cells' centres (cross-entropy, background weighted 0.3, as
     objects cover a small part of a scene). BatchNorm trains too, so its running statistics, which the detector
     freezes, become those of scenes. The held-out score is the accuracy on object cells of scenes of another seed.
+
+    With ``context_weight`` > 0 each step also adds that multiple of :func:`crop_context_loss` on the same scenes
+    (``context_boxes`` random boxes per scene, crops resized to ``crop_size``², the scenes' feature maps shared), so
+    the features both name what is where and let a resized crop find its place: the two properties the
+    detector and UP-DETR's query patches need, in one pass over the scenes.
     """
     from .data.embedded import render_reserved_class_maps
 
@@ -227,10 +241,11 @@ def _scene_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
 
-    def logits_of(x: torch.Tensor) -> torch.Tensor:
-        x = _normalise(x.to(dev)).contiguous(memory_format=torch.channels_last)
-        return F.interpolate(head(trunk(x)), size=(scene_size // 8, scene_size // 8), mode="bilinear",
-                             align_corners=False)
+    def logits_of(fmap: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(head(fmap), size=(scene_size // 8, scene_size // 8), mode="bilinear", align_corners=False)
+
+    def scenes_of(x: torch.Tensor) -> torch.Tensor:
+        return _normalise(x.to(dev)).contiguous(memory_format=torch.channels_last)
 
     bar = tqdm(total=steps, desc="CNN scene phase", disable=not progress, dynamic_ncols=True)
     trunk.train()
@@ -240,22 +255,30 @@ def _scene_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size
             order, cursor = torch.randperm(num_scenes, generator=gen), 0
         idx = order[cursor:cursor + batch]
         cursor += batch
-        loss = F.cross_entropy(logits_of(images[idx]), targets[idx].to(dev), weight=weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.update()
+        x = scenes_of(images[idx])
+        fmap = trunk(x)
+        loss = F.cross_entropy(logits_of(fmap), targets[idx].to(dev), weight=weight)
+        if context_weight > 0:
+            context, _ = crop_context_loss(trunk, x, context_boxes, crop_size, gen, fmap=fmap)
+            loss = loss + context_weight * context
+        _train_step(loss, opt, sched, bar)
     bar.close()
     trunk.eval()
     with torch.no_grad():
-        predicted = torch.cat([logits_of(held_images[i:i + batch]).argmax(1).cpu() for i in range(0, 128, batch)])
+        predicted = torch.cat([logits_of(trunk(scenes_of(held_images[i:i + batch]))).argmax(1).cpu()
+                               for i in range(0, 128, batch)])
+        match_gen = torch.Generator().manual_seed(seed + 1)
+        matches = [crop_context_loss(trunk, scenes_of(held_images[i:i + batch]), context_boxes, crop_size, match_gen)[1]
+                   for i in range(0, 128, batch)] if context_weight > 0 else []
     on_objects = held_targets != background
     accuracy = float((predicted == held_targets)[on_objects].float().mean())
     log.info("CNN scene phase: held-out accuracy on object cells %.1f%% (%d steps)", 100 * accuracy, steps)
-    return {"scene_steps": steps, "scene_images": num_scenes, "scene_size": scene_size,
-            "scene_object_accuracy": round(accuracy, 4)}
+    summary = {"scene_steps": steps, "scene_images": num_scenes, "scene_size": scene_size,
+               "scene_object_accuracy": round(accuracy, 4)}
+    if matches:
+        summary.update(scene_context_weight=context_weight, scene_context_match=round(sum(matches) / len(matches), 4))
+        log.info("CNN scene phase: held-out crop-to-box match %.1f%%", 100 * summary["scene_context_match"])
+    return summary
 
 
 def _context_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size: int, batch: int, boxes: int,

@@ -59,6 +59,9 @@ class DemoBudget:
     # (a classifier of isolated crops does not: class probe at objects' centre cells 20 % -> 67 % on seed 1)
     cnn_scene_steps: int = 150
     cnn_scene_size: int = 128
+    # weight of the crop-context loss (below) added to the scene phase's steps; it trades the scene features'
+    # class content for query patches that find their place (see README, "What we found")
+    cnn_scene_context_weight: float = 0.0
     # then the crop-context phase (backbone_pretrain.crop_context_loss): resized crops of reserved scenes must
     # point back to their place in the scene's own features, as the paper's SwAV CNN does for query patches
     cnn_context_steps: int = 0
@@ -191,6 +194,8 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
     if budget.cnn_scene_steps:  # the scenes are drawn like the benchmark's objects
         cnn_key.update(scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
                        object_size=list(budget.object_size), max_objects=budget.max_objects)
+        if budget.cnn_scene_context_weight:
+            cnn_key["scene_context_weight"] = budget.cnn_scene_context_weight
     cnn_dir = _stage_dir(root, "cnn", cnn_key)
     _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
     if not _done(cnn_dir):
@@ -200,6 +205,7 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
                                     seed=budget.seed, device=_cnn_device(device), progress=progress,
                                     scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
                                     scene_object_size=budget.object_size, scene_max_objects=budget.max_objects,
+                                    scene_context_weight=budget.cnn_scene_context_weight,
                                     context_steps=budget.cnn_context_steps)
         _mark_done(cnn_dir, summary)
     return data_dir, cnn_dir / "resnet18.pth"

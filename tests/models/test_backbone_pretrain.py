@@ -75,8 +75,19 @@ def test_reserved_class_maps_fill_object_boxes_with_their_class():
 def test_cnn_stage_with_scene_phase_reports_it_and_loads(tmp_path):
     out = tmp_path / "cnn" / "resnet18.pth"
     summary = pretrain_backbone(out, num_images=64, size=32, epochs=1, batch_size=32, seed=0, progress=False,
-                                scene_steps=3, scene_images=8, scene_size=64, scene_batch=4)
+                                scene_steps=3, scene_images=8, scene_size=64, scene_batch=4, scene_context_weight=0.5)
     assert summary["scene_steps"] == 3 and summary["scene_images"] == 8
     assert 0.0 <= summary["scene_object_accuracy"] <= 1.0
+    assert summary["scene_context_weight"] == 0.5 and 0.0 <= summary["scene_context_match"] <= 1.0
     assert json.loads(out.with_suffix(".json").read_text()) == summary
     load_backbone_weights(Backbone("resnet18", trainable=False), str(out))
+
+
+def test_crop_context_loss_reuses_a_given_feature_map():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    scenes = torch.from_numpy(render_reserved_scenes(2, 64, seed=0)).permute(0, 3, 1, 2).float() / 255 - 0.5
+    own, _ = crop_context_loss(trunk, scenes, 3, 16, torch.Generator().manual_seed(2))
+    given, _ = crop_context_loss(trunk, scenes, 3, 16, torch.Generator().manual_seed(2), fmap=trunk(scenes))
+    other, _ = crop_context_loss(trunk, scenes, 3, 16, torch.Generator().manual_seed(2), fmap=trunk(scenes.flip(-1)))
+    assert torch.allclose(own, given) and not torch.allclose(own, other)

@@ -78,7 +78,10 @@ class DemoBudget:
     # duplicates of one image outrank the true positives of the next until the ranking is learned)
     model: list[str] = field(default_factory=lambda: ["model.num_queries=10"])
     finetune: list[str] = field(default_factory=list)
-    pretrain: list[str] = field(default_factory=list)
+    # pre-training matches each query group to its own patch (pretrain.group_matching): over all queries the
+    # decoder can lower the loss by spreading boxes without looking at the patches (pretext hit rate 13 % -> 22 %,
+    # UP-DETR AP 0.9 -> 1.1 and 1.3 -> 2.2 on seeds 1 and 2)
+    pretrain: list[str] = field(default_factory=lambda: ["pretrain.group_matching=true"])
 
     @classmethod
     def quick(cls) -> "DemoBudget":

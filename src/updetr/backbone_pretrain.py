@@ -42,6 +42,7 @@ from .engine.checkpoint import save_checkpoint
 log = logging.getLogger(__name__)
 
 CLASSES = list(emb.EMBEDDED_THING_CLASSES)  # 10 digits + shapes: the classification labels
+SCENE_IMAGES, SCENE_BATCH = 3000, 32  # the scene phase's defaults: scenes rendered, scenes per step
 
 
 def render_classification_set(num: int, size: int = 64, seed: int = 0, photo_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +128,9 @@ def pretrain_backbone(
     device: str = "cpu",
     progress: bool = True,
     scene_steps: int = 0,
-    scene_images: int = 3000,
+    scene_images: int = SCENE_IMAGES,
     scene_size: int = 128,
-    scene_batch: int = 32,
+    scene_batch: int = SCENE_BATCH,
     scene_lr: float = 1e-3,
     scene_object_size: tuple[float, float] = emb.DEFAULT_OBJECT_SIZE,
     scene_max_objects: int = emb.DEFAULT_MAX_OBJECTS,
@@ -264,12 +265,16 @@ def _scene_phase(model: torch.nn.Module, steps: int, num_scenes: int, scene_size
         _train_step(loss, opt, sched, bar)
     bar.close()
     trunk.eval()
+    predicted, matches = [], []
+    match_gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        predicted = torch.cat([logits_of(trunk(scenes_of(held_images[i:i + batch]))).argmax(1).cpu()
-                               for i in range(0, 128, batch)])
-        match_gen = torch.Generator().manual_seed(seed + 1)
-        matches = [crop_context_loss(trunk, scenes_of(held_images[i:i + batch]), context_boxes, crop_size, match_gen)[1]
-                   for i in range(0, 128, batch)] if context_weight > 0 else []
+        for i in range(0, len(held_images), batch):  # one CNN pass per chunk serves both scores
+            x = scenes_of(held_images[i:i + batch])
+            fmap = trunk(x)
+            predicted.append(logits_of(fmap).argmax(1).cpu())
+            if context_weight > 0:
+                matches.append(crop_context_loss(trunk, x, context_boxes, crop_size, match_gen, fmap=fmap)[1])
+    predicted = torch.cat(predicted)
     on_objects = held_targets != background
     accuracy = float((predicted == held_targets)[on_objects].float().mean())
     log.info("CNN scene phase: held-out accuracy on object cells %.1f%% (%d steps)", 100 * accuracy, steps)

@@ -211,8 +211,10 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
 
 def nominal_inputs_seconds(budget: DemoBudget) -> float:
     """The CNN pre-training of one seed at the demo's measured rate (the benchmark itself takes seconds)."""
-    scenes = budget.cnn_scene_steps * 32  # the scene phase's batch
-    scene = (scenes * (budget.cnn_scene_size / 128) ** 2 / _SCENE_IMG_S + min(scenes, 3000) / _SCENE_RENDER_S
+    from .backbone_pretrain import SCENE_BATCH, SCENE_IMAGES
+
+    scenes = budget.cnn_scene_steps * SCENE_BATCH  # scenes trained; at most SCENE_IMAGES of them are rendered
+    scene = (scenes * (budget.cnn_scene_size / 128) ** 2 / _SCENE_IMG_S + min(scenes, SCENE_IMAGES) / _SCENE_RENDER_S
              if budget.cnn_scene_steps else 0.0)
     return budget.cnn_epochs * budget.cnn_images * (budget.cnn_size / 64) ** 2 / _CNN_IMG_S + scene
 

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from updetr.config import make_config
+from updetr.config import ConfigError, make_config
 from updetr.data.embedded import embedded_data_overrides
+from updetr.data.io import DataError
 from updetr.engine.detection import DetectionTask
+from updetr.models.backbone import BackboneWeightsError
 from updetr.structures import ImageBatch
 
 
@@ -50,11 +52,14 @@ def main() -> None:
     overrides = embedded_data_overrides(args.data) + [
         f'model.backbone_weights="{args.backbone_weights}"', "data.num_workers=0", "data.cache_features=false",
         f"model.backbone_stage={args.stage}", f"data.val_size={args.size}"]
-    val_task = DetectionTask(make_config("embedded", overrides=overrides))
-    train_task = DetectionTask(make_config("embedded", overrides=overrides + [
-        'data.val_images="train"', 'data.val_annotations="annotations/instances_train.json"']))
-    x_train, y_train = centre_features(train_task, train_task.val_dataset(), args.train_images)  # eval transforms
-    x_val, y_val = centre_features(val_task, val_task.val_dataset(), 10**9)
+    try:
+        val_task = DetectionTask(make_config("embedded", overrides=overrides))
+        train_task = DetectionTask(make_config("embedded", overrides=overrides + [
+            'data.val_images="train"', 'data.val_annotations="annotations/instances_train.json"']))
+        x_train, y_train = centre_features(train_task, train_task.val_dataset(), args.train_images)  # eval transforms
+        x_val, y_val = centre_features(val_task, val_task.val_dataset(), 10**9)
+    except (ConfigError, DataError, BackboneWeightsError) as error:
+        raise SystemExit(f"feature_probe: {error}") from None
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     probe = LogisticRegression(max_iter=2000, C=0.1).fit((x_train - mean) / std, y_train)
     accuracy = float((probe.predict((x_val - mean) / std) == y_val).mean())

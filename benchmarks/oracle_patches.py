@@ -21,11 +21,13 @@ import torch
 from torchvision.ops import roi_align
 
 from updetr.box_ops import cxcywh_to_xyxy
-from updetr.config import Config
+from updetr.config import Config, ConfigError
+from updetr.data.io import DataError
 from updetr.engine import pretrain
 from updetr.engine.detection import targets_to_device
 from updetr.engine.distributed import init_distributed
 from updetr.engine.loop import fit
+from updetr.models.backbone import BackboneWeightsError
 
 
 def in_place_forward(self, model, batch, device):
@@ -50,12 +52,15 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    cfg = Config.load(args.run / "config.json").override([f"output_dir={json.dumps(str(args.out))}"])
-    if not cfg.data.cache_features:
-        parser.error(f"{args.run}/config.json: data.cache_features must be true (the features are read from the cache)")
-    pretrain.PretrainTask.forward = in_place_forward
-    pretrain.PretrainTask.evaluate = lambda self, model, loader, device, progress=True: {}
-    fit(pretrain.PretrainTask(cfg), cfg, init_distributed(cfg.device), progress=True)
+    try:
+        cfg = Config.load(args.run / "config.json").override([f"output_dir={json.dumps(str(args.out))}"])
+        if not cfg.data.cache_features:
+            parser.error(f"{args.run}/config.json: data.cache_features must be true (the features are read from the cache)")
+        pretrain.PretrainTask.forward = in_place_forward
+        pretrain.PretrainTask.evaluate = lambda self, model, loader, device, progress=True: {}
+        fit(pretrain.PretrainTask(cfg), cfg, init_distributed(cfg.device), progress=True)
+    except (ConfigError, DataError, BackboneWeightsError) as error:
+        raise SystemExit(f"oracle_patches: {error}") from None
     for name in (args.run, args.out):
         print(name)
         for line in (name / "metrics.jsonl").read_text().splitlines():

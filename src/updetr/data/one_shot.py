@@ -37,6 +37,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ from updetr.structures import ImageBatch, Target
 
 __all__ = [
     "PAPER_VOC_SPLIT", "OneShotSplit", "load_oneshot_split", "ExemplarBank", "crop_query_patch",
-    "check_exemplar_box", "OneShotTrainDataset", "OneShotEpisodes", "collate_one_shot",
+    "check_exemplar_box", "OneShotTrainDataset", "OneShotEpisodes", "CachedOneShot", "collate_one_shot",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -340,22 +341,27 @@ class OneShotTrainDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __getitem__(self, item: int) -> tuple[Tensor, Target, Tensor]:
+    def draw(self, item: int) -> tuple[int, int, int]:
+        """(dataset index, query label, exemplar position) of training pair ``item`` this epoch."""
         index = self.indices[item]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         label = self.choices[item][int(rng.integers(len(self.choices[item])))]
         candidates = self.bank.candidates(label, index)
         position = int(candidates[int(rng.integers(len(candidates)))])
-        patch = self.bank.patch(label, position, self.query_size)
-        pixels, target = self.dataset[index]
-        keep = target["labels"] == label
-        for key in ("boxes", "labels", "area", "iscrowd"):
-            if key in target:
-                target[key] = target[key][keep]
-        target["labels"] = torch.zeros_like(target["labels"])  # 0 = matches the query
+        return index, label, position
+
+    def pair_target(self, target: Target, label: int, position: int) -> Target:
+        """``target`` (the image's, transformed) reduced to ``label``'s boxes, labelled 0 = matches the query."""
+        target = _keep_label(target, label)
         target["query_label"] = torch.tensor(label)
         target["query_image_id"] = torch.tensor(self.dataset.image_ids[int(self.bank.image_index[label][position])])
-        return pixels, target, patch
+        return target
+
+    def __getitem__(self, item: int) -> tuple[Tensor, Target, Tensor]:
+        index, label, position = self.draw(item)
+        patch = self.bank.patch(label, position, self.query_size)
+        pixels, target = self.dataset[index]
+        return pixels, self.pair_target(target, label, position), patch
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -433,18 +439,71 @@ class OneShotEpisodes(Dataset):
         keep = target["labels"] == label
         return target["boxes"][keep], target["iscrowd"][keep].bool()
 
-    def __getitem__(self, episode: int) -> tuple[Tensor, Target, Tensor]:
-        index, label = self.episodes[episode]
-        patches = torch.stack([self.bank.patch(label, p, self.query_size, cache=True) for p in self.draws[episode]])
-        pixels, target = self.dataset[index]
-        keep = target["labels"] == label
-        for key in ("boxes", "labels", "area", "iscrowd"):
-            if key in target:
-                target[key] = target[key][keep]
-        target["labels"] = torch.zeros_like(target["labels"])
+    def patches(self, episode: int) -> Tensor:
+        """The episode's ``num_draws`` query patches, (K, 3, q, q)."""
+        label = self.episodes[episode][1]
+        return torch.stack([self.bank.patch(label, p, self.query_size, cache=True) for p in self.draws[episode]])
+
+    def episode_target(self, target: Target, episode: int) -> Target:
+        """``target`` (the episode image's, transformed) reduced to the episode's class, labelled 0."""
+        label = self.episodes[episode][1]
+        target = _keep_label(target, label)
         target["episode"] = torch.tensor(episode)
         target["query_label"] = torch.tensor(label)
-        return pixels, target, patches  # patches: (K, 3, q, q)
+        return target
+
+    def __getitem__(self, episode: int) -> tuple[Tensor, Target, Tensor]:
+        pixels, target = self.dataset[self.episodes[episode][0]]
+        return pixels, self.episode_target(target, episode), self.patches(episode)  # patches: (K, 3, q, q)
+
+
+class CachedOneShot(Dataset):
+    """One-shot training pairs or evaluation episodes on cached CNN features of their images.
+
+    ``source`` is an :class:`OneShotTrainDataset` or :class:`OneShotEpisodes` whose dataset has the
+    eval transform; ``features`` a :class:`~updetr.data.feature_cache.CachedDetection` of that same
+    dataset (with mirror images for training). Items are ``(features (Cb, h, w), target, patch)``:
+    the same pairs, exemplars and targets as ``source`` gives, with the image's features in place of
+    its pixels (mirrored, boxes too, as ``features`` decides per epoch). Query patches are cut from
+    the exemplar images' pixels as always.
+    """
+
+    in_memory = True
+
+    def __init__(self, source: "OneShotTrainDataset | OneShotEpisodes", features: Any) -> None:
+        if len(features) != len(source.dataset):
+            raise ValueError(f"cached features for {len(features)} images, the one-shot dataset has {len(source.dataset)}")
+        self.source = source
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.features.set_epoch(epoch)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, Target, Tensor]:
+        source = self.source
+        if isinstance(source, OneShotEpisodes):
+            features, target = self.features[source.episodes[item][0]]
+            return features, source.episode_target(target, item), source.patches(item)
+        index, label, position = source.draw(item)
+        features, target = self.features[index]
+        patch = source.bank.patch(label, position, source.query_size, cache=True)
+        return features, source.pair_target(target, label, position), patch
+
+
+def _keep_label(target: Target, label: int) -> Target:
+    """A copy of ``target`` with only ``label``'s objects, relabelled 0 (matches the query)."""
+    target = dict(target)
+    keep = target["labels"] == label
+    for key in ("boxes", "labels", "area", "iscrowd"):
+        if key in target:
+            target[key] = target[key][keep]
+    target["labels"] = torch.zeros_like(target["labels"])
+    return target
 
 
 def collate_one_shot(batch: Sequence[tuple[Tensor, Target, Tensor]]) -> tuple[ImageBatch, list[Target], Tensor]:

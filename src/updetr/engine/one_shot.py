@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
@@ -31,9 +31,10 @@ from ..box_ops import normalized_cxcywh_to_xyxy_px
 from ..config import Config, ConfigError, DataConfig
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_with_patches
+from ..data.feature_cache import CachedDetection, collate_features_with_patches
 from ..data.io import DataError, load_image
 from ..data.one_shot import (
-    OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
+    CachedOneShot, OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
     load_oneshot_split,
 )  # fmt: skip
 from ..evaluation.one_shot import AP_METHODS, OneShotEvaluator, OneShotResult, format_table3
@@ -103,7 +104,8 @@ class OneShotTask:
 
     def train_dataset(self) -> OneShotTrainDataset:
         if self._train is None:
-            base = build_detection_dataset(self.cfg.data, "train")
+            # with cached CNN features the images take the eval transform (flips come from the cache)
+            base = build_detection_dataset(self.cfg.data, "train", augment=not self.cfg.data.cache_features)
             self._train = OneShotTrainDataset(
                 base, self._adopt(base), query_size=self.cfg.pretrain.query_size,
                 min_exemplar_size=self.options.min_exemplar_size, seed=self.cfg.seed,
@@ -122,7 +124,21 @@ class OneShotTask:
         return self._val
 
     def collate(self, batch: list) -> Any:
+        if self.cfg.data.cache_features:
+            return collate_features_with_patches(batch)
         return collate_with_patches(batch, self.cfg.data.size_divisibility)
+
+    def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset]:
+        """The frozen CNN run once per training image (and its mirror) and per test image; the pairs,
+        episodes and query patches stay those of the uncached datasets."""
+        data = self.cfg.data
+        train, val = self.train_dataset(), self.val_dataset()
+        train_features = CachedDetection(train.dataset, model, device, hflip=data.hflip, seed=self.cfg.seed,
+                                         num_workers=data.num_workers, progress=progress,
+                                         desc="caching CNN features (train)")
+        val_features = CachedDetection(val.dataset, model, device, num_workers=data.num_workers, progress=progress,
+                                       desc="caching CNN features (val)")
+        return CachedOneShot(train, train_features), CachedOneShot(val, val_features)
 
     def build_model(self) -> nn.Module:
         freeze = self.options.freeze_backbone
@@ -163,7 +179,7 @@ def run_one_shot_evaluation(
 ) -> OneShotResult:
     """Run ``model`` on every episode of ``loader.dataset`` (an :class:`OneShotEpisodes`), once per draw."""
     model.eval()
-    episodes: OneShotEpisodes = loader.dataset
+    episodes: OneShotEpisodes = getattr(loader.dataset, "source", loader.dataset)  # CachedOneShot wraps it
     ground_truth: dict[int, dict[int, Any]] = {}
     for e, (index, label) in enumerate(episodes.episodes):
         ground_truth.setdefault(label, {})[int(episodes.dataset.image_ids[index])] = episodes.ground_truth(e)

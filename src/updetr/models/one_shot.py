@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..engine.checkpoint import init_from_checkpoint, load_checkpoint
-from ..structures import DetectionOutput, ImageBatch
+from ..structures import DetectionOutput, FeatureBatch, ImageBatch
 from .backbone import Joiner
 from .detr import DETR, build_detr
 from .transformer import Transformer
@@ -53,11 +53,11 @@ class OneShotDETR(DETR):
         patch_features = self.backbone.body.pooled_features(query_patches)  # (B, Cb)
         return patch_features, self.patch2query(patch_features)  # (B, Cb), (B, D)
 
-    def forward(self, images: ImageBatch | Tensor, query_patches: Tensor) -> DetectionOutput:
+    def forward(self, images: ImageBatch | FeatureBatch | Tensor, query_patches: Tensor) -> DetectionOutput:
         """Find every object of the query patch's class in each image.
 
         Args:
-            images: ImageBatch or (B, 3, H, W) normalised pixels.
+            images: ImageBatch, (B, 3, H, W) normalised pixels, or a FeatureBatch of cached CNN features.
             query_patches: (B, 3, h, w) or (B, 1, 3, h, w) normalised query patches, one per
                 image (ImageNet mean/std, any h, w; the data pipeline resizes to a square).
 
@@ -71,7 +71,12 @@ class OneShotDETR(DETR):
             query_patches = query_patches[:, 0]  # (B, 3, h, w)
         if query_patches.dim() != 4 or query_patches.shape[1] != 3:
             raise ValueError(f"query_patches must be (B, 3, h, w), got {tuple(query_patches.shape)}")
-        batch = images.pixels.shape[0] if isinstance(images, ImageBatch) else images.shape[0]
+        if isinstance(images, ImageBatch):
+            batch = images.pixels.shape[0]
+        elif isinstance(images, FeatureBatch):
+            batch = images.features.shape[0]
+        else:
+            batch = images.shape[0]
         if query_patches.shape[0] != batch:
             raise ValueError(f"{query_patches.shape[0]} query patches for {batch} images (one per image)")
         patch_features, query_embedding = self.encode_query_patches(query_patches)  # (B, Cb), (B, D)

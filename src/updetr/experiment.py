@@ -9,7 +9,9 @@ P = ``budget.pretrain_epochs`` the protocol is:
 * Table 5: one query patch vs M (the budget's ``pretrain.num_patches``), fine-tuned for F;
 * Table 6: CNN frozen vs trained during pre-training × feature reconstruction on / off;
 * the attention mask on vs off: fine-tuned AP and the final pretext loss;
-* pre-training length: 1/4, 1/2 and 1 × P epochs (distinct whole numbers of epochs), fine-tuned for F.
+* pre-training length: 1/4, 1/2 and 1 × P epochs (distinct whole numbers of epochs), fine-tuned for F;
+* Table 3: one-shot detection (seen / unseen classes of the benchmark's split) trained for F epochs from
+  scratch (the paper's DETR row) and from the default pre-training.
 
 Every run is a demo stage (``OUT/stages/<kind>-<hash of its config>`` with a ``DONE`` marker), built
 exactly as ``updetr demo`` builds it, so a configuration asked for by several tables (the default
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -43,6 +45,9 @@ LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions 
 _FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _CACHE_IMG_S = 200.0, 72.0, 150.0, 150.0, 55.0
 _SCENE_IMG_S, _SCENE_RENDER_S = 69.0, 250.0  # CNN scene phase: 128-pixel scenes trained / rendered per second
 _FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S, _EVAL_UNCACHED_IMG_S = 34.0, 28.5, 14.0, 50.0
+# one-shot training (a query patch through the CNN per image) and its evaluation (5 query draws per (image,
+# class)), in images per second, with and without cached features
+_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S, _ONESHOT_UNCACHED_IMG_S, _ONESHOT_EVAL_UNCACHED_IMG_S = 110.0, 30.0, 27.0, 5.0
 
 
 def quick_budget() -> DemoBudget:
@@ -70,7 +75,7 @@ class Run:
 
     name: str  # variant: "default", "single_patch", ... for pre-training; "detr_F", "default_2F", ... for fine-tuning
     seed: int
-    kind: str  # "pretrain" | "detr" | "updetr": the stage-folder prefix, shared with ``updetr demo``
+    kind: str  # "pretrain" | "detr" | "updetr" (shared with ``updetr demo``) | "oneshot": the stage-folder prefix
     label: str  # what the progress line says
     cfg: Config
     path: Path  # the stage folder
@@ -79,9 +84,10 @@ class Run:
     @property
     def task(self):
         from .engine.detection import DetectionTask
+        from .engine.one_shot import OneShotTask
         from .engine.pretrain import PretrainTask
 
-        return PretrainTask if self.kind == "pretrain" else DetectionTask
+        return {"pretrain": PretrainTask, "oneshot": OneShotTask}.get(self.kind, DetectionTask)
 
 
 @dataclass
@@ -92,6 +98,7 @@ class SeedPlan:
     data_dir: Path
     pretrain: dict[str, Run]
     finetune: dict[str, Run]
+    oneshot: dict[str, Run] = field(default_factory=dict)  # "detr" (from scratch), "updetr" (default pre-training)
 
 
 @dataclass
@@ -164,7 +171,15 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, cnn_weights: Path,
             label = f"UP-DETR fine-tuning ({mult * f} ep) after pre-training {pre.label.split(' ', 2)[2]}"
             finetune[name] = Run(name, budget.seed, "updetr", label, cfg, _stage_dir(root, "updetr", cfg.to_dict()),
                                  mult * f)
-    return SeedPlan(budget.seed, data_dir, pretrain, finetune)
+    # Table 3: one-shot detection on the benchmark's seen / unseen split, the fine-tuning recipe for F epochs,
+    # from scratch (the paper's DETR row) and from the default pre-training (keeps its patch -> query projection)
+    oneshot: dict[str, Run] = {}
+    for name, init, label in (("detr", "", "from scratch (DETR)"),
+                              ("updetr", str(pretrain["default"].path / "checkpoint.pth"), "from UP-DETR pre-training")):
+        cfg = finetune_config(budget, common, f, init)
+        oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
+                            _stage_dir(root, "oneshot", cfg.to_dict()), f)
+    return SeedPlan(budget.seed, data_dir, pretrain, finetune, oneshot)
 
 
 def execution_order(plans: list[SeedPlan]) -> list[Run]:
@@ -181,8 +196,12 @@ def execution_order(plans: list[SeedPlan]) -> list[Run]:
         base = name.rsplit("_", 1)[0]
         return base if base in plan.pretrain else None
 
-    for group in (FINETUNE_ORDER[:4], None):
+    for group in (FINETUNE_ORDER[:4], "oneshot", None):
         for plan in plans:
+            if group == "oneshot":  # after RQ1, whose default pre-training the UP-DETR run starts from
+                for run in plan.oneshot.values():
+                    add(run)
+                continue
             names = list(group or FINETUNE_ORDER[4:] + tuple(sorted(n for n in plan.finetune if n.startswith("length_"))))
             for name in names:
                 pre = pretrain_of(plan, name)
@@ -203,6 +222,11 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
         return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S + budget.num_unlabeled / _CACHE_IMG_S
     every = max(1, run.cfg.eval_every)
     evals = run.epochs // every + (1 if run.epochs % every else 0)
+    if run.kind == "oneshot":
+        train_rate, eval_rate = (_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S) if cached else (_ONESHOT_UNCACHED_IMG_S,
+                                                                                     _ONESHOT_EVAL_UNCACHED_IMG_S)
+        cache = (2 * budget.num_train + budget.num_val) / _CACHE_IMG_S if cached else 0.0
+        return run.epochs * budget.num_train / train_rate + evals * budget.num_val / eval_rate + cache
     if not cached:
         return run.epochs * budget.num_train / _FINETUNE_UNCACHED_IMG_S + evals * budget.num_val / _EVAL_UNCACHED_IMG_S
     cache = (2 * budget.num_train + budget.num_val) / _CACHE_IMG_S  # train images and their mirrors, val images

@@ -29,6 +29,7 @@ PAPER_TABLE6_AP50 = {"DETR": 74.5, "a": 74.0, "b": 78.7, "c": 62.0, "d": 78.7}
 # AP after 150 fine-tuning epochs vs pre-training length as a fraction of the full 60 epochs:
 # none (DETR, Table 1), 15 epochs (the ablation setup, Table 5 M=10), 60 epochs (Table 1 UP-DETR / 150)
 PAPER_LENGTH_AP = {0.0: 49.9, 0.25: 54.9, 1.0: 56.1}
+PAPER_TABLE3 = {"DETR": {"seen": 46.2, "unseen": 57.3}, "UP-DETR": {"seen": 69.0, "unseen": 73.1}}  # one-shot AP50, VOC
 PAPER_MASK = ("no noticeable difference after fine-tuning; lower pretext loss late in pre-training "
               "with the mask (Fig. 6, curves only)")
 
@@ -59,6 +60,14 @@ def final_pretext(run: Run, key: str) -> float | None:
     if not records:
         raise ValueError(f"{run.path / 'metrics.jsonl'}: no {key} record")
     return records[-1][f"val/{key}" if key == "hit_rate" else f"train/{key}"]
+
+
+def final_oneshot(run: Run, split: str) -> float | None:
+    """AP50 (percent) on the ``seen`` or ``unseen`` classes at the run's last evaluation."""
+    records = [r for r in read_metrics(run) if f"val/AP50_{split}" in r]
+    if not records:
+        raise ValueError(f"{run.path / 'metrics.jsonl'}: no one-shot evaluation record (val/AP50_{split})")
+    return records[-1][f"val/AP50_{split}"]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -261,6 +270,21 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
     comps.append(t.compare(f"{_epochs(shortest[0])} of pre-training − none (DETR)", "AP", _ft(shortest[1]), _ft("detr_F"),
                            _det("AP"), d, text, _sign(d)))
     tables["pretrain_length"] = {"rows": rows, "comparisons": comps}
+
+    # Table 3: one-shot detection, AP50 on seen and unseen classes
+    if plans[0].oneshot:
+        shot = lambda name: (lambda p: p.oneshot[name])  # noqa: E731
+        ap50 = lambda split: (lambda run: final_oneshot(run, split))  # noqa: E731
+        rows = [{"row": model, "init": init, "epochs": f,
+                 "metrics": {split: t.stat(shot(name), ap50(split)) for split in ("seen", "unseen")},
+                 "paper": PAPER_TABLE3[model]}
+                for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
+        comps = []
+        for split in ("seen", "unseen"):
+            d, text = _paper_diff(PAPER_TABLE3["UP-DETR"][split], PAPER_TABLE3["DETR"][split], f", {split} classes")
+            comps.append(t.compare(f"one-shot UP-DETR − DETR, {split} classes", "AP50", shot("updetr"), shot("detr"),
+                                   ap50(split), d, text, _sign(d)))
+        tables["table3"] = {"rows": rows, "comparisons": comps}
     return tables
 
 
@@ -417,6 +441,19 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
                      f"{'–' if paper is None else paper} |")
     lines += ["", *_comparison_lines(tables["pretrain_length"]["comparisons"]), "",
               "![fine-tuned AP vs pre-training length](pretrain_length.png)", ""]
+    if "table3" in tables:
+        lines += [f"## Table 3: one-shot detection (training {_epochs(f)})", "",
+                  "AP50 (VOC07 11-point, as CoAE) over the benchmark's seen and unseen classes; every (val image, "
+                  "class in it) pair is queried with 5 exemplar patches from other images, seeded by the image id. "
+                  "Unseen classes never appear as queries or targets in training. The paper: VOC, 16 seen / 4 unseen "
+                  "classes.", "",
+                  "| model | initialised from | seen AP50 | unseen AP50 | paper seen | paper unseen |",
+                  "|---|---|---|---|---|---|"]
+        for r in tables["table3"]["rows"]:
+            mm = r["metrics"]
+            lines.append(f"| {r['row']} | {r['init']} | {_pm(mm['seen'])} | {_pm(mm['unseen'])} | "
+                         f"{r['paper']['seen']} | {r['paper']['unseen']} |")
+        lines += ["", *_comparison_lines(tables["table3"]["comparisons"]), ""]
     return "\n".join(lines)
 
 
@@ -433,7 +470,7 @@ def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan],
     runs: dict[str, dict] = {}
     t = _Tables(plans, root)
     for p in plans:
-        for group in (p.pretrain, p.finetune):
+        for group in (p.pretrain, p.finetune, p.oneshot):
             for name, run in group.items():
                 entry = runs.setdefault(t.rel(run), {"seed": run.seed, "kind": run.kind, "epochs": run.epochs,
                                                      "label": run.label, "variants": []})

@@ -189,3 +189,13 @@ def test_stage_two_rejects_a_detector_of_other_classes(bench, tmp_path):
     task.cfg.model.hidden_dim = 64
     with pytest.raises(CheckpointError, match="wrong shape"):
         initialise_panoptic_model(build_panoptic_model(task.cfg, task.num_classes, "joint"), tmp_path / "det.pth", task.classes)
+
+
+def test_stage_one_trains_on_cached_features_and_stage_two_refuses_them(runs, bench, tmp_path, capsys):
+    cached = ["--set", "data.cache_features=true", "--set", "optim.lr_backbone=0"]
+    assert run("train", "--stage", "1", "--embedded", str(bench), "--output", str(tmp_path / "c1"), *TINY, *cached) == 0
+    record = [json.loads(line) for line in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "val/AP" in record and record["train/loss"] > 0
+    assert run("train", "--stage", "2", "--embedded", str(bench), "--output", str(tmp_path / "c2"),
+               "--init-from", str(tmp_path / "c1" / "checkpoint.pth"), *TINY, *cached) != 0
+    assert "intermediate layers" in capsys.readouterr().err

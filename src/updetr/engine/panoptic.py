@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, DataConfig
 from ..data.coco_panoptic import CocoPanoptic
 from ..data.collate import collate_detection
+from ..data.feature_cache import CachedDetection, collate_features
 from ..data.io import DataError
 from ..data.transforms import build_transforms
 from ..evaluation.panoptic import (
@@ -119,12 +120,13 @@ def panoptic_paths(data: DataConfig, options: PanopticOptions, split: str) -> tu
     return resolve(images), resolve(annotations), resolve(segmentations)
 
 
-def build_panoptic_dataset(cfg: Config, options: PanopticOptions, split: str, *, return_masks: bool) -> CocoPanoptic:
-    """The ``train`` (augmenting transforms) or ``val`` (eval resize) panoptic dataset."""
+def build_panoptic_dataset(cfg: Config, options: PanopticOptions, split: str, *, return_masks: bool,
+                           augment: bool | None = None) -> CocoPanoptic:
+    """The ``train`` (augmenting transforms unless ``augment=False``) or ``val`` (eval resize) panoptic dataset."""
     if cfg.data.root and not Path(cfg.data.root).is_dir():
         raise DataError(f"data.root={cfg.data.root!r}: folder not found")
     images, annotations, segmentations = panoptic_paths(cfg.data, options, split)
-    transforms = build_transforms(cfg.data, train=split == "train")
+    transforms = build_transforms(cfg.data, train=split == "train" if augment is None else augment)
     return CocoPanoptic(images, annotations, segmentations, transforms, return_masks=return_masks)
 
 
@@ -158,7 +160,9 @@ class PanopticTask:
 
     def train_dataset(self) -> Dataset:
         if self._train is None:
-            self._train = build_panoptic_dataset(self.cfg, self.options, "train", return_masks=self.with_masks)
+            # with cached CNN features (stage 1) the images take the eval transform; flips come from the cache
+            self._train = build_panoptic_dataset(self.cfg, self.options, "train", return_masks=self.with_masks,
+                                                 augment=not self.cfg.data.cache_features)
             self._adopt(self._train)
         return self._train
 
@@ -169,7 +173,21 @@ class PanopticTask:
         return self._val
 
     def collate(self, batch: list) -> Any:
+        if self.cfg.data.cache_features:
+            return collate_features(batch)
         return collate_detection(batch)
+
+    def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset]:
+        """Stage 1 only (a DETR on the segments' boxes): the frozen CNN run once per image and its mirror."""
+        if self.with_masks:
+            raise ConfigError(f"data.cache_features: panoptic stage {self.options.stage} feeds the CNN's intermediate "
+                              "layers to the mask head, which are not cached; use it for stage 1 only")
+        data = self.cfg.data
+        train = CachedDetection(self.train_dataset(), model, device, hflip=data.hflip, seed=self.cfg.seed,
+                                num_workers=data.num_workers, progress=progress, desc="caching CNN features (train)")
+        val = CachedDetection(self.val_dataset(), model, device, num_workers=data.num_workers, progress=progress,
+                              desc="caching CNN features (val)")
+        return train, val
 
     @property
     def num_classes(self) -> int:

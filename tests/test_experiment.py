@@ -82,11 +82,23 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
             assert [e["value"] for e in stat["per_seed"]] == values
             assert all(e["run"].startswith("stages/oneshot-") for e in stat["per_seed"])
     assert "## Table 3: one-shot detection" in readme
+    # Table 4: PQ ... AP_seg from the stage-2 runs' logs, each started from its own stage-1 run
+    for row in results["tables"]["table4"]["rows"]:
+        for metric, stat in row["metrics"].items():
+            values = []
+            for e in stat["per_seed"]:
+                assert e["run"].startswith("stages/panoptic2-")
+                lines = [json.loads(x) for x in (out / e["run"] / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                values.append([r for r in lines if "val/PQ" in r][-1][f"val/{metric}"])
+                init = json.loads((out / e["run"] / "config.json").read_text())["init_from"]
+                assert init.replace("\\", "/").split("/")[-2].startswith("panoptic1-")
+            assert [e["value"] for e in stat["per_seed"]] == values
+    assert "## Table 4: panoptic segmentation" in readme
     comps = [c for t in results["tables"].values() for c in t["comparisons"]]
-    assert len(comps) == 19
+    assert len(comps) == 21
     for c in comps:  # each comparison's row: ours, the paper's, the verdict
         assert f"| {c['comparison']} | {c['metric']} | " in readme and f"| {c['paper_text']} | {c['verdict']} |" in readme
-    assert f"**{sum(c['agrees'] for c in comps)} of 19 comparisons agree in direction with the paper.**" in readme
+    assert f"**{sum(c['agrees'] for c in comps)} of 21 comparisons agree in direction with the paper.**" in readme
 
     # the default pre-training (and its fine-tuning) is one run per seed, shared by every table that needs it
     updetr_f = [e["run"] for e in results["tables"]["table1"]["rows"][1]["metrics"]["AP"]["per_seed"]]
@@ -97,13 +109,13 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
     # per seed: data, CNN, 7 pre-trainings (default, M=1, a, b, c, no mask, half length), DETR F and 2F,
     # UP-DETR F from each pre-training and 2F from the default one, one-shot from scratch and from the default one
     assert stages.count("pretrain") == 2 * 7 and stages.count("detr") == 2 * 2 and stages.count("updetr") == 2 * 8
-    assert stages.count("oneshot") == 2 * 2
+    assert stages.count("oneshot") == 2 * 2 and stages.count("panoptic1") == 2 * 2 and stages.count("panoptic2") == 2 * 2
     assert stages.count("data") == 2 and stages.count("cnn") == 2
     assert all((out / "stages" / s / "DONE").is_file() for s in (p.name for p in (out / "stages").iterdir())
                if not s.startswith("data"))
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("checkpoint.pth")}
-    assert len(mtimes) == 2 * 7 + 2 * 2 + 2 * 8 + 2 * 2
+    assert len(mtimes) == 2 * 7 + 2 * 2 + 2 * 8 + 2 * 2 + 2 * 4
     second = run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
     assert {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("checkpoint.pth")} == mtimes
     assert (report / "README.md").read_text() == readme

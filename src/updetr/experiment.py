@@ -11,7 +11,9 @@ P = ``budget.pretrain_epochs`` the protocol is:
 * the attention mask on vs off: fine-tuned AP and the final pretext loss;
 * pre-training length: 1/4, 1/2 and 1 × P epochs (distinct whole numbers of epochs), fine-tuned for F;
 * Table 3: one-shot detection (seen / unseen classes of the benchmark's split) trained for F epochs from
-  scratch (the paper's DETR row) and from the default pre-training.
+  scratch (the paper's DETR row) and from the default pre-training;
+* Table 4: panoptic segmentation, DETR's two stages (the detector on the segments' boxes for F epochs, then
+  the mask head on the frozen detector for 25/300 of that), from scratch and from the default pre-training.
 
 Every run is a demo stage (``OUT/stages/<kind>-<hash of its config>`` with a ``DONE`` marker), built
 exactly as ``updetr demo`` builds it, so a configuration asked for by several tables (the default
@@ -48,6 +50,8 @@ _FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S,
 # one-shot training (a query patch through the CNN per image) and its evaluation (5 query draws per (image,
 # class)), in images per second, with and without cached features
 _ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S, _ONESHOT_UNCACHED_IMG_S, _ONESHOT_EVAL_UNCACHED_IMG_S = 110.0, 30.0, 27.0, 5.0
+# panoptic stage 2 (frozen detector, mask head, on pixels) and its PQ evaluation, images per second
+_PANOPTIC_MASK_IMG_S, _PANOPTIC_EVAL_IMG_S = 15.0, 15.0
 
 
 def quick_budget() -> DemoBudget:
@@ -75,7 +79,7 @@ class Run:
 
     name: str  # variant: "default", "single_patch", ... for pre-training; "detr_F", "default_2F", ... for fine-tuning
     seed: int
-    kind: str  # "pretrain" | "detr" | "updetr" (shared with ``updetr demo``) | "oneshot": the stage-folder prefix
+    kind: str  # "pretrain" | "detr" | "updetr" (shared with ``updetr demo``) | "oneshot" | "panoptic1" | "panoptic2"
     label: str  # what the progress line says
     cfg: Config
     path: Path  # the stage folder
@@ -87,6 +91,12 @@ class Run:
         from .engine.one_shot import OneShotTask
         from .engine.pretrain import PretrainTask
 
+        if self.kind.startswith("panoptic"):  # stage 1 (detector on boxes) or 2 (frozen detector, mask head)
+            from functools import partial
+
+            from .engine.panoptic import PanopticOptions, PanopticTask
+
+            return partial(PanopticTask, options=PanopticOptions(stage=self.kind[-1]))
         return {"pretrain": PretrainTask, "oneshot": OneShotTask}.get(self.kind, DetectionTask)
 
 
@@ -99,6 +109,7 @@ class SeedPlan:
     pretrain: dict[str, Run]
     finetune: dict[str, Run]
     oneshot: dict[str, Run] = field(default_factory=dict)  # "detr" (from scratch), "updetr" (default pre-training)
+    panoptic: dict[str, Run] = field(default_factory=dict)  # "detr_1", "detr_2", "updetr_1", "updetr_2" (stages)
 
 
 @dataclass
@@ -179,7 +190,28 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, cnn_weights: Path,
         cfg = finetune_config(budget, common, f, init)
         oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
                             _stage_dir(root, "oneshot", cfg.to_dict()), f)
-    return SeedPlan(budget.seed, data_dir, pretrain, finetune, oneshot)
+    # Table 4: panoptic segmentation as DETR trains it: stage 1, the detector on the segments' boxes (things and
+    # stuff) for F epochs from scratch or from the default pre-training; stage 2, that detector frozen and the mask
+    # head trained for the paper's 25 / 300 of it (at least one epoch), on pixels (the mask head reads layers 1-3)
+    panoptic: dict[str, Run] = {}
+    mask_epochs = panoptic_mask_epochs(f)
+    for name, init, label in (("detr", "", "from scratch (DETR)"),
+                              ("updetr", str(pretrain["default"].path / "checkpoint.pth"), "from UP-DETR pre-training")):
+        cfg = finetune_config(budget, common, f, init)
+        stage1 = Run(f"{name}_1", budget.seed, "panoptic1", f"panoptic stage 1 ({f} ep, boxes) {label}", cfg,
+                     _stage_dir(root, "panoptic1", cfg.to_dict()), f)
+        cfg = finetune_config(budget, common, mask_epochs, str(stage1.path / "checkpoint.pth")).override(
+            ["data.cache_features=false", f"eval_every={mask_epochs}"])
+        panoptic[f"{name}_1"] = stage1
+        panoptic[f"{name}_2"] = Run(f"{name}_2", budget.seed, "panoptic2",
+                                    f"panoptic stage 2 ({mask_epochs} ep, mask head) {label}", cfg,
+                                    _stage_dir(root, "panoptic2", cfg.to_dict()), mask_epochs)
+    return SeedPlan(budget.seed, data_dir, pretrain, finetune, oneshot, panoptic)
+
+
+def panoptic_mask_epochs(finetune_epochs: int) -> int:
+    """Stage-2 (mask head) epochs for F detector epochs: DETR's 25 for 300, at least 1."""
+    return max(1, round(finetune_epochs * 25 / 300))
 
 
 def execution_order(plans: list[SeedPlan]) -> list[Run]:
@@ -198,8 +230,8 @@ def execution_order(plans: list[SeedPlan]) -> list[Run]:
 
     for group in (FINETUNE_ORDER[:4], "oneshot", None):
         for plan in plans:
-            if group == "oneshot":  # after RQ1, whose default pre-training the UP-DETR run starts from
-                for run in plan.oneshot.values():
+            if group == "oneshot":  # after RQ1, whose default pre-training the UP-DETR runs start from
+                for run in (*plan.oneshot.values(), *plan.panoptic.values()):  # panoptic: stage 1 before stage 2
                     add(run)
                 continue
             names = list(group or FINETUNE_ORDER[4:] + tuple(sorted(n for n in plan.finetune if n.startswith("length_"))))
@@ -222,6 +254,8 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
         return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S + budget.num_unlabeled / _CACHE_IMG_S
     every = max(1, run.cfg.eval_every)
     evals = run.epochs // every + (1 if run.epochs % every else 0)
+    if run.kind == "panoptic2":  # on pixels, the CNN's intermediate layers and the mask head at 1/4 resolution
+        return run.epochs * budget.num_train / _PANOPTIC_MASK_IMG_S + evals * budget.num_val / _PANOPTIC_EVAL_IMG_S
     if run.kind == "oneshot":
         train_rate, eval_rate = (_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S) if cached else (_ONESHOT_UNCACHED_IMG_S,
                                                                                      _ONESHOT_EVAL_UNCACHED_IMG_S)

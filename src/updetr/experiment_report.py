@@ -30,6 +30,11 @@ PAPER_TABLE6_AP50 = {"DETR": 74.5, "a": 74.0, "b": 78.7, "c": 62.0, "d": 78.7}
 # none (DETR, Table 1), 15 epochs (the ablation setup, Table 5 M=10), 60 epochs (Table 1 UP-DETR / 150)
 PAPER_LENGTH_AP = {0.0: 49.9, 0.25: 54.9, 1.0: 56.1}
 PAPER_TABLE3 = {"DETR": {"seen": 46.2, "unseen": 57.3}, "UP-DETR": {"seen": 69.0, "unseen": 73.1}}  # one-shot AP50, VOC
+PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
+PAPER_TABLE4 = {  # R50, COCO val (method.md §4); DETR re-run with the per-head softmax fix
+    "DETR": dict(zip(PANOPTIC_METRICS, (44.3, 80.0, 54.5, 49.2, 80.6, 60.3, 37.0, 79.1, 45.9, 32.9))),
+    "UP-DETR": dict(zip(PANOPTIC_METRICS, (44.7, 80.5, 54.9, 49.7, 80.9, 60.8, 37.2, 79.3, 46.2, 34.3))),
+}
 PAPER_MASK = ("no noticeable difference after fine-tuning; lower pretext loss late in pre-training "
               "with the mask (Fig. 6, curves only)")
 
@@ -68,6 +73,14 @@ def final_oneshot(run: Run, split: str) -> float | None:
     if not records:
         raise ValueError(f"{run.path / 'metrics.jsonl'}: no one-shot evaluation record (val/AP50_{split})")
     return records[-1][f"val/AP50_{split}"]
+
+
+def final_panoptic(run: Run, metric: str) -> float | None:
+    """``metric`` (PQ, SQ, RQ, ..., AP_seg; percent) at a stage-2 run's last evaluation."""
+    records = [r for r in read_metrics(run) if "val/PQ" in r]
+    if not records:
+        raise ValueError(f"{run.path / 'metrics.jsonl'}: no panoptic evaluation record (val/PQ)")
+    return records[-1].get(f"val/{metric}")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -285,6 +298,22 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
             comps.append(t.compare(f"one-shot UP-DETR − DETR, {split} classes", "AP50", shot("updetr"), shot("detr"),
                                    ap50(split), d, text, _sign(d)))
         tables["table3"] = {"rows": rows, "comparisons": comps}
+
+    # Table 4: panoptic segmentation after stage 2
+    if plans[0].panoptic:
+        pan = lambda name: (lambda p: p.panoptic[name])  # noqa: E731
+        value = lambda metric: (lambda run: final_panoptic(run, metric))  # noqa: E731
+        mask_epochs = plans[0].panoptic["detr_2"].epochs
+        rows = [{"row": model, "init": init, "epochs": f, "mask_epochs": mask_epochs,
+                 "metrics": {k: t.stat(pan(f"{name}_2"), value(k)) for k in PANOPTIC_METRICS},
+                 "box_AP": t.stat(pan(f"{name}_1"), _det("AP")), "paper": PAPER_TABLE4[model]}
+                for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
+        comps = []
+        for k in ("PQ", "AP_seg"):
+            d, text = _paper_diff(PAPER_TABLE4["UP-DETR"][k], PAPER_TABLE4["DETR"][k])
+            comps.append(t.compare("panoptic UP-DETR − DETR", k, pan("updetr_2"), pan("detr_2"), value(k), d, text,
+                                   _sign(d)))
+        tables["table4"] = {"rows": rows, "comparisons": comps}
     return tables
 
 
@@ -454,6 +483,21 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
             lines.append(f"| {r['row']} | {r['init']} | {_pm(mm['seen'])} | {_pm(mm['unseen'])} | "
                          f"{r['paper']['seen']} | {r['paper']['unseen']} |")
         lines += ["", *_comparison_lines(tables["table3"]["comparisons"]), ""]
+    if "table4" in tables:
+        r0 = tables["table4"]["rows"][0]
+        lines += [f"## Table 4: panoptic segmentation (detector {_epochs(r0['epochs'])}, mask head "
+                  f"{_epochs(r0['mask_epochs'])})", "",
+                  "DETR's recipe: stage 1 trains the detector on the boxes of every segment (things and stuff as "
+                  "classes), stage 2 freezes it and trains the mask head (focal + dice). PQ / SQ / RQ as COCO's "
+                  "panoptic evaluation defines them, segmentation AP through pycocotools, all in percent on the "
+                  "benchmark's validation split. The paper: R50 on COCO val, 300 + 25 epochs.", "",
+                  "| model | initialised from | " + " | ".join(PANOPTIC_METRICS) + " | stage-1 box AP |",
+                  "|---|---|" + "---|" * (len(PANOPTIC_METRICS) + 1)]
+        for r in tables["table4"]["rows"]:
+            lines.append(f"| {r['row']} | {r['init']} | " + " | ".join(_pm(r["metrics"][k]) for k in PANOPTIC_METRICS)
+                         + f" | {_pm(r['box_AP'])} |")
+            lines.append(f"| paper {r['row']} | | " + " | ".join(str(r["paper"][k]) for k in PANOPTIC_METRICS) + " | |")
+        lines += ["", *_comparison_lines(tables["table4"]["comparisons"]), ""]
     return "\n".join(lines)
 
 
@@ -470,7 +514,7 @@ def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan],
     runs: dict[str, dict] = {}
     t = _Tables(plans, root)
     for p in plans:
-        for group in (p.pretrain, p.finetune, p.oneshot):
+        for group in (p.pretrain, p.finetune, p.oneshot, p.panoptic):
             for name, run in group.items():
                 entry = runs.setdefault(t.rel(run), {"seed": run.seed, "kind": run.kind, "epochs": run.epochs,
                                                      "label": run.label, "variants": []})

@@ -37,18 +37,9 @@ def budget_for(seed: int):
 
 def place_cnn(root: Path, seed: int, src: Path) -> None:
     """Write ``src`` (a ``pretrain_backbone`` file, any float dtype) as the demo's cached CNN of ``seed``, in fp32."""
-    from updetr.demo import _stage_dir
+    from updetr.demo import _stage_dir, cnn_stage_key
 
-    b = budget_for(seed)
-    key = dict(images=b.cnn_images, epochs=b.cnn_epochs, seed=b.seed, size=b.cnn_size, batch=b.cnn_batch, lr=b.cnn_lr)
-    if b.cnn_scene_steps:
-        key.update(scene_steps=b.cnn_scene_steps, scene_size=b.cnn_scene_size, object_size=list(b.object_size),
-                   max_objects=b.max_objects)
-    if b.cnn_context_steps:
-        key["context_steps"] = b.cnn_context_steps
-    if b.cnn_scene_context_weight:
-        key["scene_context_weight"] = b.cnn_scene_context_weight
-    d = _stage_dir(root, "cnn", key)
+    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed)))
     d.mkdir(parents=True, exist_ok=True)
     state = torch.load(src, weights_only=True)
     state["model"] = {k: (v.float() if v.is_floating_point() else v) for k, v in state["model"].items()}

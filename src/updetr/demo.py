@@ -172,6 +172,20 @@ class DemoResult:
     seconds: float
 
 
+def cnn_stage_key(budget: DemoBudget) -> dict[str, Any]:
+    """What the CNN stage depends on (its cache folder is named after it)."""
+    key: dict[str, Any] = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed,
+                               size=budget.cnn_size, batch=budget.cnn_batch, lr=budget.cnn_lr)
+    if budget.cnn_context_steps:  # keyed only when used, so existing caches stay valid
+        key["context_steps"] = budget.cnn_context_steps
+    if budget.cnn_scene_steps:  # the scenes are drawn like the benchmark's objects
+        key.update(scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
+                   object_size=list(budget.object_size), max_objects=budget.max_objects)
+        if budget.cnn_scene_context_weight:
+            key["scene_context_weight"] = budget.cnn_scene_context_weight
+    return key
+
+
 def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progress: bool = True) -> tuple[Path, Path]:
     """Stages 1–2 (cached): the embedded benchmark and the CNN both arms start from."""
     from .backbone_pretrain import pretrain_backbone
@@ -190,16 +204,7 @@ def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progres
                       object_size=budget.object_size, max_objects=budget.max_objects, progress=progress)
 
     # 2. CNN
-    cnn_key = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed, size=budget.cnn_size,
-                   batch=budget.cnn_batch, lr=budget.cnn_lr)
-    if budget.cnn_context_steps:  # keyed only when used, so existing caches stay valid
-        cnn_key["context_steps"] = budget.cnn_context_steps
-    if budget.cnn_scene_steps:  # the scenes are drawn like the benchmark's objects
-        cnn_key.update(scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
-                       object_size=list(budget.object_size), max_objects=budget.max_objects)
-        if budget.cnn_scene_context_weight:
-            cnn_key["scene_context_weight"] = budget.cnn_scene_context_weight
-    cnn_dir = _stage_dir(root, "cnn", cnn_key)
+    cnn_dir = _stage_dir(root, "cnn", cnn_stage_key(budget))
     _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
     if not _done(cnn_dir):
         cnn_dir.mkdir(parents=True, exist_ok=True)

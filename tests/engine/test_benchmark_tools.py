@@ -43,3 +43,43 @@ def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overr
         assert 0.0 <= result[name] <= 1.0
     # pooling the image's own features over the box points back into the box far more often than chance
     assert result["pooled in place"] >= 0.75
+
+
+def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_logs(tmp_path, capsys):
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from updetr.demo import DemoBudget, _done, _stage_dir, cnn_stage_key
+
+    module = _load("parallel_sweep")
+    assert module.parse_job("upG:30:cuda:data.batch_size=32;data.num_workers=3") == (
+        "upG", 30, "cuda", ["data.batch_size=32", "data.num_workers=3"])
+    assert module.parse_job("detr:0:cpu") == ("detr", 0, "cpu", [])
+    with pytest.raises(SystemExit, match="NAME:PRE_EPOCHS:PRE_DEVICE"):
+        module.parse_job("detr:0")
+
+    # an fp16 CNN file becomes the fp32 cached CNN stage of that seed's demo budget
+    src = tmp_path / "cnn.pt"
+    torch.save({"arch": "resnet18", "model": {"w": torch.ones(2, dtype=torch.float16), "n": torch.tensor(3)}}, src)
+    module.place_cnn(tmp_path / "s1", 1, src)
+    (stage,) = (tmp_path / "s1" / "stages").iterdir()
+    assert stage.name.startswith("cnn-") and _done(stage)
+    placed = torch.load(stage / "resnet18.pth", weights_only=True)["model"]
+    assert placed["w"].dtype == torch.float32 and placed["n"].dtype == torch.int64
+    assert stage == _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(dataclasses.replace(DemoBudget(), seed=1)))
+
+    # report: fine-tuning AP / AP50 at each evaluation (1-based epochs) and the pre-training's last hit rate
+    job = tmp_path / "s1" / "up5"
+    (job / "pre").mkdir(parents=True)
+    (job / "ft").mkdir()
+    (job / "pre" / "metrics.jsonl").write_text(json.dumps(
+        {"epoch": 4, "train/loss": 14.4, "train/loss_giou": 0.765, "val/hit_rate": 24.06}) + "\n")
+    (job / "ft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"epoch": 6, "val/AP": 0.21, "val/AP50": 1.01}, {"epoch": 7}, {"epoch": 20, "val/AP": 0.92, "val/AP50": 3.1})))
+    module.report(tmp_path)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("s1 up5")
+    assert "5 ep, loss 14.400, GIoU loss 0.765, hit rate 24.1 %" in line
+    assert "7:0.21/1.01 21:0.92/3.10 (trained 21 ep)" in line

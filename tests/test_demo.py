@@ -1,6 +1,8 @@
 """`updetr demo --quick`: the README's first command, at a toy budget; a re-run reuses every stage."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,23 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
     assert second.table == first.table
     assert {p: p.stat().st_mtime for p in (out / "stages").rglob("checkpoint.pth")} == mtimes
     assert second.seconds < first.seconds
+
+    # --budget oneshot_epochs=N adds one-shot detection from scratch and from the same pre-training, nothing rerun
+    third = run_demo(out, device="cpu", progress=False, budget=dataclasses.replace(DemoBudget.quick(), oneshot_epochs=1))
+    assert third.table == first.table
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    oneshot = sorted(p for p in (out / "stages").iterdir() if p.name.startswith("oneshot-"))
+    assert len(oneshot) == 2
+    results = json.loads((report / "results.json").read_text())["oneshot"]
+    assert set(results) == {"DETR", "UP-DETR"}
+    for arm, entry in results.items():
+        logged = [json.loads(line) for line in (Path(entry["run"]) / "metrics.jsonl").read_text().splitlines()]
+        assert entry["eval_points"] == [{k: r[k] for k in ("epoch", "val/AP50_seen", "val/AP50_unseen")}
+                                        for r in logged if "val/AP50_seen" in r] != []
+    init = {json.loads((d / "config.json").read_text())["init_from"] for d in oneshot}
+    (pretrain,) = (p for p in (out / "stages").iterdir() if p.name.startswith("pretrain-"))
+    assert init == {"", str(pretrain / "checkpoint.pth")}  # from scratch, and from the demo's own pre-training
+    assert "One-shot detection (AP50 on seen / unseen" in (report / "report.md").read_text()
 
 
 def test_budget_overrides_parse_json_values_and_append_config_overrides():

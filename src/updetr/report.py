@@ -145,8 +145,23 @@ def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = 
     return hits, total
 
 
-def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path, data_dir: Path, device: str = "cpu") -> str:
-    """Write ``report.md``, ``convergence.png``, ``detections.png``, ``query_patches.png``, ``results.json``."""
+def oneshot_table(runs: dict[str, Path]) -> str:
+    """Markdown: one-shot AP50 on seen / unseen classes of each run at each of its evaluation epochs."""
+    points = {name: [r for r in read_history(d) if "val/AP50_seen" in r] for name, d in runs.items()}
+    epochs = sorted({r["epoch"] for pts in points.values() for r in pts})
+    lines = ["| Model | " + " | ".join(str(e + 1) for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+    for name, pts in points.items():
+        by_epoch = {r["epoch"]: r for r in pts}
+        cells = [f"{_fmt(by_epoch[e]['val/AP50_seen'])} / {_fmt(by_epoch[e]['val/AP50_unseen'])}" if e in by_epoch else "–"
+                 for e in epochs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path, data_dir: Path, device: str = "cpu",
+                      oneshot: dict[str, Path] | None = None) -> str:
+    """Write ``report.md``, ``convergence.png``, ``detections.png``, ``query_patches.png``, ``results.json``
+    (and the one-shot table when ``oneshot`` names the one-shot runs)."""
     from .engine.distributed import resolve_device
 
     dev = str(resolve_device(device))
@@ -163,9 +178,13 @@ def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path,
     pretext = [r["val/hit_rate"] for r in read_history(Path(pretrained).parent) if "val/hit_rate" in r]
     hit_rate = pretext[-1] if pretext else None
     results = {name: eval_points(read_history(d)) for name, d in arms.items()}
-    (report_dir / "results.json").write_text(json.dumps({
-        "runs": {k: str(v) for k, v in arms.items()}, "eval_points": results, "query_hit_rate": hit_rate,
-        "query_sheet_hits": [sheet_hits, sheet_patches]}, indent=2) + "\n")
+    summary: dict = {"runs": {k: str(v) for k, v in arms.items()}, "eval_points": results, "query_hit_rate": hit_rate,
+                     "query_sheet_hits": [sheet_hits, sheet_patches]}
+    if oneshot:
+        summary["oneshot"] = {name: {"run": str(d), "eval_points": [
+            {k: r[k] for k in ("epoch", "val/AP50_seen", "val/AP50_unseen")}
+            for r in read_history(d) if "val/AP50_seen" in r]} for name, d in oneshot.items()}
+    (report_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     pretext_line = (f"Pre-trained model's query-patch hit rate (IoU ≥ 0.5) at the end of pre-training: {hit_rate:.1f}% "
                     if hit_rate is not None else "Pre-trained model's query-patch hit rate: not measured by its run; ")
     pretext_line += f"({sheet_hits} of the {sheet_patches} patches drawn below)."
@@ -174,5 +193,9 @@ def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path,
             "![convergence](convergence.png)", "", "Detections (columns: " + ", ".join(arms) + "):", "",
             "![detections](detections.png)", "", "Query patches (thin: where each patch was cut; thick: where the pre-trained model finds it):",
             "", "![query patches](query_patches.png)", ""]
+    if oneshot:
+        text += ["One-shot detection (AP50 on seen / unseen classes at each evaluation epoch; a query patch of a class "
+                 "from another image, find every object of that class; unseen classes never trained on):", "",
+                 oneshot_table(oneshot), ""]
     (report_dir / "report.md").write_text("\n".join(text))
     return table

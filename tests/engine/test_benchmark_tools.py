@@ -83,3 +83,37 @@ def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_log
     assert line.startswith("s1 up5")
     assert "5 ep, loss 14.400, GIoU loss 0.765, hit rate 24.1 %" in line
     assert "7:0.21/1.01 21:0.92/3.10 (trained 21 ep)" in line
+
+
+def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    module = _load("patch_swap")
+    patches = torch.arange(2 * 3, dtype=torch.float32).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2)  # (B, M, 3, q, q)
+    assert torch.equal(module.swap(patches, "own"), patches)
+    groups = module.swap(patches, "other groups")[:, :, 0, 0, 0]
+    assert groups.tolist() == [[1, 2, 0], [4, 5, 3]]  # group g sees group g+1's patch of the same image
+    images = module.swap(patches, "other image")[:, :, 0, 0, 0]
+    assert images.tolist() == [[3, 4, 5], [0, 1, 2]]  # image i sees image i+1's patches
+    with pytest.raises(ValueError):
+        module.swap(patches, "no such mode")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "patch_swap.py"), str(tmp_path / "nope")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and f"{tmp_path / 'nope' / 'config.json'} not found" in result.stderr
+
+
+def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overrides, tmp_path):
+    from updetr.engine.distributed import DistInfo
+    from updetr.engine.loop import fit
+
+    module = _load("patch_swap")
+    cfg = make_config("pretrain-small", overrides=tiny_overrides + [
+        f'data.images="{embedded / "unlabeled"}"', f'output_dir="{tmp_path}"', "optim.epochs=1"])
+    result = fit(PretrainTask(cfg), cfg, DistInfo(), progress=False)
+    rates = module.hit_rates(tmp_path, num_images=64)
+    assert set(rates) == set(module.MODES) and all(0.0 <= v <= 100.0 for v in rates.values())
+    assert rates["own"] == result.final_metrics["hit_rate"]  # same images, patches and model as the run's evaluation

@@ -269,41 +269,29 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
 
     common = common_overrides(data_dir, cnn_weights, budget.seed, device)
 
+    total = 7 if budget.oneshot_epochs > 0 else 5  # stages, for the progress lines
+
     # 3. UP-DETR pre-training
     pre_cfg = pretrain_config(budget, common, budget.pretrain_epochs)
-    pre_dir = _stage_dir(root, "pretrain", pre_cfg.to_dict())
-    _stage_banner(3, "UP-DETR pre-training on the unlabelled split", pre_dir)
-    if not _done(pre_dir):
-        pre_cfg = pre_cfg.override([f'output_dir="{pre_dir}"'])
-        info = _run_fit(PretrainTask, pre_cfg, progress)
-        _mark_done(pre_dir, info["final"])
-    pretrained = pre_dir / "checkpoint.pth"
+    pretrained = _run_stage(root, "pretrain", PretrainTask, pre_cfg, progress,
+                            (3, total, "UP-DETR pre-training on the unlabelled split")) / "checkpoint.pth"
 
     # 4-5. fine-tuning vs DETR, same CNN, schedule, seed
     arms = {}
-    for arm, init in (("DETR", ""), ("UP-DETR", str(pretrained))):
+    for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 4):
         cfg = finetune_config(budget, common, budget.finetune_epochs, init)
-        run_dir = _stage_dir(root, arm.lower().replace("-", ""), cfg.to_dict())
-        _stage_banner(4 if arm == "DETR" else 5, f"{arm}: fine-tuning on the labelled split", run_dir)
-        if not _done(run_dir):
-            info = _run_fit(DetectionTask, cfg.override([f'output_dir="{run_dir}"']), progress)
-            _mark_done(run_dir, info["final"])
-        arms[arm] = run_dir
+        arms[arm] = _run_stage(root, arm.lower().replace("-", ""), DetectionTask, cfg, progress,
+                               (index, total, f"{arm}: fine-tuning on the labelled split"))
 
     # 6-7. optional: one-shot detection from scratch vs from the pre-training, the same recipe and evaluation points
     oneshot = {}
     if budget.oneshot_epochs > 0:
         from .engine.one_shot import OneShotTask
 
-        for arm, init in (("DETR", ""), ("UP-DETR", str(pretrained))):
+        for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 6):
             cfg = finetune_config(budget, common, budget.oneshot_epochs, init)
-            run_dir = _stage_dir(root, "oneshot", cfg.to_dict())
-            _stage_banner(6 if arm == "DETR" else 7, f"one-shot detection from {'scratch' if not init else 'UP-DETR'}",
-                          run_dir, total=7)
-            if not _done(run_dir):
-                info = _run_fit(OneShotTask, cfg.override([f'output_dir="{run_dir}"']), progress)
-                _mark_done(run_dir, info["final"])
-            oneshot[arm] = run_dir
+            oneshot[arm] = _run_stage(root, "oneshot", OneShotTask, cfg, progress,
+                                      (index, total, f"one-shot detection from {'scratch' if not init else 'UP-DETR'}"))
 
     from .report import write_demo_report
 
@@ -317,6 +305,17 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
         print("\nOne-shot detection, AP50 seen / unseen at each evaluation epoch:\n\n" + oneshot_table(oneshot))
     print(f"\nreport: {report_dir}  ({seconds / 60:.1f} min)")
     return DemoResult(report_dir, table, _history(arms["DETR"]), _history(arms["UP-DETR"]), seconds)
+
+
+def _run_stage(root: Path, kind: str, task_cls, cfg: Config, progress: bool, banner: tuple[int, int, str]) -> Path:
+    """The stage folder of ``cfg`` under ``root``, trained there with ``task_cls`` unless it is already done."""
+    run_dir = _stage_dir(root, kind, cfg.to_dict())
+    index, total, title = banner
+    _stage_banner(index, title, run_dir, total)
+    if not _done(run_dir):
+        info = _run_fit(task_cls, cfg.override([f"output_dir={json.dumps(str(run_dir))}"]), progress)
+        _mark_done(run_dir, info["final"])
+    return run_dir
 
 
 def _cnn_device(device: str) -> str:

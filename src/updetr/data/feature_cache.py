@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from updetr.structures import FeatureBatch, Target
 
 __all__ = [
-    "CachedDetection", "CachedPretrainImages", "collate_features", "collate_features_with_patches",
+    "CachedDetection", "CachedPretrainImages", "cache_train_val", "collate_features", "collate_features_with_patches",
     "pretrain_feature_table",
 ]
 
@@ -148,6 +148,17 @@ class CachedDetection(Dataset):
             target["boxes"] = boxes
             return self._features[index][1], target  # type: ignore[return-value]
         return self._features[index][0], target  # type: ignore[return-value]
+
+
+def cache_train_val(train: Any, val: Any | None, model: torch.nn.Module, device: torch.device, *, hflip: float,
+                    seed: int, num_workers: int = 0, progress: bool = True) -> tuple[CachedDetection, CachedDetection | None]:
+    """A task's training set (each image and, with ``hflip`` > 0, its mirror) and validation set (if any), both
+    with the eval transform, as :class:`CachedDetection`."""
+    cached_train = CachedDetection(train, model, device, hflip=hflip, seed=seed, num_workers=num_workers,
+                                   progress=progress, desc="caching CNN features (train)")
+    cached_val = None if val is None else CachedDetection(val, model, device, num_workers=num_workers,
+                                                          progress=progress, desc="caching CNN features (val)")
+    return cached_train, cached_val
 
 
 def pretrain_feature_table(dataset: Any, model: torch.nn.Module, device: torch.device, size: int, *,

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_detection
-from ..data.feature_cache import CachedDetection, collate_features
+from ..data.feature_cache import cache_train_val, collate_features
 from ..evaluation.coco_eval import CocoEvaluator
 from ..evaluation.postprocess import postprocess_detections
 from ..losses.criterion import build_criterion
@@ -67,13 +67,8 @@ class DetectionTask:
     def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset | None]:
         """Wrap the datasets in :class:`CachedDetection` (the frozen CNN run once per image)."""
         data = self.cfg.data
-        train = CachedDetection(self.train_dataset(), model, device, hflip=data.hflip, seed=self.cfg.seed,
-                                num_workers=data.num_workers, progress=progress, desc="caching CNN features (train)")
-        val = self.val_dataset()
-        if val is not None:
-            val = CachedDetection(val, model, device, num_workers=data.num_workers, progress=progress,
-                                  desc="caching CNN features (val)")
-        return train, val
+        return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
+                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress)
 
     @property
     def num_classes(self) -> int:

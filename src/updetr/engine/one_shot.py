@@ -31,7 +31,7 @@ from ..box_ops import normalized_cxcywh_to_xyxy_px
 from ..config import Config, ConfigError, DataConfig
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_with_patches
-from ..data.feature_cache import CachedDetection, collate_features_with_patches
+from ..data.feature_cache import cache_train_val, collate_features_with_patches
 from ..data.io import DataError, load_image
 from ..data.one_shot import (
     CachedOneShot, OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
@@ -133,11 +133,9 @@ class OneShotTask:
         episodes and query patches stay those of the uncached datasets."""
         data = self.cfg.data
         train, val = self.train_dataset(), self.val_dataset()
-        train_features = CachedDetection(train.dataset, model, device, hflip=data.hflip, seed=self.cfg.seed,
-                                         num_workers=data.num_workers, progress=progress,
-                                         desc="caching CNN features (train)")
-        val_features = CachedDetection(val.dataset, model, device, num_workers=data.num_workers, progress=progress,
-                                       desc="caching CNN features (val)")
+        train_features, val_features = cache_train_val(train.dataset, val.dataset, model, device, hflip=data.hflip,
+                                                       seed=self.cfg.seed, num_workers=data.num_workers,
+                                                       progress=progress)
         return CachedOneShot(train, train_features), CachedOneShot(val, val_features)
 
     def build_model(self) -> nn.Module:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import Config, ConfigError, DataConfig
 from ..data.coco_panoptic import CocoPanoptic
 from ..data.collate import collate_detection
-from ..data.feature_cache import CachedDetection, collate_features
+from ..data.feature_cache import cache_train_val, collate_features
 from ..data.io import DataError
 from ..data.transforms import build_transforms
 from ..evaluation.panoptic import (
@@ -183,11 +183,8 @@ class PanopticTask:
             raise ConfigError(f"data.cache_features: panoptic stage {self.options.stage} feeds the CNN's intermediate "
                               "layers to the mask head, which are not cached; use it for stage 1 only")
         data = self.cfg.data
-        train = CachedDetection(self.train_dataset(), model, device, hflip=data.hflip, seed=self.cfg.seed,
-                                num_workers=data.num_workers, progress=progress, desc="caching CNN features (train)")
-        val = CachedDetection(self.val_dataset(), model, device, num_workers=data.num_workers, progress=progress,
-                              desc="caching CNN features (val)")
-        return train, val
+        return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
+                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress)
 
     @property
     def num_classes(self) -> int:

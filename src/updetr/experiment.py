@@ -183,29 +183,26 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, cnn_weights: Path,
             finetune[name] = Run(name, budget.seed, "updetr", label, cfg, _stage_dir(root, "updetr", cfg.to_dict()),
                                  mult * f)
     # Table 3: one-shot detection on the benchmark's seen / unseen split, the fine-tuning recipe for F epochs,
-    # from scratch (the paper's DETR row) and from the default pre-training (keeps its patch -> query projection)
+    # from scratch (the paper's DETR row) and from the default pre-training (keeps its patch -> query projection).
+    # Table 4: panoptic segmentation as DETR trains it, from the same two starts: stage 1, the detector on the
+    # segments' boxes (things and stuff) for F epochs; stage 2, that detector frozen and the mask head trained for
+    # the paper's 25 / 300 of it (at least one epoch), on pixels (the mask head reads layers 1-3)
     oneshot: dict[str, Run] = {}
-    for name, init, label in (("detr", "", "from scratch (DETR)"),
-                              ("updetr", str(pretrain["default"].path / "checkpoint.pth"), "from UP-DETR pre-training")):
-        cfg = finetune_config(budget, common, f, init)
-        oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
-                            _stage_dir(root, "oneshot", cfg.to_dict()), f)
-    # Table 4: panoptic segmentation as DETR trains it: stage 1, the detector on the segments' boxes (things and
-    # stuff) for F epochs from scratch or from the default pre-training; stage 2, that detector frozen and the mask
-    # head trained for the paper's 25 / 300 of it (at least one epoch), on pixels (the mask head reads layers 1-3)
     panoptic: dict[str, Run] = {}
     mask_epochs = panoptic_mask_epochs(f)
     for name, init, label in (("detr", "", "from scratch (DETR)"),
                               ("updetr", str(pretrain["default"].path / "checkpoint.pth"), "from UP-DETR pre-training")):
         cfg = finetune_config(budget, common, f, init)
+        oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
+                            _stage_dir(root, "oneshot", cfg.to_dict()), f)
         stage1 = Run(f"{name}_1", budget.seed, "panoptic1", f"panoptic stage 1 ({f} ep, boxes) {label}", cfg,
                      _stage_dir(root, "panoptic1", cfg.to_dict()), f)
-        cfg = finetune_config(budget, common, mask_epochs, str(stage1.path / "checkpoint.pth")).override(
+        mask_cfg = finetune_config(budget, common, mask_epochs, str(stage1.path / "checkpoint.pth")).override(
             ["data.cache_features=false", f"eval_every={mask_epochs}"])
         panoptic[f"{name}_1"] = stage1
         panoptic[f"{name}_2"] = Run(f"{name}_2", budget.seed, "panoptic2",
-                                    f"panoptic stage 2 ({mask_epochs} ep, mask head) {label}", cfg,
-                                    _stage_dir(root, "panoptic2", cfg.to_dict()), mask_epochs)
+                                    f"panoptic stage 2 ({mask_epochs} ep, mask head) {label}", mask_cfg,
+                                    _stage_dir(root, "panoptic2", mask_cfg.to_dict()), mask_epochs)
     return SeedPlan(budget.seed, data_dir, pretrain, finetune, oneshot, panoptic)
 
 

@@ -47,12 +47,17 @@ def read_metrics(run: Run) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def records_with(run: Run, key: str, what: str) -> list[dict]:
+    """The run's log records that hold ``key``; an error naming the log and ``what`` is missing when none does."""
+    records = [r for r in read_metrics(run) if key in r]
+    if not records:
+        raise ValueError(f"{run.path / 'metrics.jsonl'}: no {what} record ({key})")
+    return records
+
+
 def detection_points(run: Run) -> list[dict]:
     """The records with a validation AP (one per evaluation point)."""
-    points = [r for r in read_metrics(run) if "val/AP" in r]
-    if not points:
-        raise ValueError(f"{run.path / 'metrics.jsonl'}: no evaluation record (val/AP)")
-    return points
+    return records_with(run, "val/AP", "evaluation")
 
 
 def final_detection(run: Run, metric: str) -> float | None:
@@ -61,26 +66,18 @@ def final_detection(run: Run, metric: str) -> float | None:
 
 def final_pretext(run: Run, key: str) -> float | None:
     """``loss`` (the last epoch's mean pretext loss) or ``hit_rate`` (the last evaluation)."""
-    records = [r for r in read_metrics(run) if (f"val/{key}" if key == "hit_rate" else f"train/{key}") in r]
-    if not records:
-        raise ValueError(f"{run.path / 'metrics.jsonl'}: no {key} record")
-    return records[-1][f"val/{key}" if key == "hit_rate" else f"train/{key}"]
+    name = f"val/{key}" if key == "hit_rate" else f"train/{key}"
+    return records_with(run, name, key)[-1][name]
 
 
 def final_oneshot(run: Run, split: str) -> float | None:
     """AP50 (percent) on the ``seen`` or ``unseen`` classes at the run's last evaluation."""
-    records = [r for r in read_metrics(run) if f"val/AP50_{split}" in r]
-    if not records:
-        raise ValueError(f"{run.path / 'metrics.jsonl'}: no one-shot evaluation record (val/AP50_{split})")
-    return records[-1][f"val/AP50_{split}"]
+    return records_with(run, f"val/AP50_{split}", "one-shot evaluation")[-1][f"val/AP50_{split}"]
 
 
 def final_panoptic(run: Run, metric: str) -> float | None:
     """``metric`` (PQ, SQ, RQ, ..., AP_seg; percent) at a stage-2 run's last evaluation."""
-    records = [r for r in read_metrics(run) if "val/PQ" in r]
-    if not records:
-        raise ValueError(f"{run.path / 'metrics.jsonl'}: no panoptic evaluation record (val/PQ)")
-    return records[-1].get(f"val/{metric}")
+    return records_with(run, "val/PQ", "panoptic evaluation")[-1].get(f"val/{metric}")
 
 
 # ----------------------------------------------------------------------------- statistics

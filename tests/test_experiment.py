@@ -156,13 +156,16 @@ def test_seeds_must_be_positive(tmp_path):
 
 
 def test_quick_budget_is_the_demo_quick_budget_shrunk():
+    from dataclasses import replace
+
     from updetr.demo import DemoBudget
 
     quick, demo_quick = experiment_budget(quick=True), DemoBudget.quick()
     assert quick.model == demo_quick.model and quick.num_val == demo_quick.num_val
     assert quick.num_train <= demo_quick.num_train and quick.cnn_images <= demo_quick.cnn_images
-    assert experiment_budget() == DemoBudget()
+    assert experiment_budget() == replace(DemoBudget(), finetune_epochs=10, pretrain_epochs=2)
     assert experiment_budget(overrides=["finetune_epochs=4"]).finetune_epochs == 4
+    assert experiment_budget(overrides=["finetune_epochs=4"]).pretrain_epochs == 2
 
 
 # ----------------------------------------------------------------------------- configs/

@@ -113,8 +113,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
     loader = make_loader(dataset, collate, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device), train=False, seed=0)
     with torch.inference_mode():
-        metrics = evaluate_detection(loaded.model, loader, device, progress=not args.no_progress)
-    _print_metrics(f"{split} ({len(dataset)} images)", metrics)
+        metrics = evaluate_detection(loaded.model, loader, device, progress=not args.no_progress,
+                                     class_agnostic=args.class_agnostic)
+    what = ", every class counted as one" if args.class_agnostic else ""
+    _print_metrics(f"{split} ({len(dataset)} images{what})", metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", metavar="DIR")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--device")
+    p.add_argument("--class-agnostic", action="store_true",
+                   help="count every class as one: the AP of the boxes whatever their label (localisation only)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_eval)
 

@@ -29,6 +29,11 @@ def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "best.pth"), "--embedded", str(embedded), "--json", str(metrics_file), "--no-progress"]) == 0
     evaluated = json.loads(metrics_file.read_text())
     assert evaluated["AP"] == pytest.approx(record["val/AP"], abs=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--embedded", str(embedded), "--json", str(metrics_file),
+                 "--class-agnostic", "--no-progress"]) == 0
+    assert "every class counted as one" in capsys.readouterr().out
+    assert set(json.loads(metrics_file.read_text())) == set(evaluated)
 
     pred = tmp_path / "pred"
     assert main(["predict", str(embedded / "val"), "--checkpoint", str(run / "best.pth"), "--output", str(pred),

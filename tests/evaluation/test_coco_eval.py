@@ -126,6 +126,23 @@ def test_labels_are_mapped_to_category_ids():
         CocoEvaluator(coco, [3, 99])
 
 
+def test_class_agnostic_counts_boxes_whatever_their_label():
+    coco = make_coco(GROUND_TRUTH)
+    boxes = [box for box, _ in GROUND_TRUTH[1]]
+    wrong = [1, 0]  # both labels swapped: right boxes, wrong classes
+    by_class, agnostic = CocoEvaluator(coco, CATEGORY_IDS), CocoEvaluator(coco, CATEGORY_IDS, class_agnostic=True)
+    for evaluator in (by_class, agnostic):
+        evaluator.update([1], [detection(boxes, [0.9, 0.8], wrong)])
+    assert by_class.summarize()["AP"] == pytest.approx(0.0)
+    assert agnostic.summarize()["AP"] == pytest.approx(100.0)
+    # a miss still counts: one of the two objects found -> precision 1 at the 51 recall points 0, 0.01 .. 0.5 of 101
+    half = CocoEvaluator(coco, CATEGORY_IDS, class_agnostic=True)
+    half.update([1], [detection(boxes[:1], [0.9], [1])])
+    assert half.summarize()["AP"] == pytest.approx(100.0 * 51 / 101)
+    with pytest.raises(ValueError, match="class_agnostic"):
+        agnostic.per_class_ap()
+
+
 def test_only_images_seen_are_evaluated():
     coco = make_coco(GROUND_TRUTH)
     evaluator = CocoEvaluator(coco, CATEGORY_IDS)

@@ -108,11 +108,15 @@ class DetectionTask:
 
 
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = True) -> dict[str, float]:
-    """COCO box AP (percent) of ``model`` on ``loader``'s dataset, at original image sizes."""
+def evaluate_detection(model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool = True,
+                       class_agnostic: bool = False) -> dict[str, float]:
+    """COCO box AP (percent) of ``model`` on ``loader``'s dataset, at original image sizes.
+
+    ``class_agnostic``: every class counts as one (see ``CocoEvaluator``).
+    """
     model.eval()
     dataset = loader.dataset
-    evaluator = CocoEvaluator(dataset.coco, list(dataset.category_ids))
+    evaluator = CocoEvaluator(dataset.coco, list(dataset.category_ids), class_agnostic=class_agnostic)
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
         output = model(images.to(device))
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)

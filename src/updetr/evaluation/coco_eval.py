@@ -28,14 +28,19 @@ class CocoEvaluator:
             format).
         category_ids: ``category_ids[label]`` is the dataset category id of the
             contiguous class index ``label`` the model predicts.
+        class_agnostic: count every class as one (pycocotools' ``useCats = 0``): the AP of
+            the boxes alone, whatever label they carry. It separates finding objects from
+            naming them, e.g. to see whether a detector's weak AP is localisation or
+            classification.
 
     Use: ``update`` after every batch, ``synchronize`` once (all ranks), ``summarize``.
     Only the images passed to ``update`` are evaluated (``params.imgIds``), so a partial
     pass over the dataset (e.g. ``max_steps_per_epoch``) gives the AP of those images.
     """
 
-    def __init__(self, coco_gt: COCO, category_ids: list[int]) -> None:
+    def __init__(self, coco_gt: COCO, category_ids: list[int], *, class_agnostic: bool = False) -> None:
         self.coco_gt = coco_gt
+        self.class_agnostic = class_agnostic
         self.category_ids = list(category_ids)
         known = set(coco_gt.getCatIds())
         unknown = [c for c in self.category_ids if c not in known]
@@ -100,6 +105,7 @@ class CocoEvaluator:
             coco_dt = self.coco_gt.loadRes(np.concatenate(rows))
             coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
             coco_eval.params.imgIds = self.image_ids
+            coco_eval.params.useCats = 0 if self.class_agnostic else 1
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
@@ -126,6 +132,8 @@ class CocoEvaluator:
         """Category name -> AP in percent at one IoU threshold (None: averaged over
         0.50:0.95), area "all", 100 detections. NaN for a category with no ground truth
         among the images seen; all zeros without detections."""
+        if self.class_agnostic:
+            raise ValueError("per-class AP needs the classes: this evaluator counts every class as one (class_agnostic)")
         names = {c: self.coco_gt.loadCats(c)[0]["name"] for c in self.category_ids}
         coco_eval = self._evaluate()
         if coco_eval is None:

@@ -117,3 +117,48 @@ def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overr
     rates = module.hit_rates(tmp_path, num_images=64)
     assert set(rates) == set(module.MODES) and all(0.0 <= v <= 100.0 for v in rates.values())
     assert rates["own"] == result.final_metrics["hit_rate"]  # same images, patches and model as the run's evaluation
+
+
+def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(embedded, tiny_overrides, tmp_path,
+                                                                              monkeypatch):
+    import sys
+
+    import torch
+
+    from updetr.engine.checkpoint import load_checkpoint
+    from updetr.engine.detection import DetectionTask
+    from updetr.engine.distributed import DistInfo
+    from updetr.engine.loop import fit
+
+    module = _load("partial_init")
+    pre_cfg = make_config("pretrain-small", overrides=tiny_overrides + [
+        f'data.images="{embedded / "unlabeled"}"', f'output_dir="{tmp_path / "pre"}"', "optim.epochs=1", "eval_every=0"])
+    fit(PretrainTask(pre_cfg), pre_cfg, DistInfo(), progress=False)
+    layout = [f'data.root="{embedded}"', 'data.train_images="train"', 'data.val_images="val"',
+              'data.train_annotations="annotations/instances_train.json"',
+              'data.val_annotations="annotations/instances_val.json"']
+    ft_cfg = make_config("small", overrides=tiny_overrides + layout + [f'output_dir="{tmp_path / "ft"}"'])
+    ft_cfg.save(tmp_path / "config.json")
+    out = tmp_path / "partial.pth"
+    argv = ["partial_init", str(tmp_path / "pre" / "checkpoint.pth"), str(tmp_path), str(out),
+            "--fresh", "transformer.encoder.", "input_proj."]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert module.main() == 0
+
+    pretrained, written = load_checkpoint(tmp_path / "pre" / "checkpoint.pth")["model"], load_checkpoint(out)["model"]
+    task = DetectionTask(ft_cfg)
+    task.train_dataset()
+    fresh = module.fresh_state(ft_cfg, task.num_classes)
+    assert set(written) == set(pretrained)
+    for key, value in written.items():
+        expected = fresh[key] if key.startswith(("transformer.encoder.", "input_proj.")) else pretrained[key]
+        assert torch.equal(value, expected), key
+    assert not torch.equal(fresh["transformer.encoder.layers.0.linear1.weight"],
+                           pretrained["transformer.encoder.layers.0.linear1.weight"])
+    # fine-tuning takes it like any pre-training checkpoint: decoder pre-trained, encoder fresh
+    ft_cfg.init_from = str(out)
+    model = DetectionTask(ft_cfg)
+    model.train_dataset()
+    state = model.build_model().state_dict()
+    assert torch.equal(state["transformer.decoder.layers.0.linear1.weight"], pretrained["transformer.decoder.layers.0.linear1.weight"])
+    assert torch.equal(state["transformer.encoder.layers.0.linear1.weight"], fresh["transformer.encoder.layers.0.linear1.weight"])

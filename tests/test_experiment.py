@@ -62,6 +62,7 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
     # and the README shows them
     readme = (report / "README.md").read_text()
     assert readme == first.readme
+    assert "Command: `updetr experiment --quick --output DIR`" in readme and results["protocol"]["command"]
     detr = results["tables"]["table1"]["rows"][0]["metrics"]["AP"]
     assert f"| DETR | 1 | {detr['mean']:.2f} ± {detr['std']:.2f} |" in readme
     # comparisons: per-seed differences of the two runs, and a verdict for each
@@ -166,6 +167,24 @@ def test_quick_budget_is_the_demo_quick_budget_shrunk():
     assert experiment_budget() == replace(DemoBudget(), finetune_epochs=10, pretrain_epochs=2)
     assert experiment_budget(overrides=["finetune_epochs=4"]).finetune_epochs == 4
     assert experiment_budget(overrides=["finetune_epochs=4"]).pretrain_epochs == 2
+
+
+@pytest.mark.parametrize("quick,seeds,overrides", [
+    (False, 3, []),
+    (False, 5, ["finetune_epochs=4", "image_size=[96,128]", "pretrain=pretrain.query_size=64"]),
+    (True, 2, ["pretrain_epochs=3"]),
+])
+def test_experiment_command_gives_back_the_budget(quick, seeds, overrides):
+    import shlex
+
+    from updetr.experiment import experiment_command
+
+    budget = experiment_budget(quick, overrides)
+    words = shlex.split(experiment_command(budget, seeds, quick))
+    assert words[:2] == ["updetr", "experiment"]
+    args = build_parser().parse_args(words[1:])
+    assert experiment_budget(args.quick, args.budget) == budget
+    assert (args.seeds or (2 if quick else 3)) == seeds
 
 
 # ----------------------------------------------------------------------------- configs/

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 from .demo import (
-    DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, common_overrides, finetune_config,
+    _LIST_FIELDS, DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, common_overrides, finetune_config,
     prepare_inputs, pretrain_config,
 )
 
@@ -78,6 +78,27 @@ def experiment_budget(quick: bool = False, overrides: list[str] | None = None) -
             raise ConfigError(f"--budget {item!r}: the protocol sets the seed of every run (0..N-1); use --seeds N")
     base = quick_budget() if quick else apply_budget_overrides(DemoBudget(), list(EXPERIMENT_DEFAULTS))
     return apply_budget_overrides(base, list(overrides or []))
+
+
+def experiment_command(budget: DemoBudget, seeds: int, quick: bool = False) -> str:
+    """The ``updetr experiment`` command line (output folder aside) that runs ``budget`` for ``seeds`` seeds."""
+    import shlex
+    from dataclasses import fields
+
+    base = quick_budget() if quick else experiment_budget()
+    words = ["updetr", "experiment"] + (["--quick"] if quick else [])
+    if seeds != (2 if quick else 3):
+        words += ["--seeds", str(seeds)]
+    for f in fields(DemoBudget):
+        value, default = getattr(budget, f.name), getattr(base, f.name)
+        if f.name == "seed" or value == default:
+            continue
+        if f.name in _LIST_FIELDS and tuple(value[:len(default)]) == tuple(default):
+            items = [str(v) for v in value[len(default):]]  # config overrides appended to the default ones
+        else:
+            items = [json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))]
+        words += [w for item in items for w in ("--budget", f"{f.name}={item}")]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 @dataclass(frozen=True)
@@ -345,7 +366,8 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
         nominal_spent += nominal_seconds(run, budget)
 
     report_dir = root / "reports"
-    readme, results = write_experiment_report(report_dir, root, plans, budget)
+    readme, results = write_experiment_report(report_dir, root, plans, budget,
+                                              command=experiment_command(budget, seeds, quick))
     seconds = time.perf_counter() - start
     log.info("experiment: report in %s (%s)", report_dir, _duration(seconds))
     return ExperimentResult(report_dir, readme, results, plans, seconds)

@@ -411,6 +411,7 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
         f"{', '.join(str(pl.seed) for pl in plans)}; every number is the mean ± sample std over seeds; per-seed "
         "numbers and the run folder of each are in `results.json`).",
         "",
+        *([f"Command: `{protocol['command']} --output DIR`", ""] if protocol.get("command") else []),
         f"Ours: the embedded benchmark ({protocol['budget']['num_train']} training, {protocol['budget']['num_val']} "
         f"validation, {protocol['budget']['num_unlabeled']} unlabelled images), a small CNN pre-trained on other "
         f"material, UP-DETR pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
@@ -498,8 +499,12 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
     return "\n".join(lines)
 
 
-def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan], budget: DemoBudget) -> tuple[str, dict]:
-    """Write ``README.md``, ``convergence.png``, ``pretext_loss.png``, ``pretrain_length.png`` and ``results.json``."""
+def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan], budget: DemoBudget, *,
+                            command: str = "") -> tuple[str, dict]:
+    """Write ``README.md``, ``convergence.png``, ``pretext_loss.png``, ``pretrain_length.png`` and ``results.json``.
+
+    ``command``: the command line that ran the protocol, quoted in the README.
+    """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(plans, root, budget)
@@ -507,7 +512,8 @@ def write_experiment_report(report_dir: Path, root: Path, plans: list[SeedPlan],
     budget_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(budget).items() if k != "seed"}
     protocol = {"seeds": len(plans), "seed_values": [p.seed for p in plans], "finetune_epochs": budget.finetune_epochs,
                 "pretrain_epochs": budget.pretrain_epochs, "length_points": length_points(budget.pretrain_epochs),
-                "num_patches": plans[0].pretrain["default"].cfg.pretrain.num_patches, "budget": budget_dict}
+                "num_patches": plans[0].pretrain["default"].cfg.pretrain.num_patches, "budget": budget_dict,
+                "command": command}
     runs: dict[str, dict] = {}
     t = _Tables(plans, root)
     for p in plans:

@@ -3,8 +3,10 @@
     python benchmarks/train_step.py [--recipes small r50] [--steps 5] [--threads N] [--hf] [--breakdown]
     python benchmarks/train_step.py --device cuda [--amp bf16] [--batch-scale 4] --steps 20
 
-For each recipe: images/s of a full training step (forward, set loss with Hungarian
-matching on every decoder layer, backward, clipping, AdamW), the step's FLOPs counted
+Recipes: ``small`` and ``r50`` (DETR), ``pretrain-small`` (UP-DETR pre-training with the small
+architecture: frozen CNN, query patches, group matching, feature reconstruction). For each recipe:
+images/s of a full training step (forward, set loss with Hungarian matching on every decoder
+layer, backward, clipping, AdamW), the step's FLOPs counted
 with ``torch.utils.flop_counter.FlopCounterMode``, and the fraction of this machine's
 fp32 matmul peak (a large square matmul timed in the same run) the step reaches. On CUDA
 the peak is measured in the step's precision (fp32 without TF32, or the ``--amp`` dtype).
@@ -24,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from updetr.config import make_config
+from updetr.engine.pretrain import PretrainTask
 from updetr.engine.loop import _float_output, autocast_context, build_optimizer, optimizer_step
 from updetr.losses.criterion import build_criterion
 from updetr.models import build_detr
@@ -32,6 +35,9 @@ RECIPES = {
     # name: (preset, overrides, batch, image side)
     "small": ("small", ["model.num_queries=30"], 8, 256),
     "r50": ("r50", [], 2, 512),
+    # UP-DETR pre-training with the small architecture: frozen CNN (no autograd for image or patches), M query
+    # patches of the preset's query size per image, group matching, feature reconstruction
+    "pretrain-small": ("pretrain-small", ["pretrain.group_matching=true"], 8, 256),
 }
 
 
@@ -64,6 +70,16 @@ def fake_targets(batch: int, num_classes: int, gen: torch.Generator) -> list[dic
         targets.append({"boxes": torch.cat([centre, size], 1), "labels": torch.randint(num_classes, (n,), generator=gen),
                         "iscrowd": torch.zeros(n, dtype=torch.int64)})
     return targets
+
+
+def _patch_boxes(batch: int, m: int, gen: torch.Generator) -> list[dict]:
+    """M random patch boxes per image (normalised cxcywh), inside the image."""
+    out = []
+    for _ in range(batch):
+        size = torch.rand(m, 2, generator=gen) * 0.5 + 0.05
+        centre = size / 2 + torch.rand(m, 2, generator=gen) * (1 - size)
+        out.append({"boxes": torch.cat([centre, size], 1)})
+    return out
 
 
 # FLOP-counter operator -> the profiler events that do its work
@@ -104,25 +120,35 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
     preset, overrides, batch, side = RECIPES[name]
     batch *= batch_scale
     cfg = make_config(preset, overrides=overrides)
-    num_classes = 20
-    model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0).to(device)
-    criterion = build_criterion(cfg.loss, num_classes).to(device)
-    optimizer, _ = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, side, side, generator=gen).to(device)
-    targets = [{k: v.to(device) for k, v in t.items()} for t in fake_targets(batch, num_classes, gen)]
+    inputs: tuple[torch.Tensor, ...] = (images,)
+    if preset.startswith("pretrain"):
+        task = PretrainTask(cfg)
+        model, criterion = task.build_model().to(device), task.build_criterion().to(device)
+        m, q = cfg.pretrain.num_patches, cfg.pretrain.query_size
+        inputs = (images, torch.randn(batch, m, 3, q, q, generator=gen).to(device))
+        targets = [{"boxes": t["boxes"], "labels": torch.zeros(m, dtype=torch.int64), "patch_index": torch.arange(m),
+                    "iscrowd": torch.zeros(m, dtype=torch.int64)} for t in _patch_boxes(batch, m, gen)]
+    else:
+        num_classes = 20
+        model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0).to(device)
+        criterion = build_criterion(cfg.loss, num_classes).to(device)
+        targets = fake_targets(batch, num_classes, gen)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    optimizer, _ = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
 
     def step() -> None:
         with autocast_context(device, amp):
-            out = model(images)
+            out = model(*inputs)
         loss = criterion(_float_output(out), targets)["loss"]
         optimizer_step(loss, model, optimizer, cfg.optim.clip_max_norm, scaler)
 
     model.train()
     with FlopCounterMode(display=False) as counter:
         with autocast_context(device, amp):
-            out = model(images)
+            out = model(*inputs)
         criterion(_float_output(out), targets)["loss"].backward()
     flops = counter.get_total_flops()
     op_counts = counter.get_flop_counts().get("Global", {})
@@ -139,14 +165,14 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
     step_s = statistics.median(times)
 
     model.eval()
-    one = images[:1]
+    one = tuple(x[:1] for x in inputs)
     with torch.inference_mode(), autocast_context(device, amp):
-        model(one)
+        model(*one)
         lat = []
         for _ in range(max(3, steps)):
             _sync(device)
             t0 = time.perf_counter()
-            model(one)
+            model(*one)
             _sync(device)
             lat.append(time.perf_counter() - t0)
     model.train()
@@ -206,7 +232,7 @@ def main() -> None:
         r = bench_recipe(name, args.steps, device, args.amp, args.batch_scale, peak if args.breakdown else None)
         if r["breakdown"]:
             details.append((name, r["breakdown"]))
-        hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" else None
+        hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" and name in ("small", "r50") else None
         print(f"| {name} | {r['batch']} × {r['side']}² | {r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] * 1e9 / peak:.0f} % | {r['latency_ms']:.0f} | "
               f"{'n/a' if hf is None else f'{hf:.0f}'} |")

@@ -162,3 +162,17 @@ def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(em
     state = model.build_model().state_dict()
     assert torch.equal(state["transformer.decoder.layers.0.linear1.weight"], pretrained["transformer.decoder.layers.0.linear1.weight"])
     assert torch.equal(state["transformer.encoder.layers.0.linear1.weight"], fresh["transformer.encoder.layers.0.linear1.weight"])
+
+
+def test_train_step_counts_the_flops_of_a_pretraining_step(tiny_overrides, monkeypatch):
+    module = _load("train_step")
+    tiny = [o for o in tiny_overrides if o.startswith(("model.", "pretrain."))]
+    monkeypatch.setitem(module.RECIPES, "tiny-pretrain", ("pretrain-small", tiny + ["pretrain.group_matching=true"], 2, 64))
+    monkeypatch.setitem(module.RECIPES, "tiny-detr", ("small", tiny, 2, 64))
+    pre, detr = (module.bench_recipe(name, steps=1) for name in ("tiny-pretrain", "tiny-detr"))
+    for r in (pre, detr):
+        assert r["step_s"] > 0 and r["latency_ms"] > 0 and r["gflop_per_step"] > 0
+    # the frozen CNN of pre-training runs without a backward pass, so its step counts fewer FLOPs than DETR's with a
+    # trained CNN on the same images, although it also encodes the query patches
+    assert pre["cfg"].optim.lr_backbone == 0.0 and detr["cfg"].optim.lr_backbone > 0
+    assert pre["gflop_per_step"] < detr["gflop_per_step"]

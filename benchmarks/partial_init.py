@@ -4,7 +4,7 @@
 
 Writes OUT.pth: the pre-training checkpoint PRETRAIN_CKPT with every tensor whose name starts with one of the
 ``--fresh`` prefixes replaced by the fresh initialisation a from-scratch DETR of FINETUNE_RUN's configuration gets
-(``build_detr`` under ``torch.manual_seed(seed)``, as ``updetr train`` draws it). Fine-tuning from OUT.pth with
+(``DetectionTask.build_model`` under ``torch.manual_seed(seed)``, as ``updetr train`` draws it). Fine-tuning from OUT.pth with
 FINETUNE_RUN's configuration then starts from the pre-trained weights everywhere else:
 
     updetr train --config FINETUNE_RUN/config.json --set output_dir=RUN --set init_from=OUT.pth
@@ -24,24 +24,28 @@ from pathlib import Path
 import torch
 
 from updetr.config import Config, ConfigError
+from updetr.data.io import DataError
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint
 from updetr.engine.detection import DetectionTask
-from updetr.models.detr import build_detr
 
 PARTS = ("input_proj.", "transformer.encoder.", "transformer.decoder.", "query_embed.", "bbox_embed.")
 
 
-def fresh_state(finetune_cfg: Config, num_classes: int) -> dict[str, torch.Tensor]:
+def fresh_state(finetune_cfg: Config) -> dict[str, torch.Tensor]:
     """The state dict of a from-scratch DETR of this configuration, drawn as ``updetr train`` draws it."""
-    torch.manual_seed(finetune_cfg.seed)
-    model = build_detr(finetune_cfg.model, num_classes, train_backbone=finetune_cfg.optim.lr_backbone > 0)
-    return model.state_dict()
+    task = DetectionTask(finetune_cfg.override(['init_from=""']))
+    torch.manual_seed(finetune_cfg.seed)  # the order of engine.loop.fit: seed, datasets (the classes), model
+    task.train_dataset()
+    task.val_dataset()
+    return task.build_model().state_dict()
 
 
 def partial_checkpoint(pretrain: dict, fresh: dict[str, torch.Tensor], prefixes: list[str]) -> tuple[dict, list[str]]:
     """``pretrain`` (a loaded checkpoint) with the tensors under ``prefixes`` taken from ``fresh``; and their names."""
     state = dict(pretrain["model"])
     replaced = sorted(k for k in state if k.startswith(tuple(prefixes)))
+    if not replaced:
+        raise ValueError(f"no tensor under {', '.join(prefixes)}: not a DETR / UP-DETR checkpoint")
     for key in replaced:
         if key not in fresh or fresh[key].shape != state[key].shape:
             raise ValueError(f"{key}: not in the fine-tuning model, or another shape")
@@ -59,12 +63,12 @@ def main() -> int:
     args = parser.parse_args()
     try:
         cfg = Config.load(args.finetune_run / "config.json")
-        task = DetectionTask(cfg)
-        task.train_dataset()  # the classes, hence the size of the class head
-        pretrain = load_checkpoint(args.pretrain_ckpt)
-        ckpt, replaced = partial_checkpoint(pretrain, fresh_state(cfg, task.num_classes), args.fresh)
-    except (ConfigError, CheckpointError, ValueError, OSError) as err:
+        ckpt, replaced = partial_checkpoint(load_checkpoint(args.pretrain_ckpt), fresh_state(cfg), args.fresh)
+    except (ConfigError, DataError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # a pre-trained tensor the fine-tuning model does not have
+        print(f"error: {args.pretrain_ckpt} does not fit {args.finetune_run / 'config.json'}: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

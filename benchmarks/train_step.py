@@ -26,8 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from updetr.config import make_config
-from updetr.engine.pretrain import PretrainTask
 from updetr.engine.loop import _float_output, autocast_context, build_optimizer, optimizer_step
+from updetr.engine.pretrain import PretrainTask
 from updetr.losses.criterion import build_criterion
 from updetr.models import build_detr
 
@@ -61,25 +61,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return 2 * n**3 / min(times)
 
 
-def fake_targets(batch: int, num_classes: int, gen: torch.Generator) -> list[dict]:
+def fake_targets(batch: int, num_classes: int, gen: torch.Generator, num_boxes: int | None = None) -> list[dict]:
+    """Random boxes inside the image (1-8 per image, or ``num_boxes``) with random labels."""
     targets = []
     for _ in range(batch):
-        n = int(torch.randint(1, 9, (1,), generator=gen))
+        n = num_boxes if num_boxes is not None else int(torch.randint(1, 9, (1,), generator=gen))
         centre = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
         size = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
         targets.append({"boxes": torch.cat([centre, size], 1), "labels": torch.randint(num_classes, (n,), generator=gen),
                         "iscrowd": torch.zeros(n, dtype=torch.int64)})
     return targets
-
-
-def _patch_boxes(batch: int, m: int, gen: torch.Generator) -> list[dict]:
-    """M random patch boxes per image (normalised cxcywh), inside the image."""
-    out = []
-    for _ in range(batch):
-        size = torch.rand(m, 2, generator=gen) * 0.5 + 0.05
-        centre = size / 2 + torch.rand(m, 2, generator=gen) * (1 - size)
-        out.append({"boxes": torch.cat([centre, size], 1)})
-    return out
 
 
 # FLOP-counter operator -> the profiler events that do its work
@@ -128,8 +119,8 @@ def bench_recipe(name: str, steps: int, device: torch.device = torch.device("cpu
         model, criterion = task.build_model().to(device), task.build_criterion().to(device)
         m, q = cfg.pretrain.num_patches, cfg.pretrain.query_size
         inputs = (images, torch.randn(batch, m, 3, q, q, generator=gen).to(device))
-        targets = [{"boxes": t["boxes"], "labels": torch.zeros(m, dtype=torch.int64), "patch_index": torch.arange(m),
-                    "iscrowd": torch.zeros(m, dtype=torch.int64)} for t in _patch_boxes(batch, m, gen)]
+        # one class (the patch), M boxes per image, box i found by query group i
+        targets = [{**t, "patch_index": torch.arange(m)} for t in fake_targets(batch, 1, gen, num_boxes=m)]
     else:
         num_classes = 20
         model = build_detr(cfg.model, num_classes, train_backbone=cfg.optim.lr_backbone > 0).to(device)
@@ -232,7 +223,7 @@ def main() -> None:
         r = bench_recipe(name, args.steps, device, args.amp, args.batch_scale, peak if args.breakdown else None)
         if r["breakdown"]:
             details.append((name, r["breakdown"]))
-        hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" and name in ("small", "r50") else None
+        hf = bench_hf(r["cfg"], r["side"]) if args.hf and device.type == "cpu" and not RECIPES[name][0].startswith("pretrain") else None
         print(f"| {name} | {r['batch']} × {r['side']}² | {r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
               f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] * 1e9 / peak:.0f} % | {r['latency_ms']:.0f} | "
               f"{'n/a' if hf is None else f'{hf:.0f}'} |")

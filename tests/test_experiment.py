@@ -177,14 +177,14 @@ def test_quick_budget_is_the_demo_quick_budget_shrunk():
 def test_experiment_command_gives_back_the_budget(quick, seeds, overrides):
     import shlex
 
-    from updetr.experiment import experiment_command
+    from updetr.experiment import default_seeds, experiment_command
 
     budget = experiment_budget(quick, overrides)
     words = shlex.split(experiment_command(budget, seeds, quick))
     assert words[:2] == ["updetr", "experiment"]
     args = build_parser().parse_args(words[1:])
     assert experiment_budget(args.quick, args.budget) == budget
-    assert (args.seeds or (2 if quick else 3)) == seeds
+    assert (args.seeds or default_seeds(quick)) == seeds
 
 
 # ----------------------------------------------------------------------------- configs/

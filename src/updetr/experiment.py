@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -80,14 +81,16 @@ def experiment_budget(quick: bool = False, overrides: list[str] | None = None) -
     return apply_budget_overrides(base, list(overrides or []))
 
 
+def default_seeds(quick: bool = False) -> int:
+    """Seeds the protocol runs when ``--seeds`` is not given."""
+    return 2 if quick else 3
+
+
 def experiment_command(budget: DemoBudget, seeds: int, quick: bool = False) -> str:
     """The ``updetr experiment`` command line (output folder aside) that runs ``budget`` for ``seeds`` seeds."""
-    import shlex
-    from dataclasses import fields
-
-    base = quick_budget() if quick else experiment_budget()
+    base = experiment_budget(quick)
     words = ["updetr", "experiment"] + (["--quick"] if quick else [])
-    if seeds != (2 if quick else 3):
+    if seeds != default_seeds(quick):
         words += ["--seeds", str(seeds)]
     for f in fields(DemoBudget):
         value, default = getattr(budget, f.name), getattr(base, f.name)
@@ -320,7 +323,7 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
 
     start = time.perf_counter()
     budget = budget or experiment_budget(quick)
-    seeds = seeds if seeds is not None else (2 if quick else 3)
+    seeds = seeds if seeds is not None else default_seeds(quick)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds!r}")
     if budget.finetune_epochs < 1 or budget.pretrain_epochs < 1 or budget.eval_points < 1:

@@ -123,6 +123,7 @@ def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(em
                                                                               monkeypatch):
     import sys
 
+    import pytest
     import torch
 
     from updetr.engine.checkpoint import load_checkpoint
@@ -146,15 +147,16 @@ def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(em
     assert module.main() == 0
 
     pretrained, written = load_checkpoint(tmp_path / "pre" / "checkpoint.pth")["model"], load_checkpoint(out)["model"]
-    task = DetectionTask(ft_cfg)
-    task.train_dataset()
-    fresh = module.fresh_state(ft_cfg, task.num_classes)
+    fresh = module.fresh_state(ft_cfg)
     assert set(written) == set(pretrained)
     for key, value in written.items():
         expected = fresh[key] if key.startswith(("transformer.encoder.", "input_proj.")) else pretrained[key]
         assert torch.equal(value, expected), key
     assert not torch.equal(fresh["transformer.encoder.layers.0.linear1.weight"],
                            pretrained["transformer.encoder.layers.0.linear1.weight"])
+    # a checkpoint without those parts (e.g. a CNN's) is refused, not copied with nothing replaced
+    with pytest.raises(ValueError, match="no tensor under query_embed."):
+        module.partial_checkpoint({"model": {"body.conv1.weight": torch.ones(1)}}, fresh, ["query_embed."])
     # fine-tuning takes it like any pre-training checkpoint: decoder pre-trained, encoder fresh
     ft_cfg.init_from = str(out)
     model = DetectionTask(ft_cfg)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA checks for a machine with a GPU: the real CLI paths in fp32 / bf16 / fp16, torchrun with
-# NCCL and DDP, one-shot and panoptic training, evaluation, and training-step throughput.
+# NCCL and DDP, one-shot and panoptic training, evaluation, the demo and experiment at --quick, and
+# training-step throughput.
 #
 #   benchmarks/gpu_check.sh OUTDIR          (package importable: pip install -e . or PYTHONPATH=src)
 #
@@ -38,6 +39,8 @@ check torchrun-nccl-cached 180 $PY -m torch.distributed.run --standalone --nproc
 check eval 120 $U eval --checkpoint "$WORK/bf16/checkpoint.pth" --embedded "$WORK/emb" --device cuda --no-progress
 check oneshot 180 $U oneshot train --preset embedded --embedded "$WORK/emb" --init-from "$WORK/pre/checkpoint.pth" --epochs 1 --output "$WORK/os" $COMMON --set optim.amp=bf16
 check panoptic 180 $U panoptic train --stage joint --preset embedded --embedded "$WORK/emb" --epochs 1 --output "$WORK/pan" $COMMON --set optim.amp=bf16
+check demo-quick-cuda 300 $U demo --quick --device cuda --output "$WORK/demo" --no-progress
+check experiment-quick-cuda 300 $U experiment --quick --device cuda --output "$WORK/exp" --no-progress
 grep -h "NCCL\|process group" "$LOG" | head -3 >>"$OUT/summary.txt"
 
 [ "${GPU_CHECK_THROUGHPUT:-1}" = 1 ] || { rm -rf "$WORK"; exit 0; }

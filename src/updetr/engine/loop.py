@@ -234,6 +234,7 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
+        log.info("DistributedDataParallel: %s backend, %d processes", torch.distributed.get_backend(), dist_info.world_size)
     train_loader = make_loader(train_set, task.collate, cfg.data.batch_size, cfg.data.num_workers, dist_info, train=True, seed=cfg.seed)
     val_loader = None
     if val_set is not None:

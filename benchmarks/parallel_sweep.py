@@ -2,7 +2,8 @@
 
     python benchmarks/parallel_sweep.py run OUT --seeds 1 2 --deadline 505 \\
         --job detr:0:cpu --job up5:5:cpu --job up10:10:cpu \\
-        --job "upG30b32:30:cuda:data.batch_size=32;data.num_workers=3" [--cnn 1=CNN1.pth --cnn 2=CNN2.pth]
+        --job "upG30b32:30:cuda:data.batch_size=32;data.num_workers=3" [--cnn 1=CNN1.pth --cnn 2=CNN2.pth] \\
+        [--budget num_train=200 --budget finetune_epochs=84]
     python benchmarks/parallel_sweep.py report OUT
 
 A job is ``NAME:PRE_EPOCHS:PRE_DEVICE[:OVERRIDES]``: PRE_EPOCHS of UP-DETR pre-training (the demo's
@@ -29,17 +30,24 @@ from pathlib import Path
 import torch
 
 
-def budget_for(seed: int):
-    from updetr.demo import DemoBudget
+def budget_for(seed: int, overrides: list[str] | None = None):
+    """The demo's default budget with ``--budget FIELD=VALUE`` overrides (as ``updetr demo`` takes them) and ``seed``."""
+    from updetr.demo import DemoBudget, apply_budget_overrides
 
-    return dataclasses.replace(DemoBudget(), seed=seed)
+    return dataclasses.replace(apply_budget_overrides(DemoBudget(), list(overrides or [])), seed=seed)
+
+
+def _budget_overrides() -> list[str]:
+    """The sweep's ``--budget`` items, handed to its job processes through the environment."""
+    raw = os.environ.get("UPDETR_SWEEP_BUDGET", "")
+    return json.loads(raw) if raw else []
 
 
 def place_cnn(root: Path, seed: int, src: Path) -> None:
     """Write ``src`` (a ``pretrain_backbone`` file, any float dtype) as the demo's cached CNN of ``seed``, in fp32."""
     from updetr.demo import _stage_dir, cnn_stage_key
 
-    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed)))
+    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed, _budget_overrides())))
     d.mkdir(parents=True, exist_ok=True)
     state = torch.load(src, weights_only=True)
     state["model"] = {k: (v.float() if v.is_floating_point() else v) for k, v in state["model"].items()}
@@ -56,7 +64,7 @@ def run_job(out: Path, seed: int, name: str, pre_epochs: int, pre_device: str, e
     from updetr.engine.pretrain import PretrainTask
 
     root = out / f"s{seed}"
-    budget = budget_for(seed)
+    budget = budget_for(seed, _budget_overrides())
     data_dir, cnn = prepare_inputs(root, budget, "cpu", progress=False)
     job_dir = root / name
     init = ""
@@ -83,6 +91,13 @@ def run(args: argparse.Namespace) -> None:
     start = time.time()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    from updetr.config import ConfigError
+
+    try:  # a wrong --budget fails here, before any job starts
+        budget_for(args.seeds[0], args.budget)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    os.environ["UPDETR_SWEEP_BUDGET"] = json.dumps(args.budget)
     for item in args.cnn or []:
         seed, _, path = item.partition("=")
         if not Path(path).is_file():
@@ -140,7 +155,7 @@ def main() -> None:
             from updetr.demo import prepare_inputs
 
             seed = int(sys.argv[3])
-            prepare_inputs(Path(sys.argv[2]) / f"s{seed}", budget_for(seed), "cpu", progress=False)
+            prepare_inputs(Path(sys.argv[2]) / f"s{seed}", budget_for(seed, _budget_overrides()), "cpu", progress=False)
         else:
             out, seed, name, epochs, device, *extra = sys.argv[2:]
             run_job(Path(out), int(seed), name, int(epochs), device, extra)
@@ -153,6 +168,8 @@ def main() -> None:
     r.add_argument("--job", action="append", required=True, metavar="NAME:PRE_EPOCHS:PRE_DEVICE[:OVERRIDES]")
     r.add_argument("--cnn", action="append", metavar="SEED=FILE")
     r.add_argument("--deadline", type=float, default=600.0)
+    r.add_argument("--budget", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change the demo budget of every job (repeatable), as for updetr demo, e.g. num_train=200")
     rep = sub.add_parser("report")
     rep.add_argument("output")
     args = parser.parse_args()

@@ -85,6 +85,32 @@ def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_log
     assert "7:0.21/1.01 21:0.92/3.10 (trained 21 ep)" in line
 
 
+def test_parallel_sweep_budget_overrides_reach_every_job_and_the_cnn_it_places(tmp_path, monkeypatch):
+    import json as _json
+
+    import pytest
+    import torch
+
+    from updetr.demo import _stage_dir, cnn_stage_key
+
+    module = _load("parallel_sweep")
+    budget = module.budget_for(2, ["num_train=200", "finetune_epochs=84"])
+    assert (budget.num_train, budget.finetune_epochs, budget.seed) == (200, 84, 2)
+    # the job processes read the sweep's --budget items from the environment; a CNN-stage field moves the CNN's folder
+    monkeypatch.setenv("UPDETR_SWEEP_BUDGET", _json.dumps(["cnn_scene_steps=7"]))
+    src = tmp_path / "cnn.pt"
+    torch.save({"arch": "resnet18", "model": {"w": torch.ones(2)}}, src)
+    module.place_cnn(tmp_path / "s1", 1, src)
+    (stage,) = (tmp_path / "s1" / "stages").iterdir()
+    assert stage == _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1, ["cnn_scene_steps=7"])))
+    assert stage != _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1)))
+    monkeypatch.setattr("sys.argv", ["parallel_sweep.py", "run", str(tmp_path / "out"), "--job", "detr:0:cpu",
+                                     "--budget", "no_such_field=1"])
+    with pytest.raises(SystemExit, match="no_such_field"):
+        module.main()
+    assert not (tmp_path / "out" / "s1").exists()  # nothing started
+
+
 def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):
     import subprocess
     import sys

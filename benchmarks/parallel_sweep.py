@@ -58,7 +58,11 @@ def place_cnn(root: Path, seed: int, src: Path) -> None:
 
 
 def run_job(out: Path, seed: int, name: str, pre_epochs: int, pre_device: str, extra: list[str]) -> None:
+    import logging
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    # the job's log (OUT/s<seed>_<name>.log) gets the training loop's per-epoch lines, as updetr's commands print them
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from updetr.demo import _run_fit, common_overrides, finetune_config, prepare_inputs, pretrain_config
     from updetr.engine.detection import DetectionTask
     from updetr.engine.pretrain import PretrainTask

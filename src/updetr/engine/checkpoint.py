@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +21,132 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated file at ``path``."""
+    """Write ``payload`` to ``path`` atomically and durably.
+
+    The bytes go to ``<path>.tmp``, are flushed to disk (``fsync``), and the temporary file is
+    renamed over ``path``; the folder entry is synced too. A kill at any instant leaves either
+    the old file or the complete new one at ``path`` (at worst a stale ``.tmp`` next to it).
+
+    Raises:
+        CheckpointError: the file cannot be written (permission, disk full, ...); the message
+            names the file and the reason, the previous file at ``path`` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason})") from None
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when there is none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOL = 0x80  # first byte of a pickle of protocol >= 2 (torch's legacy format)
+
+
+def safe_torch_load(path: str | Path, *, what: str = "checkpoint", extra_globals: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with one-line errors naming the file.
+
+    Nothing pickled in the file is executed: only tensors, plain containers and numbers are
+    read (plus the classes in ``extra_globals``, e.g. ``argparse.Namespace``).
+
+    Raises:
+        CheckpointError: the path is missing or a folder, the file is empty, not a PyTorch
+            file, truncated, unreadable, or carries objects that are not plain data (then the
+            message says it was not loaded for safety, and names the object when it can).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a {what} file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} file not found")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a {what}")
+    if not head.startswith(_ZIP_MAGIC) and head[0] != _PICKLE_PROTOCOL:
+        kind = "a text file" if _looks_like_text(head) else "neither a zip archive nor a pickle"
+        raise CheckpointError(f"{path}: not a PyTorch {what} (it is {kind}, starting with {head!r})")
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise CheckpointError(refused_message(path, err, what)) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch {what} (truncated or corrupt: {first_line(err)})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the {what} ({err.strerror or first_line(err)})") from None
+    except Exception as err:  # truncated zip (RuntimeError), cut pickles (EOFError), garbage (KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch {what} (truncated or corrupt: {first_line(err)})") from None
+
+
+def refused_message(path: Path, err: BaseException, what: str = "checkpoint") -> str:
+    """Why a file that ``weights_only`` loading refused was not loaded (never torch's advice to
+    switch the safety off)."""
+    text = str(err)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        detail = f"it pickles {found.group(1)}"
+    elif re.search(r"Unsupported operand", text):
+        detail = "it uses pickle instructions that plain data does not need"
+    else:
+        detail = "its pickle is not plain data"
+    return (f"{path}: not loaded, for safety: the {what} carries code or objects that are not plain data ({detail}); "
+            "updetr reads only tensors, numbers, strings and containers and never runs code from a file")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict without executing pickled code."""
+    """Load a checkpoint dict without executing pickled code (:func:`safe_torch_load`).
+
+    A bare state dict (tensors only) is returned as ``{"model": state}``.
+
+    Raises:
+        CheckpointError: unreadable (see :func:`safe_torch_load`), not a dict, or without a
+            ``model`` state dict; the message names the file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+    ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(ckpt).__name__}")
-    if "model" not in ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if "model" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # a bare state dict
     if not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path}: has no 'model' state dict (keys: {', '.join(map(str, ckpt))})")
+        raise CheckpointError(f"{path}: has no 'model' state dict (keys: {format_keys(sorted(map(str, ckpt)))})")
     return ckpt
 
 

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError, ModelConfig, PretrainConfig
-from ..engine.checkpoint import CheckpointError, format_keys, load_state_dict_strict, save_checkpoint
+from ..engine.checkpoint import CheckpointError, format_keys, load_state_dict_strict, safe_torch_load, save_checkpoint
 from .detr import build_detr
 from .updetr import build_updetr
 
@@ -209,26 +208,7 @@ def read_official_checkpoint(path: str | Path, **overrides: Any) -> OfficialChec
 # ----------------------------------------------------------------------------- reading
 def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Safe ``torch.load`` (never unpickles code; allows ``argparse.Namespace``) -> (state dict, args)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "argparse.Namespace" not in str(err):
-                raise
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        raise CheckpointError(
-            f"{path}: refuses to load, it pickles {found.group(1) if found else 'an object'} that is not plain data "
-            "(only tensors, containers and argparse.Namespace are accepted; nothing pickled is executed)"
-        ) from None
-    except Exception as err:  # truncated zip, wrong format, I/O errors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}") from None
-
+    obj = safe_torch_load(path, extra_globals=[argparse.Namespace])  # args may be an argparse.Namespace
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     if "model" in obj:

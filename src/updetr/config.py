@@ -135,6 +135,10 @@ class Config:
     init_from: str = ""  # checkpoint whose weights initialise the model (fine-tuning)
 
     def validate(self) -> "Config":
+        """Check every field's range and the fields' agreement; returns ``self`` or raises ConfigError."""
+        import math
+        import re
+
         m, p, o, d = self.model, self.pretrain, self.optim, self.data
         _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101",
                                                "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
@@ -170,10 +174,37 @@ class Config:
         if d.num_workers < 0:
             raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
         _positive("optim.epochs", o.epochs)
+        _positive("optim.lr_drop", o.lr_drop)
+        for section, values in self.to_dict().items():  # NaN and Infinity parse as JSON numbers
+            for name, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ConfigError(f"{section}{'.' if name else ''}{name}={v} must be a finite number")
         if o.lr <= 0 or o.lr_backbone < 0 or o.weight_decay < 0:
             raise ConfigError("optim.lr must be > 0, optim.lr_backbone and optim.weight_decay >= 0")
+        if o.clip_max_norm < 0:
+            raise ConfigError(f"optim.clip_max_norm={o.clip_max_norm} must be >= 0 (0 turns clipping off)")
         if self.loss.eos_coef is not None and not 0 < self.loss.eos_coef <= 1:
             raise ConfigError(f"loss.eos_coef={self.loss.eos_coef} must be in (0, 1]")
+        for name, value in dataclasses.asdict(self.loss).items():
+            if value is not None and value < 0:
+                raise ConfigError(f"loss.{name}={value} must be >= 0")
+        if not 0.0 <= d.hflip <= 1.0:
+            raise ConfigError(f"data.hflip={d.hflip} is a probability, it must be in [0, 1]")
+        if not d.crop_resize or min(d.crop_resize) <= 0:
+            raise ConfigError(f"data.crop_resize={d.crop_resize} must be a non-empty list of positive sizes")
+        _positive("pretrain.query_size", p.query_size)
+        _positive("pretrain.min_patch_size", p.min_patch_size)
+        if not 0.0 <= p.patch_drop_ratio < 1.0:
+            raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
+        _positive("eval_every", self.eval_every, allow_zero=True)  # 0: evaluate only after the last epoch
+        _positive("max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)  # 0: whole epochs
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty; name the run folder (--output DIR)")
         return self
 
     def check_query_groups(self) -> None:

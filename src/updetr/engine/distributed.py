@@ -31,14 +31,34 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU) when available, else CPU."""
+    """The torch device a config's ``device`` names; ``auto`` picks CUDA (this process's local GPU)
+    when available, else CPU.
+
+    Raises:
+        ConfigError: the name is not a device, or names one this machine does not have (CUDA
+            without a GPU or a CUDA build, a GPU index past the last one, MPS off a Mac).
+    """
+    from ..config import ConfigError
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was requested but CUDA is not available; use device=cpu or auto")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device={name!r}: CUDA is not available ({why}); use --device cpu or auto")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name!r}: MPS (Apple GPU) is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -80,6 +100,24 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def any_across_processes(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true in any process (itself in a single process); a collective call."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def gather_lists(items: list) -> list:
+    """The concatenation of every process's ``items`` (picklable), in rank order; a collective call."""
+    if not is_dist():
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
 def barrier() -> None:

@@ -134,7 +134,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} is a {loaded.task} checkpoint; use `updetr query` for pre-training checkpoints")
     out = predict_images(loaded, args.images, args.output, threshold=args.threshold, device=device, progress=not args.no_progress)
     print(f"wrote {out / 'detections.json'} and drawn images to {out}")
+    _print_skipped(out)
     return 0
+
+
+def _print_skipped(out: Path) -> None:
+    """One line for the images a prediction pass skipped (listed in ``out/skipped.json``)."""
+    if (out / "skipped.json").is_file():
+        skipped = json.loads((out / "skipped.json").read_text())
+        done = len(json.loads((out / "detections.json").read_text())) if (out / "detections.json").is_file() else 0
+        print(f"skipped {len(skipped)} of {len(skipped) + done} images that cannot be read (listed in "
+              f"{out / 'skipped.json'}; first: {skipped[0]['error']})")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

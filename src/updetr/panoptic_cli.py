@@ -223,8 +223,7 @@ def predict_panoptic(
     from tqdm.auto import tqdm
 
     from .data.coco_panoptic import id_to_rgb
-    from .data.folder import ImageFolder
-    from .data.io import load_image
+    from .data.folder import ImageFolder, finish_skipped
     from .data.transforms import build_transforms
     from .evaluation.panoptic import postprocess_panoptic
     from .structures import ImageBatch
@@ -232,9 +231,9 @@ def predict_panoptic(
 
     out = Path(output_dir)
     dataset = ImageFolder(inputs, transforms=build_transforms(loaded.config.data, train=False))  # files and folders
-    annotations = []
-    for i in tqdm(range(len(dataset)), desc="panoptic", disable=not progress, dynamic_ncols=True):
-        pixels, info = dataset[i]
+    annotations, skipped = [], []
+    usable = dataset.iter_usable(skipped)  # an unreadable image is skipped and listed in skipped.json
+    for i, pixels, info, image in tqdm(usable, total=len(dataset), desc="panoptic", disable=not progress, dynamic_ncols=True):
         batch = ImageBatch.from_tensors([pixels]).to(device)
         output = loaded.model(batch)
         segmentation = postprocess_panoptic(
@@ -245,13 +244,14 @@ def predict_panoptic(
         stem = f"{i:04d}_{path.stem}"
         ids = segmentation.segment_ids.cpu().numpy()
         save_image(Image.fromarray(id_to_rgb(ids)), out / f"{stem}.png")
-        overlay = panoptic_overlay(load_image(path), ids, segmentation.segments_info, loaded.categories)
+        overlay = panoptic_overlay(image, ids, segmentation.segments_info, loaded.categories)
         save_image(overlay, out / f"{stem}_overlay.png")
         names = {c["id"]: c["name"] for c in loaded.categories}
         annotations.append({
             "image_id": i, "file_name": f"{stem}.png", "image": str(path), "height": int(ids.shape[0]), "width": int(ids.shape[1]),
             "segments_info": [dict(s, name=names[s["category_id"]]) for s in segmentation.segments_info],
         })
+    finish_skipped(out, skipped, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "panoptic.json.tmp"
     tmp.write_text(json.dumps({"annotations": annotations, "categories": loaded.categories}, indent=1) + "\n")

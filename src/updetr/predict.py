@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data.folder import ImageFolder
-from .data.io import load_image
+from .data.folder import ImageFolder, finish_skipped
 from .data.transforms import build_transforms
 from .engine.inference import LoadedModel
 from .evaluation.postprocess import postprocess_detections
@@ -29,14 +28,16 @@ def predict_images(
 ) -> Path:
     """Detect objects in image files/folders; writes ``detections.json`` and ``<name>.png`` per image.
 
-    ``detections.json`` holds, per image, ``{"file", "width", "height", "detections":
-    [{"label", "category_id", "score", "box_xyxy": [x0, y0, x1, y1] pixels}]}``.
+    ``detections.json`` holds, per readable image, ``{"file", "width", "height", "detections":
+    [{"label", "category_id", "score", "box_xyxy": [x0, y0, x1, y1] pixels}]}``. Images that
+    cannot be read are skipped with a warning and listed in ``skipped.json`` (``[{"file",
+    "error"}]``; no such file when none was skipped); a DataError only when none can be read.
     """
     out = Path(output_dir)
     dataset = ImageFolder(inputs, transforms=build_transforms(loaded.config.data, train=False))
-    results = []
-    for i in tqdm(range(len(dataset)), desc="predict", disable=not progress, dynamic_ncols=True):
-        pixels, info = dataset[i]
+    results, skipped = [], []
+    usable = dataset.iter_usable(skipped)
+    for i, pixels, info, image in tqdm(usable, total=len(dataset), desc="predict", disable=not progress, dynamic_ncols=True):
         batch = ImageBatch.from_tensors([pixels]).to(device)
         output = loaded.model(batch)
         det = postprocess_detections(output, info["orig_size"].view(1, 2).to(device))[0]
@@ -55,8 +56,9 @@ def predict_images(
                 for n, lab, s, b in zip(names, labels, scores, boxes)
             ],
         })
-        drawn = draw_detections(load_image(path), boxes, names, scores, color_ids=[int(lab) for lab in labels])
+        drawn = draw_detections(image, boxes, names, scores, color_ids=[int(lab) for lab in labels])
         save_image(drawn, out / f"{i:04d}_{path.stem}.png")
+    finish_skipped(out, skipped, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "detections.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")

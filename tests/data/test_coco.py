@@ -196,3 +196,64 @@ def test_invalid_annotations(tmp_path, bad, message):
     images, ann_file = _write_coco(tmp_path, annotations=[good, bad])
     with pytest.raises(DataError, match=f"annotations.json: annotation #1 .*{message}"):
         CocoDetection(images, ann_file)
+
+
+def test_duplicate_and_zero_annotation_ids_are_renumbered_so_perfect_detections_score_100(tmp_path, caplog):
+    from updetr.evaluation.coco_eval import CocoEvaluator
+
+    anns = [{"id": i, "image_id": img, "category_id": 1, "bbox": box} for i, img, box in [
+        (5, 11, [2, 2, 10, 10]), (5, 11, [20, 10, 12, 12]), (0, 7, [4, 4, 10, 10]), (6, 7, [25, 5, 14, 14]),
+        (6, 20, [3, 3, 8, 8])]]
+    images, ann_file = _write_coco(tmp_path, annotations=anns)
+    with caplog.at_level(logging.WARNING, logger="updetr.data.coco"):
+        ds = CocoDetection(images, ann_file)
+    assert ds.renumbered_ids == 3
+    assert any("3 annotations have an id that is duplicated, zero or not a positive integer" in r.getMessage()
+               for r in caplog.records)
+    ids = ds.coco.getAnnIds()
+    assert len(ids) == 5 and len(set(ids)) == 5 and min(ids) > 0
+    evaluator = CocoEvaluator(ds.coco, ds.category_ids)
+    for i in range(len(ds)):
+        t = ds.raw_target(i)
+        evaluator.update([int(t["image_id"])], [{"boxes": t["boxes"], "labels": t["labels"],
+                                                 "scores": torch.ones(len(t["labels"]))}])
+    evaluator.synchronize()
+    assert evaluator.summarize()["AP"] == pytest.approx(100.0)  # 88.8-like before: boxes shared an id
+
+
+def test_file_names_leading_outside_the_image_folder_are_refused(tmp_path, monkeypatch):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (20, 20)).save(outside)
+    for name in ("../../secret.png", str(outside), "sub/../../../secret.png"):
+        images, ann_file = _write_coco(tmp_path / "ds", annotations=[])
+        data = json.loads(ann_file.read_text())
+        data["images"][0]["file_name"] = name
+        data["images"][0]["height"] = data["images"][0]["width"] = 20
+        ann_file.write_text(json.dumps(data))
+        with pytest.raises(DataError, match=r"1 image file names lead outside the folder .*images .*image 11 "
+                                            r"file_name .*secret.png.*UPDETR_IMAGES_OUTSIDE_ROOT=1"):
+            CocoDetection(images, ann_file)
+    monkeypatch.setenv("UPDETR_IMAGES_OUTSIDE_ROOT", "1")  # the user opts out
+    assert CocoDetection(images, ann_file).image_paths[1].resolve() == outside.resolve()
+    monkeypatch.delenv("UPDETR_IMAGES_OUTSIDE_ROOT")
+    (images / "linked.png").symlink_to(outside)  # a link the user placed inside the folder is followed
+    data["images"][0]["file_name"] = "linked.png"
+    ann_file.write_text(json.dumps(data))
+    assert CocoDetection(images, ann_file)[1][0].size == (20, 20)
+
+
+def test_nan_boxes_are_called_non_finite_and_strings_are_not_numbers(tmp_path, caplog):
+    images, ann_file = _write_coco(tmp_path, annotations=[
+        {"id": 1, "image_id": 11, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 2, "image_id": 11, "category_id": 1, "bbox": [float("nan"), 1, 5, 5]},  # JSON NaN: a number
+    ])
+    with caplog.at_level(logging.WARNING, logger="updetr.data.coco"):
+        ds = CocoDetection(images, ann_file)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert ds.dropped_boxes == 1 and ds.nonfinite_boxes == 1
+    assert "1 with non-finite coordinates (NaN or infinity; first: annotations[1])" in message
+    assert "zero or negative size" not in message
+    for value in ("NaN", "10"):
+        _write_coco(tmp_path, annotations=[{"id": 1, "image_id": 11, "category_id": 1, "bbox": [value, 1, 5, 5]}])
+        with pytest.raises(DataError, match=r"annotation 1 has no valid 'bbox'.*must be JSON numbers, not strings"):
+            CocoDetection(images, ann_file)

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -80,3 +81,24 @@ def test_dataloader(folder):
     for k, info in enumerate(infos):
         h, w = info["size"].tolist()
         assert batch.image_sizes[k].tolist() == [h, w]
+
+
+def test_a_symlink_loop_is_walked_once(folder):
+    """``ln -s . self`` made the walk recurse until the path length limit (hanging with two loops)."""
+    os.symlink(".", folder / "self")
+    os.symlink("..", folder / "nested" / "back_to_root")
+    os.symlink(folder / "nested" / "deeper", folder / "second_link_to_deeper")
+    ds = ImageFolder(folder)
+    names = [p.name for p in ds.paths]
+    assert sorted(names) == ["a.png", "b.jpg", "c.JPEG"]  # each real file once
+
+
+def test_iter_usable_skips_unreadable_files_and_records_why(folder):
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
+    ds = ImageFolder(folder)
+    skipped = []
+    got = [(i, info["path"]) for i, _, info, image in ds.iter_usable(skipped)]
+    assert [os.path.basename(p) for _, p in got] == ["b.jpg", "a.png", "c.JPEG"]
+    assert sorted(os.path.basename(s["file"]) for s in skipped) == ["dangling.jpg", "zz_broken.png"]
+    assert all(s["error"].startswith(s["file"]) for s in skipped)

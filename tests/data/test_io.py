@@ -138,3 +138,33 @@ def test_missing_and_non_image_files(tmp_path):
 def test_extensions():
     assert ".jpg" in IMAGE_EXTENSIONS and ".png" in IMAGE_EXTENSIONS
     assert is_image_file("a/B.JPEG") and not is_image_file("a/b.txt")
+
+
+def test_pixel_limit_is_one_limit_checked_from_the_header(tmp_path, monkeypatch):
+    """Pillow only warns between its limit and twice that; updetr refuses everything above it, undecoded."""
+    from updetr.data.io import find_unusable_images, image_size_from_bytes
+
+    path = _save(tmp_path, Image.new("RGB", (40, 40)), "forty.png")  # 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match="forty.png: image of 40x40 pixels is larger than the limit of 1000 pixels"):
+        load_image(path)
+    with pytest.raises(DataError, match="larger than the limit of 1000 pixels"):
+        image_size_from_bytes(path, path.read_bytes())
+    assert find_unusable_images([(path, None)])[0].startswith(str(path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user turned the limit off
+    assert load_image(path).size == (40, 40)
+
+
+def test_find_unusable_images_reports_every_bad_file(tmp_path):
+    from updetr.data.io import find_unusable_images
+
+    good = _save(tmp_path, Image.new("RGB", (8, 6)), "good.png")
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    cut = _save(tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                "cut.jpg", quality=95)
+    cut.write_bytes(cut.read_bytes()[:300])
+    items = [(good, (6, 8)), (text, None), (tmp_path / "absent.png", None), (cut, None), (good, (8, 6))]
+    problems = find_unusable_images(items, workers=2)
+    assert [p.split(":")[0].rsplit("/", 1)[-1] for p in problems] == ["text.jpg", "absent.png", "cut.jpg", "good.png"]
+    assert "annotation says 8x6" in problems[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,6 @@ from updetr.data import unlabeled as U
 from updetr.data.io import DataError
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from updetr.data.unlabeled import (
-    CACHE_NAME,
     PatchAugmentation,
     UnlabeledImages,
     collate_pretrain,
@@ -58,16 +58,28 @@ def folder(tmp_path):
 # ----------------------------------------------------------------------------- scanning
 
 
-def test_scan_finds_images_recursively_sorted_and_caches(folder):
+def _age(root, seconds=60):
+    """Date every folder of the tree back, out of the cache's racy window (files just written)."""
+    stamp = time.time() - seconds
+    for d, _, _ in os.walk(root):
+        os.utime(d, (stamp, stamp))
+
+
+def test_scan_finds_images_recursively_sorted_and_caches_outside_the_folder(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("UPDETR_CACHE_DIR", str(tmp_path / "cache"))
+    before = sorted(os.listdir(folder))
     files = scan_images(folder)
     relative = [os.path.relpath(f, folder) for f in files]
     assert relative == sorted(["a/one.png", "a/two.PNG", os.path.join("b", "c", "three.jpg"), "four.bmp"])
     assert all(os.path.isabs(f) for f in files)
-    cache = folder / CACHE_NAME
-    assert cache.is_file() and str(folder) in cache.read_text().splitlines()[0]
+    assert sorted(os.listdir(folder)) == before  # nothing is written into the user's image folder
+    cache = U.image_list_cache(str(folder))
+    assert cache.parent == tmp_path / "cache" / "image-lists" and cache.is_file()
+    assert f"root {folder}" in cache.read_text().splitlines()[1]
 
 
 def test_scan_reuses_cache_without_walking(folder, monkeypatch):
+    _age(folder)
     first = scan_images(folder)
 
     def no_walk(*args, **kwargs):
@@ -79,31 +91,39 @@ def test_scan_reuses_cache_without_walking(folder, monkeypatch):
         scan_images(folder, refresh=True)
 
 
-def test_scan_refresh_sees_new_files_and_cache_dir(folder, tmp_path):
+def test_scan_sees_images_added_or_removed_later(folder):
+    _age(folder)
+    assert len(scan_images(folder)) == 4
+    _write(folder / "b" / "c" / "five.webp", 20, 20)  # deep in the tree: only that folder's mtime changes
+    files = scan_images(folder)
+    assert len(files) == 5 and str(folder / "b" / "c" / "five.webp") in files
+    _age(folder)
+    os.remove(folder / "a" / "one.png")
+    os.makedirs(folder / "new" / "deeper")
+    _write(folder / "new" / "deeper" / "six.png", 20, 20)
+    relative = [os.path.relpath(f, folder) for f in scan_images(folder)]
+    assert "a/one.png" not in relative and os.path.join("new", "deeper", "six.png") in relative and len(relative) == 5
+
+
+def test_scan_rewalks_a_tree_changed_within_the_mtime_granularity(folder, monkeypatch):
+    """A folder modified within 2 s of the scan may change again without a new mtime: walk again."""
+    scan_images(folder)  # the fixture has just written the files
+    walked = []
+    real_walk = os.walk
+    monkeypatch.setattr(U.os, "walk", lambda *a, **k: walked.append(1) or real_walk(*a, **k))
+    scan_images(folder)
+    assert walked
+
+
+def test_scan_with_cache_dir_and_an_unwritable_cache(folder, tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     assert len(scan_images(folder, cache_dir)) == 4
-    assert (cache_dir / CACHE_NAME).is_file() and not (folder / CACHE_NAME).exists()
-    _write(folder / "five.webp", 20, 20)
-    assert len(scan_images(folder, cache_dir)) == 4  # cached list
-    assert len(scan_images(folder, cache_dir, refresh=True)) == 5
-
-
-def test_scan_falls_back_to_home_cache_when_root_not_writable(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(U.Path, "home", classmethod(lambda cls: tmp_path / "home"))
-    real_mkstemp = U.tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if os.path.samefile(dir, folder):
-            raise PermissionError(13, "read-only", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(U.tempfile, "mkstemp", mkstemp)
-    files = scan_images(folder)
-    assert not (folder / CACHE_NAME).exists()
-    fallback = list((tmp_path / "home" / ".cache" / "updetr").iterdir())
-    assert len(fallback) == 1
-    monkeypatch.setattr(U.os, "walk", lambda *a, **k: (_ for _ in ()).throw(AssertionError("walked")))
-    assert scan_images(folder) == files
+    assert len(list(cache_dir.iterdir())) == 1
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the cache folder would be")
+    with caplog.at_level(logging.INFO, logger="updetr.data.unlabeled"):
+        assert len(scan_images(folder, blocker / "sub")) == 4  # works without a cache
+    assert any("cannot write the image list cache" in r.getMessage() for r in caplog.records)
 
 
 def test_scan_follows_symlinks_without_looping(folder):
@@ -461,3 +481,26 @@ def test_image_is_normalised_resize_in_row_blocks(folder, monkeypatch):
         reference = F.resize(channels_last, target["size"].tolist(), antialias=True)[0]
         reference = (reference.float() / 255 - MEAN) / STD
         assert image.is_contiguous() and torch.allclose(image, reference, atol=1e-5), i
+
+
+def test_the_pixel_limit_is_enforced_before_decoding_for_jpeg_too(tmp_path, monkeypatch, caplog):
+    """libjpeg-turbo's path bypassed Pillow's decompression-bomb guard: a 20000² JPEG was decoded."""
+    root = tmp_path / "imgs"
+    _write(root / "small.png", 20, 20, 1)
+    _write(root / "big.jpg", 64, 64, 2)
+    _write(root / "big.png", 64, 64, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² = 4096 pixels is "too many" now
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an image over the pixel limit reached the decoder")
+
+    monkeypatch.setattr(U, "decode_jpeg", no_decode)
+    for name in ("big.jpg", "big.png"):
+        with pytest.raises(DataError, match=f"{name}: image .*is larger than the limit of 1000 pixels; not decoded"):
+            U._decode_rgb(str(root / name))
+    with caplog.at_level(logging.WARNING, logger="updetr.data.unlabeled"):
+        ds = UnlabeledImages(root, num_patches=1, query_size=8, min_patch_size=4, scales=(20,), max_size=40, augment=False)
+        for i in range(len(ds)):
+            _, target, _ = ds[i]
+            assert int(target["image_id"]) == ds.files.index(str(root / "small.png"))
+    assert ds.skipped["unreadable"] == 2

@@ -141,3 +141,13 @@ def test_build_voc(devkit):
     assert len(build_detection_dataset(cfg, "train")) == 2
     with pytest.raises(DataError, match="masks"):
         build_detection_dataset(cfg, "val", return_masks=True)
+
+
+def test_image_set_names_that_are_paths_and_nan_boxes_are_refused(devkit):
+    sets = devkit / "VOC2007" / "ImageSets" / "Main"
+    (sets / "escape.txt").write_text("000005\n../../../../outside\n")
+    with pytest.raises(DataError, match=r"escape.txt: line 2 names '../../../../outside'; VOC image names are plain"):
+        VOCDetection(devkit, ["2007/escape"])
+    _add_image(devkit, 2007, "000077", 30, 20, [("cat", 0, ("nan", 2, 9, 9))], sets=("nan",))
+    with pytest.raises(DataError, match=r"000077.xml: object 0 \(cat\) has a non-finite <bndbox> coordinate"):
+        VOCDetection(devkit, ["2007/nan"])

@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from updetr.data.io import DataError, load_annotated_image
+from updetr.data.io import OUTSIDE_ROOT_ENV, DataError, load_annotated_image, path_inside
 from updetr.structures import Target
 
 __all__ = ["CocoStyleDataset", "CocoDetection", "coco_from_dict"]
@@ -103,25 +103,26 @@ class CocoStyleDataset(Dataset):
         n = len(anns)
         image_index = np.zeros(n, dtype=np.int64)
         labels = np.zeros(n, dtype=np.int64)
-        next_id = None  # for annotations without an id (pycocotools needs one)
         k = -1
         try:  # fast path; on failure, _raise_invalid_annotation finds and describes the culprit
             for k, ann in enumerate(anns):
                 image_index[k] = index_of[ann["image_id"]]
                 labels[k] = label_of[ann["category_id"]]
-            bboxes = np.array([ann["bbox"] for ann in anns], dtype=np.float64).reshape(n, 4)  # (A, 4) xywh pixels
+            k = 0
+            # dtype inferred, not forced: a string ("10", "NaN") would be parsed as a float by a
+            # float64 array, while here it makes the array a string array and fails the check
+            raw = np.array([ann["bbox"] for ann in anns]) if n else np.zeros((0, 4))
+            if raw.dtype.kind not in "iuf" or raw.shape != (n, 4):
+                raise ValueError("a bbox is not four numbers")
+            bboxes = raw.astype(np.float64)  # (A, 4) xywh pixels
         except (KeyError, TypeError, ValueError):
             self._raise_invalid_annotation(anns, k, label_of, index_of)
+        self._renumber_annotation_ids(anns)
         areas, crowd = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
         box_areas = (bboxes[:, 2] * bboxes[:, 3]).tolist()  # (A,) default area: w * h
         for k, (ann, box_area) in enumerate(zip(anns, box_areas)):
             if return_masks and "segmentation" not in ann:
                 raise DataError(f"{source}: annotation {ann.get('id')} has no 'segmentation' (masks were requested)")
-            if "id" not in ann:
-                if next_id is None:
-                    next_id = 1 + max((a["id"] for a in anns if _is_number(a.get("id"))), default=0)
-                ann["id"] = next_id
-                next_id += 1
             if "iscrowd" not in ann:
                 ann["iscrowd"] = 0
             if "area" not in ann:
@@ -147,6 +148,37 @@ class CocoStyleDataset(Dataset):
                 f"e.g. {', '.join(missing[:5])}"
             )
 
+    def _renumber_annotation_ids(self, anns: list[dict[str, Any]]) -> None:
+        """Give every annotation a unique positive integer ``id``, in place.
+
+        pycocotools tells ground-truth boxes apart by ``id`` and reads id 0 as "unmatched": with
+        duplicate or zero ids, perfect detections score below AP 100. Missing ids are filled in
+        silently (minimal files omit them); duplicate, zero, negative or non-integer ids are
+        renumbered with one warning that counts them. Fresh ids start above the largest valid id.
+        """
+        seen: set[int] = set()
+        missing, bad = [], []
+        for k, ann in enumerate(anns):
+            ann_id = ann.get("id")
+            if "id" not in ann:
+                missing.append(k)
+            elif not (_is_number(ann_id) and ann_id == int(ann_id) and ann_id > 0) or int(ann_id) in seen:
+                bad.append(k)
+            else:
+                seen.add(int(ann_id))
+        next_id = max(seen, default=0) + 1
+        if bad:
+            k = bad[0]
+            logger.warning(
+                "%s: %d annotations have an id that is duplicated, zero or not a positive integer (first: annotations[%d] "
+                "with id %r); renumbered from %d, since pycocotools tells boxes apart by id and would score perfect "
+                "detections below AP 100", self.source, len(bad), k, anns[k].get("id"), next_id,
+            )
+        for k in sorted(missing + bad):
+            anns[k]["id"] = next_id
+            next_id += 1
+        self.renumbered_ids = len(bad)
+
     def _raise_invalid_annotation(
         self, anns: list[dict[str, Any]], first: int, label_of: dict[Any, int], index_of: dict[Any, int]
     ) -> NoReturn:
@@ -163,7 +195,9 @@ class CocoStyleDataset(Dataset):
                     f"(known ids: {self.category_ids[:20]})"
                 )
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-                raise DataError(f"{self.source}: {name} has no valid 'bbox' [x, y, w, h] (got {bbox!r})")
+                hint = " (the values must be JSON numbers, not strings)" if isinstance(bbox, (list, tuple)) and any(
+                    isinstance(v, str) for v in bbox) else ""
+                raise DataError(f"{self.source}: {name} has no valid 'bbox' [x, y, w, h] (got {bbox!r}){hint}")
         raise DataError(f"{self.source}: invalid annotations")  # not reached for real inputs
 
     def _sanitize(self, bboxes_xywh: np.ndarray, sizes_hw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,27 +205,41 @@ class CocoStyleDataset(Dataset):
         x0, y0, w, h = bboxes_xywh.T
         x1, y1 = x0 + w, y0 + h
         heights, widths = sizes_hw[:, 0], sizes_hw[:, 1]
-        degenerate = ~np.isfinite(bboxes_xywh).all(axis=1) | (w <= 0) | (h <= 0)
-        t = _CLIP_TOLERANCE_PX
-        outside = (x0 < -t) | (y0 < -t) | (x1 > widths + t) | (y1 > heights + t)
-        boxes = np.stack(
-            [np.clip(x0, 0, widths), np.clip(y0, 0, heights), np.clip(x1, 0, widths), np.clip(y1, 0, heights)], axis=1
-        )  # (A, 4) xyxy
+        nonfinite = ~np.isfinite(bboxes_xywh).all(axis=1)  # NaN or infinity (JSON NaN / Infinity)
         with np.errstate(invalid="ignore"):
+            degenerate = nonfinite | (w <= 0) | (h <= 0)
+            t = _CLIP_TOLERANCE_PX
+            outside = (x0 < -t) | (y0 < -t) | (x1 > widths + t) | (y1 > heights + t)
+            boxes = np.stack(
+                [np.clip(x0, 0, widths), np.clip(y0, 0, heights), np.clip(x1, 0, widths), np.clip(y1, 0, heights)], axis=1
+            )  # (A, 4) xyxy
             empty = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
         keep = ~degenerate & ~empty
         self.dropped_boxes = int((~keep).sum())
+        self.nonfinite_boxes = int(nonfinite.sum())
         self.clipped_boxes = int((keep & outside).sum())
         if self.dropped_boxes or self.clipped_boxes:
+            parts = []
+            if self.nonfinite_boxes:
+                parts.append(f"{self.nonfinite_boxes} with non-finite coordinates (NaN or infinity; first: "
+                             f"annotations[{int(np.flatnonzero(nonfinite)[0])}])")
+            if (degenerate & ~nonfinite).sum():
+                parts.append(f"{int((degenerate & ~nonfinite).sum())} of zero or negative size")
+            if (~degenerate & empty).sum():
+                parts.append(f"{int((~degenerate & empty).sum())} entirely outside the image")
             logger.warning(
-                "%s: dropped %d annotations whose box has zero or negative size (%d of them entirely "
-                "outside the image); clipped %d boxes partly outside the image",
-                self.source, self.dropped_boxes, int((~degenerate & empty).sum()), self.clipped_boxes,
+                "%s: dropped %d annotations whose box is unusable (%s); clipped %d boxes partly outside the image",
+                self.source, self.dropped_boxes, ", ".join(parts) or "none", self.clipped_boxes,
             )
         return boxes, keep
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def image_check_items(self) -> list[tuple[Path, tuple[int, int]]]:
+        """``(image file, annotated (h, w))`` of every item: what the start-up check decodes
+        (``updetr.engine.loop.check_images``)."""
+        return [(path, (int(h), int(w))) for path, (h, w) in zip(self.image_paths, self._sizes_hw)]
 
     def raw_target(self, index: int) -> Target:
         """Target of item ``index`` before the transforms (``xyxy`` pixels), without masks."""
@@ -268,11 +316,37 @@ class CocoDetection(CocoStyleDataset):
         data = _read_coco_json(self.annotation_file)
         if not self.images_dir.is_dir():
             raise DataError(f"{source}: images folder {self.images_dir} does not exist")
-        paths = {int(img["id"]): self.images_dir / str(img["file_name"]) for img in data["images"]}
+        paths = image_paths_inside(self.images_dir, data["images"], source)
         self._setup(data, paths, source, transforms, return_masks)
         logger.info(
             "%s: %d images, %d boxes, %d classes", source, len(self), len(self._boxes), len(self.classes)
         )
+
+
+def image_paths_inside(images_dir: Path, images: list[dict[str, Any]], source: str, key: str = "file_name",
+                       what: str = "image") -> dict[int, Path]:
+    """image id -> ``images_dir / image[key]`` for every entry of ``images``, each kept inside
+    ``images_dir`` (``updetr.data.io.path_inside``: no absolute path, no ``..`` above it).
+
+    Raises:
+        DataError: names how many entries lead outside the folder and the first of them.
+    """
+    paths, outside = {}, []
+    for img in images:
+        name = str(img[key])
+        path = path_inside(images_dir, name)
+        if path is None:
+            outside.append((img.get("id", img.get("image_id")), name))
+            continue
+        paths[int(img["id"] if "id" in img else img["image_id"])] = path
+    if outside:
+        image_id, name = outside[0]
+        raise DataError(
+            f"{source}: {len(outside)} {what} file names lead outside the folder {images_dir} (an absolute path or "
+            f"'..' above it; first: {what} {image_id} {key} {name!r}); link the files into the folder, or set "
+            f"{OUTSIDE_ROOT_ENV}=1 to allow it"
+        )
+    return paths
 
 
 def read_annotation_json(path: Path, kind: str = "annotation") -> dict[str, Any]:

@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from updetr.data.coco import read_annotation_json
-from updetr.data.io import DataError, load_annotated_image
+from updetr.data.coco import image_paths_inside, read_annotation_json
+from updetr.data.io import DataError, load_annotated_image, open_image
 from updetr.structures import Target
 
 __all__ = ["CocoPanoptic", "PanopticGroundTruth", "rgb_to_id", "id_to_rgb", "read_panoptic_png"]
@@ -56,7 +56,7 @@ def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: panoptic PNG not found")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:  # the pixel limit is checked before decoding
             image.load()
             if image.mode != "RGB":
                 raise DataError(f"{path}: panoptic PNG must be RGB (segment id = R + 256 G + 256^2 B), got mode {image.mode}")
@@ -155,8 +155,10 @@ class CocoPanoptic(Dataset):
             raise DataError(f"{source}: {len(without)} images have no panoptic annotation, e.g. ids {without[:5]}")
 
         self.image_ids: list[int] = sorted(images)
-        self.image_paths: list[Path] = [self.images_dir / str(images[i]["file_name"]) for i in self.image_ids]
-        self.png_paths: list[Path] = [self.png_dir / annotations[i]["file_name"] for i in self.image_ids]
+        image_paths = image_paths_inside(self.images_dir, list(images.values()), source)
+        png_paths = image_paths_inside(self.png_dir, list(annotations.values()), source, what="panoptic PNG")
+        self.image_paths: list[Path] = [image_paths[i] for i in self.image_ids]
+        self.png_paths: list[Path] = [png_paths[i] for i in self.image_ids]
         self._sizes_hw = [(int(images[i]["height"]), int(images[i]["width"])) for i in self.image_ids]
         self._segments: list[list[dict[str, Any]]] = [annotations[i]["segments_info"] for i in self.image_ids]
         self._index_of = {image_id: k for k, image_id in enumerate(self.image_ids)}
@@ -175,6 +177,11 @@ class CocoPanoptic(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def image_check_items(self) -> list[tuple[Path, tuple[int, int]]]:
+        """``(file, (h, w))`` of every image and every panoptic PNG (same size): what the start-up
+        check decodes (``updetr.engine.loop.check_images``)."""
+        return list(zip(self.image_paths, self._sizes_hw)) + list(zip(self.png_paths, self._sizes_hw))
 
     @property
     def coco(self):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from updetr.data.io import DataError, is_image_file, load_image
+from updetr.data.io import DataError, is_image_file, load_image, walk_tree
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ImageFolder"]
+__all__ = ["ImageFolder", "finish_skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,16 @@ class ImageFolder(Dataset):
     (h, w) on disk and after the transform) and ``path`` (str).
 
     Args:
-        source: a folder, scanned recursively (sorted paths), or a list of image files.
+        source: a folder, scanned recursively (sorted paths; symbolic links followed, each real
+            folder once: see ``updetr.data.io.walk_tree``), or a list of image files.
             Files whose extension is not in ``IMAGE_EXTENSIONS`` are skipped with one
             warning that counts them.
         transforms: callable ``(PIL image, target) -> (tensor, target)``.
 
     Raises:
         DataError: ``source`` (or a listed file) does not exist or holds no image; an
-            unreadable image raises when it is loaded, naming the file.
+            unreadable image raises when it is loaded, naming the file (``iter_usable`` skips
+            and records such files instead).
     """
 
     def __init__(
@@ -51,8 +54,8 @@ class ImageFolder(Dataset):
         candidates: list[Path] = []
         for item in sources:
             path = Path(item)
-            if path.is_dir():
-                candidates += sorted(Path(d) / f for d, _, files in os.walk(path, followlinks=True) for f in files)
+            if path.is_dir():  # links followed, every real folder once (a link loop is not walked forever)
+                candidates += sorted(path / d / f for d, _, files in walk_tree(path) for f in files)
             elif path.is_file():
                 candidates.append(path)
             else:
@@ -71,8 +74,10 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        return self._item(index, load_image(self.paths[index]))
+
+    def _item(self, index: int, image: Image.Image) -> tuple[Tensor, dict[str, Any]]:
         path = self.paths[index]
-        image = load_image(path)
         size = torch.tensor([image.height, image.width], dtype=torch.int64)  # (2,) (h, w)
         info: dict[str, Any] = {
             "image_id": torch.tensor(index, dtype=torch.int64),
@@ -84,3 +89,43 @@ class ImageFolder(Dataset):
             return self.transforms(image, info)
         pixels = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)  # (3, H, W)
         return F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)), info
+
+    def iter_usable(self, skipped: list[dict[str, str]]) -> Iterator[tuple[int, Tensor, dict[str, Any], Image.Image]]:
+        """``(index, pixels, info, RGB image)`` of every image that can be read, in order.
+
+        A file that cannot be read (``DataError``: truncated, not an image, over the pixel
+        limit, a broken link, ...) is appended to ``skipped`` as ``{"file", "error"}`` with a
+        warning, and the iteration goes on with the next one.
+        """
+        for index, path in enumerate(self.paths):
+            try:
+                image = load_image(path)
+            except DataError as err:
+                skipped.append({"file": str(path), "error": str(err)})
+                logger.warning("skipped an unreadable image: %s", err)
+                continue
+            yield (index, *self._item(index, image), image)
+
+
+def finish_skipped(output_dir: str | os.PathLike, skipped: list[dict[str, str]], total: int) -> Path | None:
+    """After a prediction pass over ``total`` images: write ``skipped.json`` (the unreadable files
+    and why) into ``output_dir``, or remove a stale one when nothing was skipped.
+
+    Returns:
+        The ``skipped.json`` written, or None.
+
+    Raises:
+        DataError: every one of the ``total`` images was unreadable (nothing to write results for).
+    """
+    out = Path(output_dir)
+    path = out / "skipped.json"
+    if skipped and len(skipped) == total:
+        raise DataError(f"none of the {total} images could be read (first: {skipped[0]['error']})")
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "skipped.json.tmp"
+    tmp.write_text(json.dumps(skipped, indent=2) + "\n")
+    tmp.replace(path)
+    return path

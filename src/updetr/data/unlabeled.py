@@ -37,6 +37,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from torchvision.transforms.v2 import functional as F
 
 from updetr.box_ops import xyxy_px_to_normalized_cxcywh
 from updetr.data.collate import collate_with_patches
-from updetr.data.io import IMAGE_EXTENSIONS, DataError, load_image
+from updetr.data.io import IMAGE_EXTENSIONS, DataError, cache_folder, image_size_from_bytes, load_image, walk_tree
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_size
 from updetr.structures import ImageBatch, Target
 
@@ -72,8 +73,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_NAME = ".updetr_images.txt"
-_CACHE_HEADER = "# updetr image list v1; root="
+_CACHE_HEADER = "# updetr image list v2"
+_RACY_NS = 2_000_000_000  # a folder changed this close to the scan may change again unseen (coarse mtimes)
 _MAX_WARNINGS = 10  # skipped files logged one by one per process; later ones are only counted
 
 
@@ -84,11 +85,13 @@ def scan_images(root: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     """Every image file under ``root`` (recursive, symlinks followed, loops skipped), sorted.
 
     Image files are those with an extension of ``updetr.data.io.IMAGE_EXTENSIONS``
-    (case-insensitive). The list is cached in ``<cache_dir or root>/.updetr_images.txt``
-    (first line names the absolute root; paths relative to it), or under
-    ``~/.cache/updetr/`` when that folder is not writable, so restarting on ImageNet does
-    not walk 1.28M files again. The cache is not invalidated by new files: pass
-    ``refresh=True`` to rescan.
+    (case-insensitive); the walk is ``updetr.data.io.walk_tree``. The list is cached so that
+    restarting on ImageNet does not walk 1.28M files again, in ``cache_dir`` or else
+    ``updetr.data.io.cache_folder()/image-lists`` (never in ``root``), one file per root. The
+    cache stores the modification time of every folder it walked and is used only while all
+    of them are unchanged: adding, removing or renaming a file or folder anywhere in the tree
+    (or re-pointing a link) makes the next call walk it again. Checking costs one ``stat`` per
+    folder. ``refresh=True`` walks the tree regardless.
 
     Returns:
         Absolute paths.
@@ -100,65 +103,78 @@ def scan_images(root: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     return [os.path.join(root_abs, p) for p in _scan_relative(root_abs, cache_dir, refresh)]
 
 
+def image_list_cache(root_abs: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache file of :func:`scan_images` for the folder ``root_abs``."""
+    key = hashlib.sha1(root_abs.encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else cache_folder() / "image-lists"
+    return folder / f"images-{key}.txt"
+
+
 def _scan_relative(root_abs: str, cache_dir: str | os.PathLike | None, refresh: bool) -> list[str]:
     """:func:`scan_images`, paths relative to ``root_abs``."""
     if not os.path.isdir(root_abs):
         raise DataError(f"{root_abs}: image folder not found")
-    primary = Path(cache_dir if cache_dir is not None else root_abs) / CACHE_NAME
-    key = hashlib.sha1(root_abs.encode()).hexdigest()[:16]
-    fallback = Path.home() / ".cache" / "updetr" / f"images-{key}.txt"
+    cache = image_list_cache(root_abs, cache_dir)
     if not refresh:
-        for cache in (primary, fallback):
-            relative = _read_cache(cache, root_abs)
-            if relative is not None:
-                return relative
-    relative = _walk_images(root_abs)
+        relative = _read_cache(cache, root_abs)
+        if relative is not None:
+            return relative
+    scanned_ns = time.time_ns()
+    folders, relative = _walk_images(root_abs)
     if not relative:
         raise DataError(f"{root_abs}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder tree")
-    for cache in (primary, fallback):
-        try:
-            _write_cache(cache, root_abs, relative)
-            break
-        except OSError as err:
-            logger.info("cannot write the image list cache %s (%s)", cache, err)
+    try:
+        _write_cache(cache, root_abs, scanned_ns, folders, relative)
+    except OSError as err:
+        logger.info("cannot write the image list cache %s (%s); the folder will be walked again next time", cache, err)
     return relative
 
 
-def _walk_images(root: str) -> list[str]:
-    seen_dirs: set[tuple[int, int]] = set()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        stat = os.stat(dirpath)
-        if (stat.st_dev, stat.st_ino) in seen_dirs:  # a symlink loop or a second link to a folder
-            dirnames[:] = []
-            continue
-        seen_dirs.add((stat.st_dev, stat.st_ino))
-        dirnames.sort()  # deterministic walk: of two links to one folder, the first in order wins
-        relative_dir = os.path.relpath(dirpath, root)
+def _walk_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(every folder walked with its mtime in ns, sorted image paths), relative to ``root``."""
+    folders, found = [], []
+    for relative_dir, mtime_ns, filenames in walk_tree(root):
+        folders.append((relative_dir, mtime_ns))
         for name in filenames:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and "\n" not in name:  # one path a line
                 found.append(os.path.normpath(os.path.join(relative_dir, name)))
-    return sorted(found)
+    return folders, sorted(found)
 
 
 def _read_cache(cache: Path, root_abs: str) -> list[str] | None:
+    """The cached list, or None when there is none, it is for another root, or the tree changed."""
     try:
-        with open(cache, encoding="utf-8") as f:
-            if f.readline().rstrip("\n") != _CACHE_HEADER + root_abs:
-                return None  # another root wrote this cache
-            relative = f.read().splitlines()
+        lines = cache.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
+        return None
+    if len(lines) < 3 or lines[0] != _CACHE_HEADER or lines[1] != f"root {root_abs}" or not lines[2].startswith("scanned "):
+        return None
+    try:
+        scanned_ns = int(lines[2].removeprefix("scanned "))
+        relative = []
+        for line in lines[3:]:
+            kind, _, rest = line.partition(" ")
+            if kind == "d":
+                mtime, _, folder = rest.partition(" ")
+                if int(mtime) >= scanned_ns - _RACY_NS or os.stat(os.path.join(root_abs, folder)).st_mtime_ns != int(mtime):
+                    return None  # changed since (or too close to) the scan
+            elif kind == "f":
+                relative.append(rest)
+            else:
+                return None
+    except (ValueError, OSError):
         return None
     return relative or None
 
 
-def _write_cache(cache: Path, root_abs: str, relative: list[str]) -> None:
+def _write_cache(cache: Path, root_abs: str, scanned_ns: int, folders: list[tuple[str, int]], relative: list[str]) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_CACHE_HEADER + root_abs + "\n")
-            f.write("\n".join(relative) + "\n")
+            f.write(f"{_CACHE_HEADER}\nroot {root_abs}\nscanned {scanned_ns}\n")
+            f.writelines(f"d {mtime} {folder}\n" for folder, mtime in folders)
+            f.writelines(f"f {path}\n" for path in relative)
         os.replace(tmp, cache)  # atomic: readers see the old list or the whole new one
     except BaseException:
         os.unlink(tmp)
@@ -613,13 +629,17 @@ def _normalize(image_uint8: Tensor) -> Tensor:
 
 
 def _decode_rgb(path: str) -> Tensor:
-    """uint8 (3, h, w) RGB pixels; JPEGs through libjpeg-turbo, the rest through ``load_image``."""
+    """uint8 (3, h, w) RGB pixels; JPEGs through libjpeg-turbo, the rest through ``load_image``.
+
+    Both paths refuse an image over ``updetr.data.io.pixel_limit()`` before decoding it (DataError).
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err})") from None
     if decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":  # JPEG: libjpeg-turbo, ~1.6x Pillow
+        image_size_from_bytes(path, data)  # the pixel limit, from the header, before libjpeg allocates
         try:
             with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its decoders for TorchCodec
                 warnings.simplefilter("ignore", DeprecationWarning)

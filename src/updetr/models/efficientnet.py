@@ -18,7 +18,8 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, FrozenBatchNormAct2d, freeze_batch_norm_2d, pad_same
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import Tensor, nn
 
@@ -137,16 +138,50 @@ def read_packaged_state(name: str) -> tuple[dict[str, Tensor], str]:
     return state, str(path)
 
 
+def _conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNormAct2d) -> Tensor:
+    """``bn(conv(x))`` (frozen BatchNorm, then its activation) with the affine folded into the conv weights.
+
+    The frozen BatchNorm is a fixed per-channel ``y * scale + shift``; applied to the small weight tensor
+    instead of the large activation it saves two memory-bound passes over every activation (an EfficientNet's
+    expanded maps are large: folding makes the frozen Lite0 ~2x faster on CPU) and gives a trainable
+    convolution the same gradients. TF "same" padding (timm's ``Conv2dSame``) is applied as timm does.
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    padding = conv.padding
+    if isinstance(conv, Conv2dSame):
+        x = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation)
+        padding = 0
+    return bn.act(F.conv2d(x, weight, shift, conv.stride, padding, conv.dilation, conv.groups))
+
+
+def _block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """timm's ``DepthwiseSeparableConv`` / ``InvertedResidual`` (no SE, no drop path: the Lite blocks) with folded BN."""
+    shortcut = x
+    if isinstance(block, InvertedResidual):
+        x = _conv_bn_act(x, block.conv_pw, block.bn1)
+        x = _conv_bn_act(x, block.conv_dw, block.bn2)
+        x = _conv_bn_act(x, block.conv_pwl, block.bn3)
+    else:
+        x = _conv_bn_act(x, block.conv_dw, block.bn1)
+        x = _conv_bn_act(x, block.conv_pw, block.bn2)
+    return x + shortcut if block.has_skip else x
+
+
 class EfficientNetBody(nn.Module):
     """timm's EfficientNet feature extractor on ImageNet-normalised pixels: ``x -> {"0": map, ...}``.
 
     The first thing it does is turn ``(p - imagenet_mean) / imagenet_std`` into ``(p - 0.5) / 0.5``, the
     normalisation of the packaged weights. Keys of the returned dict are ``"0"``, ``"1"``, ... in stride order.
+    Same modules and state-dict keys as timm's ``EfficientNetFeatures`` (``net``); only the arithmetic is
+    regrouped (frozen BatchNorm folded into the convolutions).
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, out_blocks: list[int]):
         super().__init__()
         self.net = net
+        self.out_blocks = list(out_blocks)  # index into net.blocks after which each returned map is taken
         imagenet_mean, imagenet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         weights_mean, weights_std = torch.tensor(_WEIGHTS_MEAN), torch.tensor(_WEIGHTS_STD)
         # p = x * s_in + m_in;  y = (p - m_w) / s_w = x * (s_in / s_w) + (m_in - m_w) / s_w
@@ -156,7 +191,14 @@ class EfficientNetBody(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype))
-        return {str(i): feature for i, feature in enumerate(self.net(x))}
+        x = _conv_bn_act(x, self.net.conv_stem, self.net.bn1)
+        out = {}
+        for index, stage in enumerate(self.net.blocks):
+            for block in stage:
+                x = _block_forward(block, x)
+            if index in self.out_blocks:
+                out[str(len(out))] = x
+        return out
 
 
 class EfficientNetLiteBackbone(CNNBackbone):
@@ -184,7 +226,8 @@ class EfficientNetLiteBackbone(CNNBackbone):
         for pname, param in net.named_parameters():
             trains = trainable and pname.startswith("blocks.") and int(pname.split(".")[1]) >= _FROZEN_BLOCKS
             param.requires_grad_(trains)
-        self.body = EfficientNetBody(net).to(memory_format=torch.channels_last)
+        out_blocks = [int(net.feature_info.info[level]["module"].split(".")[1]) for level in levels]
+        self.body = EfficientNetBody(net, out_blocks).to(memory_format=torch.channels_last)
         self.name = name
         self.trainable = trainable
         self.strides = [_LEVEL_STRIDE[level] for level in levels]

@@ -4,10 +4,11 @@
         --variant base: "--variant long:finetune_epochs=18;pretrain_epochs=6"
 
 Each variant is ``NAME:FIELD=VALUE;FIELD=VALUE`` (``--budget`` items of ``updetr demo``).
-The benchmark and the CNN stage are computed
-once per distinct (data, CNN) budget and copied into each variant's folder, where the demo's
-stage cache picks them up. Meant for a GPU machine, where the processes run concurrently;
-variants still running at ``--deadline`` are stopped and reported with what they logged.
+The benchmark (the demo's stage 1, ``prepare_data``) is generated once per distinct data budget
+and copied into each variant's folder, where the demo's stage cache picks it up; every variant's
+frozen CNN is its budget's ImageNet backbone, read from the installed weight package. Meant for
+a GPU machine, where the processes run concurrently; variants still running at ``--deadline``
+are stopped and reported with what they logged.
 
 Measured on one H100 (16 CPU cores): six variants at once ran at only ~2 training steps/s each
 (the GPU time-slices between processes and each small step is launch-bound), so in 5 minutes
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from updetr.demo import DemoBudget, apply_budget_overrides, prepare_inputs
+from updetr.demo import DemoBudget, apply_budget_overrides, prepare_data
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         items = [i for i in (args.common.split(";") + items.split(";")) if i]
         variants[name] = (items, apply_budget_overrides(DemoBudget(), items))
     for name, (items, budget) in variants.items():
-        prepare_inputs(shared, budget, args.device, progress=False)  # cached per distinct data/CNN key
+        prepare_data(shared, budget, progress=False)  # cached per distinct data key
     procs = {}
     for name, (items, budget) in variants.items():
         out = root / name
@@ -88,8 +89,6 @@ def main() -> None:
                     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
                     aps = [(r["epoch"], r.get("val/AP"), r.get("val/AP50")) for r in rows if r.get("val/AP") is not None]
                     lines.append(f"- {arm}: (epoch, AP, AP50) {aps}")
-        for summary in sorted((root / name / "stages").glob("cnn-*/DONE")):
-            lines.append(f"- CNN: {json.loads(summary.read_text()).get('val_accuracy')}")
         lines.append("")
     text = "\n".join(lines)
     Path(args.report or root / "sweep.md").write_text(text + "\n")

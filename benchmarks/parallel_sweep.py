@@ -2,16 +2,17 @@
 
     python benchmarks/parallel_sweep.py run OUT --seeds 1 2 --deadline 505 \\
         --job detr:0:cpu --job up5:5:cpu --job up10:10:cpu \\
-        --job "upG30b32:30:cuda:data.batch_size=32;data.num_workers=3" [--cnn 1=CNN1.pth --cnn 2=CNN2.pth] \\
+        --job "upG30b32:30:cuda:data.batch_size=32;data.num_workers=3" \\
         [--budget num_train=200 --budget finetune_epochs=84]
     python benchmarks/parallel_sweep.py report OUT
 
 A job is ``NAME:PRE_EPOCHS:PRE_DEVICE[:OVERRIDES]``: PRE_EPOCHS of UP-DETR pre-training (the demo's
 ``pretrain_config``, on PRE_DEVICE, with the ``;``-separated config overrides) followed by the demo's fine-tuning
 (``finetune_config``, on the CPU); PRE_EPOCHS 0 is the DETR arm. Every job runs in its own process with
-2 threads, all jobs at once, so a 16-core machine runs eight 2-core demos side by side. The benchmark and the CNN
-come from the demo's stage cache under ``OUT/s<seed>/stages`` (``--cnn SEED=FILE`` places a CNN trained
-elsewhere, fp16 files included, where the cache looks for it). Jobs still running at ``--deadline`` seconds are
+2 threads, all jobs at once, so a 16-core machine runs eight 2-core demos side by side. The benchmark comes from
+the demo's stage cache under ``OUT/s<seed>/stages`` (``prepare_data``, written once per seed before the jobs
+start); the frozen CNN of every job is the budget's ImageNet backbone (``--budget backbone=...``, default
+EfficientNet-Lite0 with the weights of its installed package). Jobs still running at ``--deadline`` seconds are
 stopped; ``report`` prints what every job logged (fine-tuning AP / AP50 in percent at each evaluation epoch,
 the pre-training's last loss, GIoU loss and pretext hit rate).
 """
@@ -43,43 +44,28 @@ def _budget_overrides() -> list[str]:
     return json.loads(raw) if raw else []
 
 
-def place_cnn(root: Path, seed: int, src: Path, overrides: list[str] | None = None) -> None:
-    """Write ``src`` (a ``pretrain_backbone`` file, any float dtype) as the cached CNN of ``seed``'s demo budget
-    (with the sweep's ``--budget`` ``overrides``), in fp32."""
-    from updetr.demo import _stage_dir, cnn_stage_key
-
-    d = _stage_dir(root, "cnn", cnn_stage_key(budget_for(seed, overrides)))
-    d.mkdir(parents=True, exist_ok=True)
-    state = torch.load(src, weights_only=True)
-    state["model"] = {k: (v.float() if v.is_floating_point() else v) for k, v in state["model"].items()}
-    torch.save(state, d / "resnet18.pth")
-    if src.with_suffix(".json").is_file():
-        (d / "resnet18.json").write_text(src.with_suffix(".json").read_text())
-    (d / "DONE").write_text(json.dumps({"placed_from": str(src)}) + "\n")
-
-
 def run_job(out: Path, seed: int, name: str, pre_epochs: int, pre_device: str, extra: list[str]) -> None:
     import logging
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     # the job's log (OUT/s<seed>_<name>.log) gets the training loop's per-epoch lines, as updetr's commands print them
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from updetr.demo import _run_fit, common_overrides, finetune_config, prepare_inputs, pretrain_config
+    from updetr.demo import _run_fit, common_overrides, finetune_config, prepare_data, pretrain_config
     from updetr.engine.detection import DetectionTask
     from updetr.engine.pretrain import PretrainTask
 
     root = out / f"s{seed}"
     budget = budget_for(seed, _budget_overrides())
-    data_dir, cnn = prepare_inputs(root, budget, "cpu", progress=False)
+    data_dir = prepare_data(root, budget, progress=False)
     job_dir = root / name
     init = ""
     if pre_epochs > 0:
-        cfg = pretrain_config(budget, common_overrides(data_dir, cnn, seed, pre_device), pre_epochs, extra)
+        cfg = pretrain_config(budget, common_overrides(data_dir, budget, pre_device), pre_epochs, extra)
         t = time.time()
         _run_fit(PretrainTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'pre'))}"]), progress=False)
         print(f"[{name} s{seed}] pre-training done in {time.time() - t:.0f} s", flush=True)
         init = str(job_dir / "pre" / "checkpoint.pth")
-    cfg = finetune_config(budget, common_overrides(data_dir, cnn, seed, "cpu"), budget.finetune_epochs, init)
+    cfg = finetune_config(budget, common_overrides(data_dir, budget, "cpu"), budget.finetune_epochs, init)
     t = time.time()
     _run_fit(DetectionTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'ft'))}"]), progress=False)
     print(f"[{name} s{seed}] fine-tuning done in {time.time() - t:.0f} s", flush=True)
@@ -102,18 +88,13 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(str(exc)) from None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for item in args.cnn or []:
-        seed, _, path = item.partition("=")
-        if not Path(path).is_file():
-            raise SystemExit(f"--cnn {item}: {path} does not exist")
-        place_cnn(out / f"s{seed}", int(seed), Path(path), args.budget)
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONUNBUFFERED="1",
                UPDETR_SWEEP_BUDGET=json.dumps(args.budget))  # the prep and job processes read it
-    # the benchmark (and a CNN not placed) first, one process per seed, so the jobs do not race to write them
+    # the benchmark first, one process per seed, so the jobs do not race to write it
     prep = [subprocess.Popen([sys.executable, __file__, "prep", str(out), str(s)], env=env) for s in args.seeds]
     if any(p.wait() for p in prep):
         raise SystemExit("preparing the benchmark failed")
-    print(f"benchmark and CNN ready after {time.time() - start:.0f} s", flush=True)
+    print(f"benchmark ready after {time.time() - start:.0f} s", flush=True)
     procs = []
     for s in args.seeds:
         for spec in args.job:
@@ -157,10 +138,10 @@ def report(out: Path) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("prep", "job"):  # internal: one process of ``run``
         if sys.argv[1] == "prep":
-            from updetr.demo import prepare_inputs
+            from updetr.demo import prepare_data
 
             seed = int(sys.argv[3])
-            prepare_inputs(Path(sys.argv[2]) / f"s{seed}", budget_for(seed, _budget_overrides()), "cpu", progress=False)
+            prepare_data(Path(sys.argv[2]) / f"s{seed}", budget_for(seed, _budget_overrides()), progress=False)
         else:
             out, seed, name, epochs, device, *extra = sys.argv[2:]
             run_job(Path(out), int(seed), name, int(epochs), device, extra)
@@ -171,7 +152,6 @@ def main() -> None:
     r.add_argument("output")
     r.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     r.add_argument("--job", action="append", required=True, metavar="NAME:PRE_EPOCHS:PRE_DEVICE[:OVERRIDES]")
-    r.add_argument("--cnn", action="append", metavar="SEED=FILE")
     r.add_argument("--deadline", type=float, default=600.0)
     r.add_argument("--budget", action="append", default=[], metavar="FIELD=VALUE",
                    help="change the demo budget of every job (repeatable), as for updetr demo, e.g. num_train=200")

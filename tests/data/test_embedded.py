@@ -1,4 +1,4 @@
-"""The embedded benchmark: determinism, COCO / COCO-panoptic validity, reuse, splits and digit parity."""
+"""The embedded benchmark: its pictures, determinism, COCO / COCO-panoptic validity, reuse and the one-shot split."""
 
 import json
 import os
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -14,12 +15,11 @@ from updetr.data import embedded
 from updetr.data.embedded import (
     EMBEDDED_STUFF_CLASSES,
     EMBEDDED_THING_CLASSES,
+    FORMAT_VERSION,
     ONESHOT_UNSEEN,
-    RESERVED_DIGIT_PARITY,
-    benchmark_digit_samples,
+    THING_SOURCES,
     generate_embedded,
     load_split,
-    reserved_digit_samples,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
@@ -31,6 +31,11 @@ NUM_THINGS = len(EMBEDDED_THING_CLASSES)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return generate_embedded(tmp_path_factory.mktemp("embedded") / "bench", **TINY)
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return embedded._load_assets()
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -49,6 +54,8 @@ def test_layout_and_meta(dataset):
         assert len(list((dataset / "annotations" / f"panoptic_{split}").glob("*.png"))) == count
     meta = json.loads((dataset / "meta.json").read_text())
     assert meta["arguments"] == {"seed": 0, "num_train": 6, "num_val": 3, "num_unlabeled": 4, "image_size": [64, 96]}
+    assert meta["format_version"] == FORMAT_VERSION == 2 and meta["thing_classes"] == list(EMBEDDED_THING_CLASSES)
+    assert meta["thing_pictures"] == {source.name: source.picture for source in THING_SOURCES}
     assert meta["counts"]["train"]["images"] == 6 and meta["counts"]["unlabeled"] == {"images": 4}
     assert not [p for p in dataset.parent.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
@@ -140,33 +147,104 @@ def test_different_configuration_is_refused_unless_overwrite(dataset, tmp_path):
     assert json.loads((stranger / "meta.json").read_text())["arguments"]["num_unlabeled"] == 0
 
 
-def test_oneshot_split_partitions_thing_classes(dataset):
+def test_oneshot_split_is_ten_seen_and_four_unseen_thing_classes(dataset):
     split = load_split(dataset)
-    assert split["unseen"] == list(ONESHOT_UNSEEN) and len(split["unseen"]) == 4
-    assert not set(split["seen"]) & set(split["unseen"])
+    assert split["unseen"] == list(ONESHOT_UNSEEN) == ["flower", "clock", "present", "horse"]
+    assert split["seen"] == [name for name in EMBEDDED_THING_CLASSES if name not in ONESHOT_UNSEEN]
+    assert len(split["seen"]) == 10 and len(split["unseen"]) == 4
     assert sorted(split["seen"] + split["unseen"]) == sorted(EMBEDDED_THING_CLASSES)
 
 
-def test_benchmark_draws_even_digit_samples_only():
-    reserved_images, reserved_labels = reserved_digit_samples()
-    images, labels, indices = benchmark_digit_samples()
-    assert RESERVED_DIGIT_PARITY == 1
-    assert np.all(indices % 2 == 0) and len(indices) + len(reserved_labels) == 1797
-    assert reserved_images.shape == (len(reserved_labels), 8, 8) and set(reserved_labels.tolist()) == set(range(10))
-    from sklearn.datasets import load_digits
+def test_thing_classes_are_the_photographed_objects_in_source_order():
+    assert len(THING_SOURCES) == NUM_THINGS == 14
+    assert EMBEDDED_THING_CLASSES == tuple(source.name for source in THING_SOURCES)
+    assert len(set(EMBEDDED_THING_CLASSES)) == NUM_THINGS
+    assert EMBEDDED_THING_CLASSES[:3] == ("cat", "coffee", "astronaut")
+    assert not set(EMBEDDED_THING_CLASSES) & set(EMBEDDED_STUFF_CLASSES)
 
-    digits = load_digits()
-    assert np.array_equal(reserved_labels, digits.target[1::2])
-    assert np.allclose(reserved_images * 16, digits.images[1::2])
-    assert np.allclose(images * 16, digits.images[::2]) and np.array_equal(labels, digits.target[::2])
-    assets = embedded._load_assets()
-    drawn = [
-        instance.digit_index
-        for i in range(40)
-        for instance in embedded._compose(np.random.default_rng(i), assets, 64, 64).instances
-        if instance.class_index < 10
-    ]
-    assert len(drawn) > 20 and all(index % 2 == 0 for index in drawn)
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("source", THING_SOURCES, ids=lambda source: source.name)
+def test_every_thing_picture_loads_offline_from_an_installed_package(offline, source):
+    picture = embedded._picture(source.picture)
+    assert picture.ndim in (2, 3) and min(picture.shape[:2]) >= 64
+    if picture.ndim == 3:
+        assert picture.shape[2] == (4 if source.matte == "alpha" else 3)
+    assert picture.dtype == (bool if source.matte == "silhouette" else np.uint8)
+    x0, y0, x1, y1 = source.box
+    assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+    # the object's region: a real picture (not a flat fill), at the stored side
+    thing = embedded._load_thing(source, np.asarray(skimage.data.grass()))
+    assert thing.rgb.ndim == 3 and thing.rgb.shape[2] == 3 and max(thing.rgb.shape[:2]) == embedded._SOURCE_SIDE
+    assert thing.rgb.std() > 10.0
+    if source.matte == "ellipse":
+        assert thing.alpha is None
+    else:
+        assert thing.alpha.shape == thing.rgb.shape[:2] and (thing.alpha >= 0.5).any()
+
+
+@pytest.mark.parametrize("index", range(NUM_THINGS), ids=list(EMBEDDED_THING_CLASSES))
+def test_each_thing_class_can_be_drawn_into_a_box(assets, index):
+    thing = assets.things[index]
+    rgb, alpha = embedded._thing_patch(np.random.default_rng(index), thing, 40, 56)
+    assert rgb.shape == alpha.shape + (3,) and alpha.shape[0] <= 40 and alpha.shape[1] <= 56
+    solid = alpha >= 0.5
+    # cropped to its support: the matte reaches every side of the patch, and covers a fair part of it
+    assert solid[0].any() and solid[-1].any() and solid[:, 0].any() and solid[:, -1].any()
+    assert solid.mean() > 0.2 and 0.0 <= rgb.min() and rgb.max() <= 255.0 and rgb[solid].std() > 5.0
+
+
+def test_composed_images_draw_every_class_and_box_each_instance_tightly(assets):
+    seen = set()
+    for i in range(40):
+        composite = embedded._compose(np.random.default_rng([7, i]), assets, 96, 128)
+        assert composite.image.shape == (96, 128, 3) and composite.image.dtype == np.uint8
+        assert 1 <= len(composite.instances) <= embedded.DEFAULT_MAX_OBJECTS
+        owners = np.zeros((96, 128), dtype=int)
+        for instance in composite.instances:
+            assert instance.mask.shape == (96, 128) and instance.mask.any()
+            assert not (owners[instance.mask]).any()  # visible masks never overlap
+            owners[instance.mask] = 1
+            x, y, w, h = embedded._tight_box(instance.mask)
+            inside = instance.mask[y:y + h, x:x + w]
+            assert inside.sum() == instance.mask.sum()  # the box holds the whole mask ...
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()  # ... tightly
+            seen.add(instance.class_index)
+        assert np.all(composite.stuff[owners > 0] == -1)  # no stuff under a thing
+    assert seen == set(range(NUM_THINGS))
+
+
+def test_written_boxes_are_the_tight_boxes_of_the_written_masks(dataset):
+    coco = COCO(str(dataset / "annotations" / "instances_train.json"))
+    assert coco.dataset["annotations"]
+    for annotation in coco.dataset["annotations"]:
+        mask = coco.annToMask(annotation).astype(bool)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert annotation["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]
+
+
+def test_a_benchmark_of_the_older_format_is_not_reused(dataset, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(dataset, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(FileExistsError, match="format 1"):
+        generate_embedded(old, **TINY)
+    assert generate_embedded(old, **TINY, overwrite=True) == old
+    assert _files(old) == _files(dataset)
 
 
 @pytest.mark.parametrize(
@@ -198,15 +276,18 @@ def test_object_size_sets_the_range_of_object_sides(dataset, tmp_path):
     assert meta["arguments"]["object_size"] == [0.3, 0.6]
     assert "object_size" not in json.loads((dataset / "meta.json").read_text())["arguments"]  # default: unchanged
     coco = COCO(str(big / "annotations" / "instances_train.json"))
-    sides, shorter = [], []
+    sides, longest, shorter = [], [], []
     for ann in coco.dataset["annotations"]:
         image = coco.imgs[ann["image_id"]]
-        sides.append(max(ann["bbox"][2], ann["bbox"][3]))
+        sides.append((ann["bbox"][2] * ann["bbox"][3]) ** 0.5)
+        longest.append(max(ann["bbox"][2], ann["bbox"][3]))
         shorter.append(min(image["width"], image["height"]))
-    sides, shorter = np.array(sides), np.array(shorter)
-    # the drawn box side lies in [0.3, 0.6] x shorter side; aspect jitter (up to ~10 %) and
-    # partial occlusion (tight box of the visible mask) only move it a little
-    assert np.all(sides <= 0.6 * 1.12 * shorter + 1)
+    sides, longest, shorter = np.array(sides), np.array(longest), np.array(shorter)
+    # the drawn box's side (the geometric mean of its height and width) lies in [0.3, 0.6] x the shorter image
+    # side, rounded to pixels; its aspect (the picture's own, jittered) stays within [0.4, 2.5], and cropping to
+    # the matte's support or partial occlusion (tight box of the visible mask) only shrink the box
+    assert np.all(sides <= 0.6 * shorter + 1)
+    assert np.all(longest <= 0.6 * 2.5 ** 0.5 * shorter + 1)
     assert np.median(sides / shorter) > 0.3
 
 

@@ -9,7 +9,8 @@ import torch
 
 from updetr import cli
 from updetr.config import ModelConfig, PretrainConfig, make_config
-from updetr.data.embedded import EMBEDDED_LAYOUT, ONESHOT_UNSEEN, embedded_data_overrides, generate_embedded
+from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides,
+                                   generate_embedded)
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.engine.one_shot import OneShotOptions, OneShotTask, add_oneshot_parser, evaluate_one_shot, parse_exemplar
 from updetr.models import build_updetr
@@ -74,6 +75,9 @@ def trained(bench, tmp_path_factory):
 def test_train_then_eval_prints_table3_and_is_deterministic(trained, tmp_path, capsys):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["task"] == "oneshot" and ckpt["oneshot"]["split"]["unseen"] == list(ONESHOT_UNSEEN)
+    # the benchmark's split: the 10 other photographed objects are the seen (training) classes
+    assert ckpt["oneshot"]["split"]["seen"] == [c for c in EMBEDDED_THING_CLASSES if c not in ONESHOT_UNSEEN]
+    assert len(ckpt["oneshot"]["split"]["seen"]) == 10
     assert ckpt["oneshot"]["options"]["num_draws"] == 2 and ckpt["oneshot"]["init"] == "scratch"
     assert "val/AP50_seen" in ckpt["metrics"] and "val/AP50_unseen" in ckpt["metrics"]
     capsys.readouterr()
@@ -85,6 +89,7 @@ def test_train_then_eval_prints_table3_and_is_deterministic(trained, tmp_path, c
     result = json.loads(first)
     assert set(result) >= {"seen_AP50", "unseen_AP50", "per_class", "per_draw", "num_images", "init"}
     assert all(len(v) == 2 for v in result["per_draw"].values())
+    assert result["per_class"] and set(result["per_class"]) <= set(EMBEDDED_THING_CLASSES)
     # a second evaluation, through the Python entry point, gives exactly the same result
     again = evaluate_one_shot(trained, device="cpu", batch_size=3)
     assert json.dumps(again, indent=2) + "\n" == first, "evaluation must be deterministic for a checkpoint"

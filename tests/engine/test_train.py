@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from updetr.config import make_config
+from updetr.data.embedded import EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import load_checkpoint
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo
@@ -57,7 +58,7 @@ def test_checkpoint_contents_and_best(embedded, tmp_path):
     fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert {"model", "optimizer", "lr_scheduler", "epoch", "config", "rng", "classes", "category_ids"} <= set(ckpt)
-    assert ckpt["classes"][:2] == ["digit_0", "digit_1"] and len(ckpt["classes"]) == 14
+    assert ckpt["classes"] == list(EMBEDDED_THING_CLASSES) and ckpt["classes"][:2] == ["cat", "coffee"]
     assert (tmp_path / "run" / "best.pth").is_file()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["hidden_dim"] == 32 and saved["output_dir"] == str(tmp_path / "run")

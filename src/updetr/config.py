@@ -106,6 +106,9 @@ class DataConfig:
     # frozen CNN only: run it once per image (eval size, and the mirror image) and train on the
     # stored maps; no multi-scale / crop augmentation (updetr.data.feature_cache)
     cache_features: bool = False
+    # with cache_features: a folder where the computed maps are stored and shared by later runs that feed the
+    # same pixels to the same CNN weights (keyed by hashes of both); "" keeps them in memory for this run only
+    feature_cache_dir: str = ""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from updetr.config import make_config
 from updetr.data.build import build_detection_dataset
 from updetr.data.embedded import embedded_data_overrides
 from updetr.data.feature_cache import (
+    FeatureStore,
     CachedDetection, CachedPretrainImages, collate_features, collate_features_with_patches, pretrain_feature_table,
 )
 from updetr.data.unlabeled import UnlabeledImages
@@ -201,3 +202,38 @@ def test_one_shot_training_on_cached_features_evaluates_like_the_pixel_path(embe
     for name in ("seen", "unseen"):
         assert on_pixels[f"{name}_AP50"] == pytest.approx(result.final_metrics[f"AP50_{name}"], abs=1e-6, nan_ok=True)
     assert on_pixels["seen_AP50"] == on_pixels["seen_AP50"]  # defined: the tiny val set has seen-class episodes
+
+
+def test_feature_store_reuses_maps_across_runs_and_keys_on_weights_and_pixels(embedded, tmp_path):
+    """data.feature_cache_dir: a second cache of the same images and CNN reads every map from disk, equal to the
+    first; other CNN weights or other pixels do not hit; a corrupt entry is recomputed."""
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    val = build_detection_dataset(cfg.data, "val", augment=False)
+    store = tmp_path / "store"
+    first = CachedDetection(val, model, torch.device("cpu"), hflip=1.0, progress=False, store_dir=str(store))
+    (folder,) = store.iterdir()
+    assert len(list(folder.glob("*.pt"))) == 2 * len(val)  # every image and its mirror
+    encoder_calls = []
+    body = model.backbone[0].body
+    hook = body.register_forward_hook(lambda *args: encoder_calls.append(1))
+    second = CachedDetection(val, model, torch.device("cpu"), hflip=1.0, progress=False, store_dir=str(store))
+    hook.remove()
+    assert not encoder_calls  # nothing recomputed
+    for i in range(len(val)):
+        for view in (0, 1):
+            assert torch.equal(first._features[i][view], second._features[i][view])
+
+    other = frozen_detr(cfg)
+    with torch.no_grad():
+        other.backbone[0].body.conv1.weight.mul_(1.5)  # TINY's resnet18
+    FeatureStore(store, other.backbone[0])
+    assert len(list(store.iterdir())) == 2  # other weights: another folder
+
+    entry = sorted(folder.glob("*.pt"))[0]
+    entry.write_bytes(b"truncated")
+    third = CachedDetection(val, model, torch.device("cpu"), hflip=1.0, progress=False, store_dir=str(store))
+    for i in range(len(val)):
+        assert torch.equal(first._features[i][0], third._features[i][0])
+    torch.load(entry, weights_only=True)  # the corrupt entry was rewritten
+    assert FeatureStore.pixels_key(torch.zeros(3, 4, 4)) != FeatureStore.pixels_key(torch.zeros(3, 4, 5))

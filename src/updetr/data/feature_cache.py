@@ -16,11 +16,19 @@ and training reads the stored maps:
 
 The model is the same either way: checkpoints, evaluation and prediction on pixels are
 unchanged. Flips are drawn from ``(seed, epoch, index)``, so runs and resumes are exact.
+
+With ``data.feature_cache_dir`` set, computed maps are also stored on disk (:class:`FeatureStore`) and reused
+by every later run that feeds the same pixels to the same CNN weights: both arms of ``updetr demo`` and every
+run of ``updetr experiment`` encode each image once. Entries are keyed by a hash of the CNN's weights and
+of the exact input pixels, so a changed image, size, transform or CNN never reads a stale map.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +40,7 @@ from tqdm.auto import tqdm
 from updetr.structures import FeatureBatch, Target
 
 __all__ = [
-    "CachedDetection", "CachedPretrainImages", "cache_train_val", "collate_features", "collate_features_with_patches",
+    "FeatureStore", "CachedDetection", "CachedPretrainImages", "cache_train_val", "collate_features", "collate_features_with_patches",
     "pretrain_feature_table",
 ]
 
@@ -41,12 +49,57 @@ _PAD = 64  # images are padded to a multiple of this and run in batches of one p
 _BATCH = 16
 
 
+class FeatureStore:
+    """Feature maps of a frozen CNN on disk: ``root/<weights hash>/<pixels hash>.pt``, shared between runs.
+
+    The weights hash covers the CNN's architecture name, its returned stride and every tensor of its state;
+    the pixels hash covers the exact (3, H, W) float input. Files are written to a temporary name and renamed,
+    so a run killed while writing never leaves a partial entry, and runs reading the store concurrently are safe.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], backbone: torch.nn.Module):
+        digest = hashlib.sha256(f"{backbone.name}/{backbone.strides}".encode())
+        for key, value in sorted(backbone.body.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        self.folder = Path(root) / digest.hexdigest()[:20]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def pixels_key(pixels: Tensor) -> str:
+        data = pixels.detach().cpu().contiguous()
+        digest = hashlib.sha256(str(tuple(data.shape)).encode())
+        digest.update(data.numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def load(self, key: str) -> Tensor | None:
+        path = self.folder / f"{key}.pt"
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            feature = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable entry is recomputed (and rewritten)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return feature
+
+    def save(self, key: str, feature: Tensor) -> None:
+        path = self.folder / f"{key}.pt"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(feature.clone(), tmp)
+        os.replace(tmp, path)
+
+
 class _Encoder:
     """Runs the frozen CNN on images in batches of equal padded size (few distinct shapes, so the
     CPU convolution kernels built for a shape are reused) and returns each image's own part of
-    the feature map: the cells ``ceil(h / stride) x ceil(w / stride)``, as a padded batch gives."""
+    the feature map: the cells ``ceil(h / stride) x ceil(w / stride)``, as a padded batch gives.
+    With a ``store_dir``, maps already on disk (:class:`FeatureStore`) are read instead of computed."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, store_dir: str = ""):
         backbone = model.backbone[0]
         if backbone.trainable:
             raise ValueError("data.cache_features needs a frozen CNN (optim.lr_backbone=0, or "
@@ -54,11 +107,20 @@ class _Encoder:
         if len(backbone.strides) != 1:
             raise ValueError("data.cache_features: the model uses the CNN's intermediate layers, which are not cached")
         self.body, self.stride, self.device = backbone.body, backbone.strides[0], device
+        self.store = FeatureStore(store_dir, backbone) if store_dir else None
         self._buckets: dict[tuple[int, int], list[tuple[Any, Tensor]]] = {}
+        self._store_keys: dict[Any, str] = {}
         self.done: dict[Any, Tensor] = {}
 
     def add(self, key: Any, pixels: Tensor) -> None:
         """Queue (3, H, W) normalised pixels under ``key``; results land in ``done[key]``."""
+        if self.store is not None:
+            store_key = FeatureStore.pixels_key(pixels)
+            stored = self.store.load(store_key)
+            if stored is not None:
+                self.done[key] = stored
+                return
+            self._store_keys[key] = store_key
         h, w = pixels.shape[-2:]
         shape = (-(-h // _PAD) * _PAD, -(-w // _PAD) * _PAD)
         bucket = self._buckets.setdefault(shape, [])
@@ -82,6 +144,8 @@ class _Encoder:
         for (key, pixels), feature in zip(items, features):
             h, w = -(-pixels.shape[-2] // self.stride), -(-pixels.shape[-1] // self.stride)
             self.done[key] = feature[:, :h, :w].contiguous()
+            if self.store is not None:
+                self.store.save(self._store_keys.pop(key), self.done[key])
 
 
 class CachedDetection(Dataset):
@@ -92,13 +156,15 @@ class CachedDetection(Dataset):
         model: the DETR whose frozen CNN encodes the images.
         hflip: probability that a sample is the mirror image (0 for evaluation).
         seed: with the epoch (:meth:`set_epoch`) and the index, decides each flip.
+        store_dir: ``data.feature_cache_dir``; "" computes every map in this run.
     """
 
     in_memory = True  # nothing to decode: DataLoader workers would only copy tensors around
 
     def __init__(self, dataset: Any, model: torch.nn.Module, device: torch.device, *, hflip: float = 0.0,
-                 seed: int = 0, num_workers: int = 0, progress: bool = True, desc: str = "caching CNN features"):
-        encoder = _Encoder(model, device)
+                 seed: int = 0, num_workers: int = 0, progress: bool = True, desc: str = "caching CNN features",
+                 store_dir: str = ""):
+        encoder = _Encoder(model, device, store_dir)
         self.dataset = dataset
         self.hflip = float(hflip)
         self.seed = int(seed)
@@ -151,21 +217,24 @@ class CachedDetection(Dataset):
 
 
 def cache_train_val(train: Any, val: Any | None, model: torch.nn.Module, device: torch.device, *, hflip: float,
-                    seed: int, num_workers: int = 0, progress: bool = True) -> tuple[CachedDetection, CachedDetection | None]:
+                    seed: int, num_workers: int = 0, progress: bool = True,
+                    store_dir: str = "") -> tuple[CachedDetection, CachedDetection | None]:
     """A task's training set (each image and, with ``hflip`` > 0, its mirror) and validation set (if any), both
-    with the eval transform, as :class:`CachedDetection`."""
+    with the eval transform, as :class:`CachedDetection` (``store_dir``: ``data.feature_cache_dir``)."""
     cached_train = CachedDetection(train, model, device, hflip=hflip, seed=seed, num_workers=num_workers,
-                                   progress=progress, desc="caching CNN features (train)")
+                                   progress=progress, desc="caching CNN features (train)", store_dir=store_dir)
     cached_val = None if val is None else CachedDetection(val, model, device, num_workers=num_workers,
-                                                          progress=progress, desc="caching CNN features (val)")
+                                                          progress=progress, desc="caching CNN features (val)",
+                                                          store_dir=store_dir)
     return cached_train, cached_val
 
 
 def pretrain_feature_table(dataset: Any, model: torch.nn.Module, device: torch.device, size: int, *,
-                           progress: bool = True) -> dict[int, tuple[Tensor, Tensor]]:
+                           progress: bool = True, store_dir: str = "") -> dict[int, tuple[Tensor, Tensor]]:
     """file index -> (features (Cb, h, w), image size (2,) int64) of every usable image of an
-    :class:`~updetr.data.unlabeled.UnlabeledImages`, resized to shortest side ``size``."""
-    encoder = _Encoder(model, device)
+    :class:`~updetr.data.unlabeled.UnlabeledImages`, resized to shortest side ``size``
+    (``store_dir``: ``data.feature_cache_dir``)."""
+    encoder = _Encoder(model, device, store_dir)
     sizes: dict[int, Tensor] = {}
     for index in tqdm(range(len(dataset)), desc="caching CNN features", disable=not progress, leave=False,
                       dynamic_ncols=True):

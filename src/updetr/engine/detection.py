@@ -68,7 +68,8 @@ class DetectionTask:
         """Wrap the datasets in :class:`CachedDetection` (the frozen CNN run once per image)."""
         data = self.cfg.data
         return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
-                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress)
+                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress,
+                               store_dir=data.feature_cache_dir)
 
     @property
     def num_classes(self) -> int:

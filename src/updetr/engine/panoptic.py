@@ -184,7 +184,8 @@ class PanopticTask:
                               "layers to the mask head, which are not cached; use it for stage 1 only")
         data = self.cfg.data
         return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
-                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress)
+                               seed=self.cfg.seed, num_workers=data.num_workers, progress=progress,
+                               store_dir=data.feature_cache_dir)
 
     @property
     def num_classes(self) -> int:

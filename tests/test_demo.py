@@ -5,12 +5,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from updetr.config import ConfigError
 from updetr.demo import DemoBudget, apply_budget_overrides, run_demo
 
 
-def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
+@pytest.fixture
+def one_thread():
+    # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path, one_thread):
     out = tmp_path / "demo"
     first = run_demo(out, quick=True, device="cpu", progress=False)
     report = first.report_dir
@@ -21,8 +31,13 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
     detr_final = results["eval_points"]["DETR"][-1]["val/AP"]
     assert f"| DETR | 2 | {detr_final:.1f} |" in first.table
     assert "| UP-DETR − DETR |" in first.table
-    stages = sorted(p.name for p in (out / "stages").iterdir())
-    assert [s.split("-")[0] for s in stages] == ["cnn", "data", "detr", "pretrain", "updetr"]
+    stages = sorted(p.name for p in (out / "stages").iterdir() if p.name != "features")  # features: the CNN's maps
+    assert [s.split("-")[0] for s in stages] == ["data", "detr", "pretrain", "updetr"]  # no CNN stage
+    # every training stage starts from the same frozen ImageNet CNN: the packaged EfficientNet-Lite0 weights
+    for stage in stages[1:]:
+        cfg = json.loads((out / "stages" / stage / "config.json").read_text())
+        assert (cfg["model"]["backbone"], cfg["model"]["backbone_weights"]) == ("efficientnet_lite0", "imagenet")
+        assert cfg["optim"]["lr_backbone"] == 0.0 and cfg["data"]["cache_features"] is True
     mtimes = {p: p.stat().st_mtime for p in (out / "stages").rglob("checkpoint.pth")}
     second = run_demo(out, quick=True, device="cpu", progress=False)
     assert second.table == first.table
@@ -48,14 +63,15 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path):
 
 
 def test_budget_overrides_parse_json_values_and_append_config_overrides():
-    budget = apply_budget_overrides(DemoBudget(), ["finetune_epochs=12", "image_size=[96,128]", "cnn_lr=1e-3",
-                                                   "finetune=optim.lr=5e-4", "finetune=model.num_queries=10",
-                                                   "max_objects=3"])
-    assert budget.max_objects == 3
-    assert budget.finetune_epochs == 12 and budget.image_size == (96, 128) and budget.cnn_lr == 1e-3
+    budget = apply_budget_overrides(DemoBudget(), ["finetune_epochs=12", "image_size=[96,128]",
+                                                   'backbone="efficientnet_lite1"', "finetune=optim.lr=5e-4",
+                                                   "finetune=model.num_queries=10", "max_objects=3"])
+    assert budget.max_objects == 3 and budget.backbone == "efficientnet_lite1"
+    assert budget.finetune_epochs == 12 and budget.image_size == (96, 128)
     assert budget.finetune == ["optim.lr=5e-4", "model.num_queries=10"]
     assert DemoBudget().finetune == []  # the default is not modified
-    for bad, message in [("epochs=3", "FIELD one of"), ("finetune_epochs=many", "not a JSON value"),
+    for bad, message in [("epochs=3", "FIELD one of"), ("cnn_epochs=5", "FIELD one of"),  # the CNN stage is gone
+                         ("finetune_epochs=many", "not a JSON value"),
                          ("finetune_epochs=2.5", "must be int"), ("image_size=[96]", "list of 2"),
                          ("finetune_epochs", "FIELD=VALUE")]:
         with pytest.raises(ConfigError, match=message):

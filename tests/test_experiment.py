@@ -107,13 +107,14 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
     assert [e["run"] for e in results["tables"]["table6"]["rows"][4]["metrics"]["AP"]["per_seed"]] == updetr_f
     assert [e["run"] for e in results["tables"]["pretrain_length"]["rows"][-1]["metrics"]["AP"]["per_seed"]] == updetr_f
     stages = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir())
-    # per seed: data, CNN, 7 pre-trainings (default, M=1, a, b, c, no mask, half length), DETR F and 2F,
+    # per seed: data, 7 pre-trainings (default, M=1, a, b, c, no mask, half length), DETR F and 2F,
     # UP-DETR F from each pre-training and 2F from the default one, one-shot from scratch and from the default one
     assert stages.count("pretrain") == 2 * 7 and stages.count("detr") == 2 * 2 and stages.count("updetr") == 2 * 8
     assert stages.count("oneshot") == 2 * 2 and stages.count("panoptic1") == 2 * 2 and stages.count("panoptic2") == 2 * 2
-    assert stages.count("data") == 2 and stages.count("cnn") == 2
+    assert stages.count("data") == 2 and set(stages) - {"features"} == {  # features: the frozen CNN's maps
+        "data", "pretrain", "detr", "updetr", "oneshot", "panoptic1", "panoptic2"}  # and no CNN stage
     assert all((out / "stages" / s / "DONE").is_file() for s in (p.name for p in (out / "stages").iterdir())
-               if not s.startswith("data"))
+               if not s.startswith(("data", "features")))
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("checkpoint.pth")}
     assert len(mtimes) == 2 * 7 + 2 * 2 + 2 * 8 + 2 * 2 + 2 * 4
@@ -163,7 +164,8 @@ def test_quick_budget_is_the_demo_quick_budget_shrunk():
 
     quick, demo_quick = experiment_budget(quick=True), DemoBudget.quick()
     assert quick.model == demo_quick.model and quick.num_val == demo_quick.num_val
-    assert quick.num_train <= demo_quick.num_train and quick.cnn_images <= demo_quick.cnn_images
+    assert quick.num_train <= demo_quick.num_train and quick.num_unlabeled <= demo_quick.num_unlabeled
+    assert quick.backbone == demo_quick.backbone == DemoBudget().backbone == "efficientnet_lite0"
     assert experiment_budget() == replace(DemoBudget(), finetune_epochs=10, pretrain_epochs=2)
     assert experiment_budget(overrides=["finetune_epochs=4"]).finetune_epochs == 4
     assert experiment_budget(overrides=["finetune_epochs=4"]).pretrain_epochs == 2

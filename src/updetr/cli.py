@@ -6,11 +6,11 @@ import argparse
 import functools
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, ConfigError, make_config
-from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE, embedded_data_overrides
 
 log = logging.getLogger("updetr")
 
@@ -43,6 +43,10 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") 
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of a command's flags; for training commands (those with ``--resume``) with the
+    run folder resolved too (:func:`_resolve_run_folder`)."""
+    from .data.embedded import embedded_data_overrides
+
     overrides: list[str] = []
     if getattr(args, "embedded", None):
         overrides += embedded_data_overrides(args.embedded)
@@ -55,7 +59,34 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    return make_config(args.preset, args.config, overrides + list(args.overrides))
+    cfg = make_config(args.preset, args.config, overrides + list(args.overrides))
+    if hasattr(args, "resume"):
+        cfg = _resolve_run_folder(cfg, args)
+    return cfg
+
+
+def _resolve_run_folder(cfg: Config, args: argparse.Namespace) -> Config:
+    """Where a training command writes, when ``--output`` (or ``output_dir`` in ``--set`` or
+    ``--config``) does not say: with ``--resume``, the folder of the run resumed; otherwise the
+    preset's default folder, or the first free numbered one next to it (``runs/small-2``, ...)
+    when an earlier run holds it. An explicit folder is used as given (a fresh run refuses an
+    occupied one, see ``updetr.engine.run_folder``)."""
+    default = PRESETS[args.preset]().output_dir
+    explicit = (getattr(args, "output", None) is not None or cfg.output_dir != default
+                or any(o.split("=", 1)[0].strip() == "output_dir" for o in args.overrides))
+    if explicit:
+        return cfg
+    if args.resume:
+        resume = Path(args.resume)
+        folder = resume if resume.is_dir() or not resume.suffix else resume.parent
+        return cfg.override([f"output_dir={json.dumps(str(folder))}"])
+    folder, n = Path(default), 2
+    while folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        folder, n = Path(f"{default}-{n}"), n + 1
+    if str(folder) != default:
+        print(f"updetr: {default} holds an earlier run; this run writes to {folder} (--output DIR names the folder)",
+              file=sys.stderr)
+    return cfg.override([f"output_dir={json.dumps(str(folder))}"])
 
 
 # ----------------------------------------------------------------------------- train / eval / predict
@@ -105,6 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(**{**vars(args), "preset": "detr", "config": None})
         extra = config_from_args(ns)
         cfg.data = extra.data
+    if args.json and Path(args.json).is_dir():  # before a long evaluation, not after it
+        raise ConfigError(f"--json {args.json}: is a folder; name a file, e.g. --json {Path(args.json) / 'metrics.json'}")
     split = args.split
     dataset = build_detection_dataset(cfg.data, split)
     if list(dataset.classes) != loaded.classes:
@@ -118,7 +151,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     what = ", every class counted as one" if args.class_agnostic else ""
     _print_metrics(f"{split} ({len(dataset)} images{what})", metrics)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(path)
     return 0
 
 
@@ -305,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set num_patches=10 (repeatable)")
     p.set_defaults(func=cmd_convert)
 
+    from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
+
     p = sub.add_parser("data", help="dataset utilities")
     dsub = _CommonSubparsers(p.add_subparsers(dest="data_command", required=True), common)
     q = dsub.add_parser("embedded", help="generate the offline embedded benchmark")
@@ -342,27 +381,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Expected failures (bad input, config, files, folders) print one line,
+    ``updetr CMD: error: ...``, and return 2 (``--verbose`` shows the traceback instead); Ctrl-C
+    at any point, start-up included, returns 130 without a traceback."""
+    args = None
     try:
+        parser = build_parser()  # imports torch: Ctrl-C here is an interruption too
+        args = parser.parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"updetr{' ' + args.command if args else ''}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
-        from .engine.checkpoint import CheckpointError
-
-        known = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
-        try:
-            from .data.io import DataError
-
-            known = known + (DataError,)
-        except ImportError:
-            pass
-        if isinstance(err, known) and not getattr(args, "verbose", False):
-            print(f"updetr {args.command}: error: {err}", file=sys.stderr)
+        if isinstance(err, _known_errors()) and not getattr(args, "verbose", False):
+            print(f"updetr {getattr(args, 'command', '')}: error: {_one_line(err)}", file=sys.stderr)
             return 2
         raise
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input or an unusable file or folder, not a bug."""
+    from .data.io import DataError
+    from .engine.checkpoint import CheckpointError
+    from .engine.loop import TrainingStopped
+    from .engine.run_folder import RunFolderError
+
+    return (ConfigError, CheckpointError, DataError, RunFolderError, TrainingStopped, ValueError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line. An error re-raised from a DataLoader worker carries the worker's whole
+    traceback: its last line is the cause. An OSError names its file."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = re.sub(r"^[\w.]+: ", "", last, count=1)  # "updetr.data.io.DataError: x.jpg: ..." -> "x.jpg: ..."
+    elif isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

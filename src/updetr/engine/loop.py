@@ -7,11 +7,8 @@ detection, UP-DETR pre-training, one-shot detection and panoptic segmentation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,9 +21,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.io import DataError, find_unusable_images
 from ..structures import DetectionOutput
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .checkpoint import CheckpointError, first_line, load_state_dict_strict, rng_state, set_rng_state
+from .distributed import DistInfo, all_reduce_mean, any_across_processes, barrier, gather_lists
+from .run_folder import ResumePlan, RunFolder, RunFolderError, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,24 @@ def _to_float(loss_dict: dict[str, Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in loss_dict.items() if v.numel() == 1}
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) of a training step is NaN or infinite; no weight was changed."""
+
+    def __init__(self, what: str, value: float, epoch: int, step: int, global_step: int, losses: dict[str, float]):
+        self.what, self.value, self.epoch, self.step, self.global_step = what, value, epoch, step, global_step
+        shown = "; " + ", ".join(f"{k}={v:.4g}" for k, v in losses.items() if k.startswith("loss")) if losses else ""
+        value_text = "not finite" if math.isnan(value) and what.startswith("model output") else str(value)
+        super().__init__(f"the {what} is {value_text} at epoch {epoch} step {step} (global step {global_step}{shown})")
+
+
 def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
-                   scaler: torch.amp.GradScaler | None = None) -> None:
-    """Backward, gradient clipping (``clip_max_norm`` > 0) and the optimizer step; fp16 goes through ``scaler``."""
+                   scaler: torch.amp.GradScaler | None = None) -> float | None:
+    """Backward, gradient clipping (``clip_max_norm`` > 0) and the optimizer step; fp16 goes through ``scaler``.
+
+    Returns the gradient norm when it is not finite and no step was taken (None otherwise): with
+    clipping on, a NaN or infinite gradient never reaches the weights. fp16's ``scaler`` skips
+    such steps itself (its loss scale backs off), so they are not reported.
+    """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -88,12 +102,16 @@ def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimi
     else:
         loss.backward()
     if clip_max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is None and not torch.isfinite(norm):  # DDP averaged the gradients: every process agrees
+            optimizer.zero_grad(set_to_none=True)
+            return float(norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
+    return None
 
 
 def train_one_epoch(
@@ -112,7 +130,12 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of every scalar loss term (this process)."""
+    """One pass over ``loader``; returns the mean of every scalar loss term (this process).
+
+    Raises:
+        NonFiniteLossError: a step's loss (or, with clipping, its gradient norm) is NaN or
+            infinite, in any process; that step changed no weight.
+    """
     model.train()
     criterion.train()
     totals: dict[str, float] = {}
@@ -124,11 +147,21 @@ def train_one_epoch(
             break
         with autocast_context(device, amp):
             output, targets = task.forward(model, batch, device)
-        loss_dict = criterion(_float_output(output), targets)
+        output = _float_output(output)
+        bad = not _finite(output)  # the matcher would fail on it; every process stops together
+        if any_across_processes(bad, device):
+            bar.close()
+            raise NonFiniteLossError("model output" if bad else "model output of another process", float("nan"),
+                                     epoch, steps, epoch * total + steps, {})
+        loss_dict = criterion(output, targets)
         loss = loss_dict["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {steps}: {_to_float(loss_dict)}")
-        optimizer_step(loss, model, optimizer, clip_max_norm, scaler)
+        if any_across_processes(not bool(torch.isfinite(loss)), device):
+            bar.close()
+            raise NonFiniteLossError("loss", float(loss.detach()), epoch, steps, epoch * total + steps, _to_float(loss_dict))
+        bad_norm = optimizer_step(loss, model, optimizer, clip_max_norm, scaler)
+        if bad_norm is not None:
+            bar.close()
+            raise NonFiniteLossError("gradient norm", bad_norm, epoch, steps, epoch * total + steps, _to_float(loss_dict))
         values = _to_float(loss_dict)
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -144,6 +177,11 @@ def train_one_epoch(
     out["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
     out["steps"] = steps
     return out
+
+
+def _finite(output: DetectionOutput) -> bool:
+    """Whether the logits and boxes of every decoder layer are finite."""
+    return all(bool(torch.isfinite(o.logits).all() and torch.isfinite(o.boxes).all()) for o in [output, *output.aux])
 
 
 def _float_output(output: DetectionOutput) -> DetectionOutput:
@@ -191,21 +229,32 @@ def make_loader(dataset: Dataset, collate, batch_size: int, num_workers: int, di
 def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = None, progress: bool = True) -> FitResult:
     """Train ``task`` for ``cfg.optim.epochs`` epochs with evaluation and checkpoints.
 
-    Writes to ``cfg.output_dir``: ``config.json`` (resolved), ``metrics.jsonl`` (one line
-    per epoch), ``checkpoint.pth`` (latest, every epoch) and ``best.pth``. ``resume``
-    continues exactly where a checkpoint stopped (model, optimizer, scheduler, epoch, RNG).
+    ``cfg.output_dir`` is the run folder (``updetr.engine.run_folder``: ``config.json``,
+    ``checkpoint.pth``, ``best.pth``, ``metrics.jsonl``, ``resumes.jsonl``). A fresh run needs an
+    empty or absent folder. ``resume`` (a checkpoint file, or a run folder) continues exactly
+    where a checkpoint stopped (model, optimizer, scheduler, epoch, RNG), after checking that the
+    requested config changes nothing the run cannot honour; ``--resume FOLDER`` of a run that
+    never finished an epoch starts it there. Every check (config, data, images, model,
+    checkpoint) runs before the first write, and each epoch is committed by one atomic rename
+    of ``checkpoint.pth``, which carries the metrics of every epoch so far: a kill at any
+    instant leaves a folder that resumes with every epoch's record exactly once.
+
+    Raises:
+        RunFolderError, CheckpointError, ConfigError, DataError: a start-up check failed (nothing
+            was written) or a file could not be written (the previous epoch's files are intact).
+        TrainingStopped: the loss became NaN or infinite; the last good checkpoint is kept.
     """
-    out_dir = Path(cfg.output_dir)
+    folder = RunFolder(cfg.output_dir)
     device = dist_info.device
     main = dist_info.is_main
     progress = progress and main
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.json")
+    plan = _agreed(lambda: folder.plan_resume(resume, cfg, task.name) if resume else folder.check_fresh(), device)
+    run_cfg = plan.config if plan is not None else cfg  # the config the run trains with and records
     torch.manual_seed(cfg.seed + dist_info.rank)
 
     train_set = task.train_dataset()
     val_set = task.val_dataset()
+    check_images([train_set, val_set], dist_info)
     model = task.build_model().to(device)
     if cfg.data.cache_features:
         cache = getattr(task, "cache_features", None)
@@ -216,18 +265,14 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
 
-    start_epoch, best, history = 0, None, []
-    if resume:
-        ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        best = ckpt.get("best_metric")
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        history = _read_history(out_dir / "metrics.jsonl", start_epoch, rewrite=main)
-        log.info("resumed from %s at epoch %d", resume, start_epoch)
+    start_epoch, best, best_epoch, history = 0, None, None, []
+    if plan is not None and plan.checkpoint is not None:
+        _restore(plan, task, model, optimizer, scheduler, cfg)
+        start_epoch, best, best_epoch, history = plan.start_epoch, plan.best, plan.best_epoch, list(plan.history)
+        log.info("resumed from %s at epoch %d", plan.source, start_epoch)
+    if main:
+        folder.claim(run_cfg, plan)
+    barrier()
 
     ddp_model = model
     if dist_info.enabled:
@@ -242,73 +287,160 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
 
     final: dict[str, float] = {}
     epochs = cfg.optim.epochs
-    for epoch in range(start_epoch, epochs):
-        train_loader.sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            task, ddp_model, criterion, train_loader, optimizer, device, epoch,
-            clip_max_norm=cfg.optim.clip_max_norm, amp=cfg.optim.amp, max_steps=cfg.max_steps_per_epoch,
-            progress=progress, scaler=scaler,
-        )
-        scheduler.step()
-        train_stats = all_reduce_mean(train_stats, device)
-        record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-        last = epoch == epochs - 1
-        if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics = task.evaluate(model, val_loader, device, progress)
-            record.update({f"val/{k}": v for k, v in metrics.items()})
-            final = metrics
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        history.append(record)
-        metric = record.get(f"val/{task.primary_metric}")
-        is_best = metric is not None and (best is None or metric > best)
-        if is_best:
-            best = metric
+    if start_epoch >= epochs:
+        log.info("%s: the run has finished all %d epochs already", folder.path, epochs)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, epochs):
+            train_loader.sampler.set_epoch(epoch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)
+            train_stats = train_one_epoch(
+                task, ddp_model, criterion, train_loader, optimizer, device, epoch,
+                clip_max_norm=cfg.optim.clip_max_norm, amp=cfg.optim.amp, max_steps=cfg.max_steps_per_epoch,
+                progress=progress, scaler=scaler,
+            )
+            scheduler.step()
+            train_stats = all_reduce_mean(train_stats, device)
+            record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
+            last = epoch == epochs - 1
+            if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                metrics = task.evaluate(model, val_loader, device, progress)
+                record.update({f"val/{k}": v for k, v in metrics.items()})
+                final = metrics
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            history.append(json_safe(record))
+            metric = record.get(f"val/{task.primary_metric}")
+            is_best = metric is not None and not math.isnan(metric) and (best is None or metric > best)
+            if is_best:
+                best, best_epoch = metric, epoch
+            if main:
+                payload = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "config": run_cfg.to_dict(),
+                    "rng": rng_state(),
+                    "task": task.name,
+                    "best_metric": best,
+                    "best_epoch": best_epoch,
+                    "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
+                    "history": history,  # every epoch's record: metrics.jsonl is rebuilt from it on resume
+                    **task.checkpoint_extra(),
+                }
+                folder.commit_epoch(payload, record, is_best)
+                shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}
+                log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+            barrier()
+    except NonFiniteLossError as err:
+        raise TrainingStopped(f"{task.name} run stopped: {err}; {_last_good(folder, epoch)}. Resume from it with a "
+                              f"lower learning rate, e.g. --resume {folder.path} --set optim.lr=...") from None
+    except KeyboardInterrupt:
         if main:
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "config": cfg.to_dict(),
-                "rng": rng_state(),
-                "task": task.name,
-                "best_metric": best,
-                "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
-                **task.checkpoint_extra(),
-            }
-            save_checkpoint(out_dir / "checkpoint.pth", payload)
-            if is_best or not (out_dir / "best.pth").exists():
-                # a hard link shares the bytes with this epoch's checkpoint.pth (the next epoch's
-                # atomic replace gives checkpoint.pth a new file, best.pth keeps this one); copy
-                # where the filesystem has no hard links
-                tmp = out_dir / "best.pth.tmp"
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(out_dir / "checkpoint.pth", tmp)
-                except OSError:
-                    shutil.copyfile(out_dir / "checkpoint.pth", tmp)
-                tmp.replace(out_dir / "best.pth")
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(_json_safe(record)) + "\n")
-            shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-        barrier()
-    return FitResult(output_dir=out_dir, history=history, best_metric=best, final_metrics=final)
+            log.warning("interrupted during epoch %d; %s. Continue with --resume %s", epoch, _last_good(folder, epoch),
+                        folder.path)
+        raise
+    return FitResult(output_dir=folder.path, history=history, best_metric=best, final_metrics=final)
 
 
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """NaN (e.g. AP of an area range without objects) becomes null: metrics.jsonl stays strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the message names the step and the kept checkpoint."""
 
 
-def _read_history(path: Path, upto_epoch: int, rewrite: bool) -> list[dict[str, Any]]:
-    """Metrics lines of the epochs before ``upto_epoch``; later lines (a crashed epoch) are dropped from the file."""
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in lines if r.get("epoch", math.inf) < upto_epoch]
-    if rewrite and len(kept) != len(lines):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+def _agreed(check: Callable[[], Any], device: torch.device) -> Any:
+    """Run a start-up check in every process; when it fails in any, every process raises (so none
+    waits forever in a collective), and none goes on before all have checked."""
+    try:
+        result, error = check(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, in this process or as a pointer to it
+        result, error = None, err
+    if any_across_processes(error is not None, device):
+        raise error if error is not None else RunFolderError("a start-up check failed in another process (see its error)")
+    return result
+
+
+def _last_good(folder: RunFolder, epoch: int) -> str:
+    if epoch == 0 or not folder.checkpoint.exists():
+        return "no epoch had finished, nothing was saved"
+    return f"{folder.checkpoint} (epoch {epoch - 1}) is the last good checkpoint and was kept"
+
+
+def _restore(plan: ResumePlan, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.StepLR, cfg: Config) -> None:
+    """Load the resume point into the fresh model, optimizer and scheduler; apply honoured changes."""
+    ckpt, source = plan.checkpoint, plan.source
+    ours = task.checkpoint_extra().get("classes")
+    if ours is not None and ckpt.get("classes") is not None and list(ckpt["classes"]) != list(ours):
+        raise RunFolderError(f"{source}: was trained on classes {list(ckpt['classes'])[:10]}, the dataset has "
+                             f"{list(ours)[:10]}; resume on the same classes, or fine-tune with --init-from {source}")
+    load_state_dict_strict(model, ckpt["model"], str(source))
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: its optimizer state does not fit this model ({first_line(err)})") from None
+    apply_schedule(optimizer, scheduler, cfg, plan.changes)
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+
+
+_SCHEDULE_FIELDS = {"optim.lr", "optim.lr_backbone", "optim.lr_drop", "optim.weight_decay"}
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.StepLR, cfg: Config,
+                   changes: dict[str, Any]) -> None:
+    """Make a restored optimizer and scheduler follow ``cfg``'s learning rates, drop epoch and
+    weight decay when a resume changed them (a restored state would otherwise keep the old ones).
+
+    The learning rate of each group becomes ``base * 0.1 ** (epochs done // lr_drop)``, as if the
+    run had used the new values from the start; later drops follow the new ``lr_drop``. Without
+    such a change nothing is touched (the resume stays bit-exact).
+    """
+    if not _SCHEDULE_FIELDS & set(changes):
+        return
+    bases = [cfg.optim.lr, cfg.optim.lr_backbone][: len(optimizer.param_groups)]  # see build_optimizer
+    scheduler.step_size = max(1, cfg.optim.lr_drop)
+    scheduler.base_lrs = list(bases)
+    drops = scheduler.last_epoch // scheduler.step_size
+    for group, base in zip(optimizer.param_groups, bases):
+        group["initial_lr"] = base
+        group["lr"] = base * scheduler.gamma ** drops
+        group["weight_decay"] = cfg.optim.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def check_images(datasets: list[Dataset | None], dist_info: DistInfo = DistInfo()) -> None:
+    """Decode every image file of ``datasets`` (every split) once, before training starts.
+
+    Datasets that list their files (``image_check_items``, also behind ``.dataset`` wrappers)
+    are checked; the files are shared out over the processes. Every unusable file is logged,
+    and one DataError counts them and names the first few: a corrupt val image no longer
+    waits for the first evaluation, an epoch later.
+    """
+    items: dict[str, tuple[int, int] | None] = {}
+    for dataset in datasets:
+        source = _listing(dataset)
+        if source is not None:
+            for path, hw in source.image_check_items():
+                items.setdefault(str(path), hw)
+    if not items:
+        return
+    listed = sorted(items.items())[dist_info.rank::dist_info.world_size]
+    start = time.perf_counter()
+    problems = gather_lists(find_unusable_images(listed))
+    log.info("checked %d image files in %.1f s", len(items), time.perf_counter() - start)
+    if problems:
+        for problem in problems:
+            log.warning("unusable image: %s", problem)
+        more = f" (+{len(problems) - 3} more, each logged above)" if len(problems) > 3 else ""
+        raise DataError(f"{len(problems)} of {len(items)} image files cannot be used: {'; '.join(problems[:3])}{more}")
+
+
+def _listing(dataset: Any, depth: int = 4) -> Any:
+    """The dataset (``dataset`` itself or one it wraps) that can list its image files, or None."""
+    for _ in range(depth):
+        if dataset is None or hasattr(dataset, "image_check_items"):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None

@@ -177,7 +177,7 @@ def offline(monkeypatch):
 
 @pytest.mark.parametrize("source", THING_SOURCES, ids=lambda source: source.name)
 def test_every_thing_picture_loads_offline_from_an_installed_package(offline, source):
-    picture = embedded._picture(source.picture)
+    picture = embedded.bundled_picture(source.picture)
     assert picture.ndim in (2, 3) and min(picture.shape[:2]) >= 64
     if picture.ndim == 3:
         assert picture.shape[2] == (4 if source.matte == "alpha" else 3)

@@ -45,6 +45,16 @@ def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overr
     assert result["pooled in place"] >= 0.75
 
 
+def test_patch_probe_defaults_to_the_packaged_imagenet_efficientnet(embedded, monkeypatch, capsys):
+    module = _load("patch_probe")
+    monkeypatch.setattr("sys.argv", ["patch_probe.py", "--images", str(embedded / "unlabeled"), "--images-used", "2",
+                                     "--set", "data.val_size=64", "--set", "data.max_size=96"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "query patches (efficientnet_lite0, stage 4, " in out
+    assert "  crop " in out and "  pooled in place " in out
+
+
 def test_parallel_sweep_parses_jobs_and_reports_the_logs(tmp_path, capsys):
     import pytest
 

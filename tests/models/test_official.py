@@ -605,3 +605,29 @@ def test_panoptic_checkpoint_is_reported(tmp_path):
     torch.save({"model": panoptic}, tmp_path / "panoptic.pth")
     with pytest.raises(CheckpointError, match="panoptic.*not supported"):
         load_official_checkpoint(tmp_path / "panoptic.pth")
+
+
+def test_convert_keeps_an_updetr_checkpoints_own_config_and_classes(tmp_path):
+    """It used to infer the architecture from the tensors: 4 heads became 8, the class names class_i."""
+    from updetr.config import make_config
+    from updetr.engine.checkpoint import save_checkpoint
+    from updetr.models import build_detr
+
+    cfg = make_config("small", overrides=["model.num_heads=4", "model.hidden_dim=32", "model.ffn_dim=64",
+                                          "model.enc_layers=1", "model.dec_layers=2", "model.num_queries=8"])
+    torch.manual_seed(0)
+    model = build_detr(cfg.model, 3)
+    trained = tmp_path / "checkpoint.pth"
+    save_checkpoint(trained, {"model": model.state_dict(), "config": cfg.to_dict(), "task": "detection",
+                              "classes": ["cat", "dog", "owl"], "category_ids": [3, 7, 9], "epoch": 4,
+                              "optimizer": {}, "lr_scheduler": {}})
+    converted = load_trained_model(convert_official_checkpoint(trained, tmp_path / "slim.pth"))
+    original = load_trained_model(trained)
+    assert converted.config.model.num_heads == 4 and converted.classes == ["cat", "dog", "owl"]
+    assert converted.category_ids == [3, 7, 9] and converted.task == "detection"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = original.model(images), converted.model(images)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=0)
+    assert "optimizer" not in torch.load(tmp_path / "slim.pth", weights_only=True)

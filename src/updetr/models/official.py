@@ -87,6 +87,8 @@ class OfficialCheckpoint:
     config: Config  # model/pretrain settings inferred (+ overrides); model.num_classes set
     task: str  # detection | pretrain
     description: str  # e.g. "UP-DETR pre-training, resnet50, pre-norm, 6+6 layers, ..."
+    classes: list[str] | None = None  # an updetr checkpoint's own class names (official files have none)
+    category_ids: list[int] | None = None
 
     def build(self) -> nn.Module:
         """Our model for this checkpoint, weights loaded strictly, in eval mode."""
@@ -113,14 +115,20 @@ def load_official_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
 def convert_official_checkpoint(src: str | Path, dst: str | Path, **overrides: Any) -> Path:
     """Write ``src`` (official DETR/UP-DETR) as one of our checkpoints at ``dst`` (atomically).
 
-    The result loads with :func:`updetr.engine.inference.load_trained_model`. A COCO
+    The result loads with :func:`updetr.engine.inference.load_trained_model`. An updetr
+    checkpoint (a training or converted one) keeps its stored config, task, class names and ids
+    (``overrides`` still win), so its predictions are unchanged; the result holds the weights
+    only (no optimizer: it cannot be resumed). A COCO
     detector (92 logits) gets the 91 COCO slots as classes with ``category_ids[i] == i``
     (DETR's label == category id); other detectors get ``class_i`` names, also with
     label == id; pre-training files get task ``pretrain`` and classes ``["patch"]``.
     """
     ckpt = read_official_checkpoint(src, **overrides)
     model = ckpt.build()  # validates the weights strictly before anything is written
-    if ckpt.task == "pretrain":
+    if ckpt.classes is not None:  # an updetr checkpoint: its own names and ids
+        classes = list(ckpt.classes)
+        category_ids = list(ckpt.category_ids or range(1, len(classes) + 1))
+    elif ckpt.task == "pretrain":
         classes, category_ids = ["patch"], [1]
     else:
         num_classes = ckpt.config.model.num_classes
@@ -161,7 +169,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def read_official_checkpoint(path: str | Path, **overrides: Any) -> OfficialCheckpoint:
     """Read an official file, infer its architecture and translate its weights (no model built)."""
     path = Path(path)
-    state, args = _read_file(path)
+    state, args, ours = _read_file(path)
+    _check_overrides(overrides)
+    if ours is not None:
+        return _from_updetr_checkpoint(path, state, ours, overrides)
     _reject_unsupported(state, path)
     model_fields, pretrain_fields, task = _infer(state, path)
     for name, (section, field) in _ARGS_TO_FIELD.items():
@@ -170,14 +181,6 @@ def read_official_checkpoint(path: str | Path, **overrides: Any) -> OfficialChec
     if args.get("position_embedding") in ("learned", "v3") and model_fields["position_embedding"] == "sine":
         log.warning("%s: args say learned position embedding but there are no row_embed weights; using sine", path)
 
-    bad = sorted(set(overrides) - _MODEL_FIELDS - _PRETRAIN_FIELDS)
-    if bad:
-        raise ConfigError(
-            f"unknown override(s) {', '.join(bad)}; use ModelConfig fields ({', '.join(sorted(_MODEL_FIELDS))}) "
-            f"or PretrainConfig fields ({', '.join(sorted(_PRETRAIN_FIELDS))})"
-        )
-    if "backbone_weights" in overrides:
-        raise ConfigError("backbone_weights cannot be overridden: the backbone weights come from the checkpoint")
     for key, value in overrides.items():
         (model_fields if key in _MODEL_FIELDS else pretrain_fields)[key] = value
 
@@ -205,9 +208,47 @@ def read_official_checkpoint(path: str | Path, **overrides: Any) -> OfficialChec
     return OfficialCheckpoint(state=state, config=config, task=task, description=description)
 
 
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    bad = sorted(set(overrides) - _MODEL_FIELDS - _PRETRAIN_FIELDS)
+    if bad:
+        raise ConfigError(
+            f"unknown override(s) {', '.join(bad)}; use ModelConfig fields ({', '.join(sorted(_MODEL_FIELDS))}) "
+            f"or PretrainConfig fields ({', '.join(sorted(_PRETRAIN_FIELDS))})"
+        )
+    if "backbone_weights" in overrides:
+        raise ConfigError("backbone_weights cannot be overridden: the backbone weights come from the checkpoint")
+
+
+def _from_updetr_checkpoint(path: Path, state: dict[str, Tensor], ours: dict[str, Any],
+                            overrides: dict[str, Any]) -> OfficialCheckpoint:
+    """One of our own checkpoints: the architecture, task and classes it stores, not inferred ones."""
+    task = ours.get("task", "detection")
+    if task not in ("detection", "pretrain"):
+        raise CheckpointError(f"{path}: is an updetr {task} checkpoint; use it as it is (convert is for detectors "
+                              "and pre-training checkpoints)")
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in ours["config"].items()}
+    for key, value in overrides.items():
+        data["model" if key in _MODEL_FIELDS else "pretrain"][key] = value
+    data["model"]["backbone_weights"] = "none"  # the weights come from the checkpoint
+    try:
+        config = Config.from_dict(data, f"{path} (its stored config + overrides)")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored config is not valid: {err}") from None
+    classes = list(ours["classes"]) if ours.get("classes") else None
+    if task == "detection" and config.model.num_classes is None:
+        config.model.num_classes = len(classes) if classes else int(state["class_embed.weight"].shape[0]) - 1
+    m = config.model
+    description = (f"{path} (updetr {task} checkpoint, stored config: {m.backbone}, {m.enc_layers}+{m.dec_layers} "
+                   f"layers, D={m.hidden_dim}, {m.num_heads} heads, Q={m.num_queries})")
+    log.info("%s is an updetr checkpoint: its stored config, task and class names are used", path)
+    return OfficialCheckpoint(state=state, config=config, task=task, description=description, classes=classes,
+                              category_ids=list(ours["category_ids"]) if ours.get("category_ids") else None)
+
+
 # ----------------------------------------------------------------------------- reading
-def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Safe ``torch.load`` (never unpickles code; allows ``argparse.Namespace``) -> (state dict, args)."""
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Safe ``torch.load`` (never unpickles code; allows ``argparse.Namespace``) -> (state dict, args,
+    the whole dict when it is one of our checkpoints, with a stored ``config``; else None)."""
     obj = safe_torch_load(path, extra_globals=[argparse.Namespace])  # args may be an argparse.Namespace
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
@@ -224,7 +265,9 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     args = obj.get("args")
     if isinstance(args, argparse.Namespace):
         args = vars(args)
-    return dict(state), dict(args) if isinstance(args, dict) else {}
+    config = obj.get("config")
+    ours = obj if isinstance(config, dict) and isinstance(config.get("model"), dict) else None
+    return dict(state), dict(args) if isinstance(args, dict) else {}, ours
 
 
 def _reject_unsupported(state: dict[str, Tensor], path: Path) -> None:

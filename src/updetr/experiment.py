@@ -1,6 +1,6 @@
 """``updetr experiment``: the paper's tables rerun at small scale, with error bars over seeds.
 
-For every seed ``s`` in ``0..N-1`` the embedded benchmark, the CNN and every training use seed ``s``
+For every seed ``s`` in ``0..N-1`` the embedded benchmark and every training use seed ``s``
 (``dataclasses.replace(budget, seed=s)``). With F = ``budget.finetune_epochs`` and
 P = ``budget.pretrain_epochs`` the protocol is:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from .config import Config, ConfigError
 from .demo import (
     _LIST_FIELDS, DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, common_overrides, finetune_config,
-    prepare_inputs, pretrain_config,
+    prepare_data, pretrain_config,
 )
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions 
 # With cached CNN features (10 queries): fine-tuning 195-207 img/s, pre-training ~72 img/s, and building the cache
 # ~55 images (mirrors counted) per second; without (a trained CNN, or --budget cache_features=false): 34 and 28.5
 # img/s, and pre-training with a trained CNN about half of that.
-_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CNN_IMG_S, _CACHE_IMG_S = 200.0, 72.0, 150.0, 150.0, 55.0
-_SCENE_IMG_S, _SCENE_RENDER_S = 69.0, 250.0  # CNN scene phase: 128-pixel scenes trained / rendered per second
+_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CACHE_IMG_S = 200.0, 72.0, 150.0, 55.0
 _FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S, _EVAL_UNCACHED_IMG_S = 34.0, 28.5, 14.0, 50.0
 # one-shot training (a query patch through the CNN per image) and its evaluation (5 query draws per (image,
 # class)), in images per second, with and without cached features
@@ -58,12 +57,11 @@ _PANOPTIC_MASK_IMG_S, _PANOPTIC_EVAL_IMG_S = 17.0, 14.0
 def quick_budget() -> DemoBudget:
     """``DemoBudget.quick()`` shrunk further: the whole protocol for 2 seeds in about 40 s on 2 CPU cores.
 
-    Half the images, a 32-pixel CNN on 64 images (its accuracy does not matter here), F = 1, and
-    P = 2 so that the pre-training length has two points.
+    Half the images, F = 1, and P = 2 so that the pre-training length has two points.
     """
     quick = DemoBudget.quick()
     return replace(quick, num_train=max(4, quick.num_train // 2), num_unlabeled=max(4, quick.num_unlabeled // 2),
-                   cnn_images=64, cnn_batch=32, cnn_size=32, pretrain_epochs=2, finetune_epochs=1, eval_points=1)
+                   pretrain_epochs=2, finetune_epochs=1, eval_points=1)
 
 
 # The protocol's default differs from the demo's in two fields only, so that 3 seeds of every table fit in about
@@ -189,9 +187,9 @@ FINETUNE_ORDER = ("detr_F", "default_F", "detr_2F", "default_2F", "single_patch_
                   "frozen_no_recon_F", "unfrozen_recon_F", "no_mask_F")
 
 
-def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, cnn_weights: Path, device: str) -> SeedPlan:
+def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, device: str) -> SeedPlan:
     """Build (without running) every run of ``budget.seed``; configuration errors surface here."""
-    common = common_overrides(data_dir, cnn_weights, budget.seed, device)
+    common = common_overrides(data_dir, budget, device)
     base = pretrain_config(budget, common, budget.pretrain_epochs, [])
     pretrain: dict[str, Run] = {}
     for name, (label, epochs, extra) in pretrain_variants(base, budget.pretrain_epochs).items():
@@ -295,16 +293,6 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
     return run.epochs * budget.num_train / _FINETUNE_IMG_S + evals * budget.num_val / _EVAL_IMG_S + cache
 
 
-def nominal_inputs_seconds(budget: DemoBudget) -> float:
-    """The CNN pre-training of one seed at the demo's measured rate (the benchmark itself takes seconds)."""
-    from .backbone_pretrain import SCENE_BATCH, SCENE_IMAGES
-
-    scenes = budget.cnn_scene_steps * SCENE_BATCH  # scenes trained; at most SCENE_IMAGES of them are rendered
-    scene = (scenes * (budget.cnn_scene_size / 128) ** 2 / _SCENE_IMG_S + min(scenes, SCENE_IMAGES) / _SCENE_RENDER_S
-             if budget.cnn_scene_steps else 0.0)
-    return budget.cnn_epochs * budget.cnn_images * (budget.cnn_size / 64) ** 2 / _CNN_IMG_S + scene
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -332,7 +320,7 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
     root = Path(output)
     budgets = [replace(budget, seed=s) for s in range(seeds)]
     # every config is built once with placeholder inputs, so a bad --budget fails before anything runs
-    dry = plan_seed(root, budget, root / "stages" / "data", root / "stages" / "cnn.pth", device)
+    dry = plan_seed(root, budget, root / "stages" / "data", device)
     total_inputs = len(budgets)
     n = total_inputs * (1 + len(execution_order([dry])))
     root.mkdir(parents=True, exist_ok=True)
@@ -340,18 +328,18 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
     log.info("experiment: %d seeds, fine-tuning F=%d / 2F=%d epochs, pre-training P=%d epochs (length points %s), "
              "output %s", seeds, budget.finetune_epochs, 2 * budget.finetune_epochs, budget.pretrain_epochs,
              ", ".join(map(str, length_points(budget.pretrain_epochs))), root)
-    nominal = seeds * (nominal_inputs_seconds(budget) + sum(nominal_seconds(r, budget) for r in execution_order([dry])))
+    nominal = seeds * sum(nominal_seconds(r, budget) for r in execution_order([dry]))
     log.info("experiment: %d runs; about %s from scratch at the demo's throughput on 2 idle CPU cores", n,
              _duration(nominal))
     plans = []
     for k, b in enumerate(budgets, 1):
-        log.info("[%d/%d] seed %d: embedded benchmark and CNN ...", k, n, b.seed)
-        data_dir, cnn_weights = prepare_inputs(root, b, device, progress)
-        plans.append(plan_seed(root, b, data_dir, cnn_weights, device))
+        log.info("[%d/%d] seed %d: embedded benchmark ...", k, n, b.seed)
+        data_dir = prepare_data(root, b, progress)
+        plans.append(plan_seed(root, b, data_dir, device))
 
     runs = execution_order(plans)
     cached = sum(_done(r.path) for r in runs)
-    log.info("experiment: %d runs (%d seeds x benchmark + CNN, %d trainings, %d of them already finished)",
+    log.info("experiment: %d runs (%d seeds x benchmark, %d trainings, %d of them already finished)",
              n, total_inputs, len(runs), cached)
     spent = nominal_spent = 0.0
     for i, run in enumerate(runs, total_inputs + 1):

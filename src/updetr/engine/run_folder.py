@@ -337,15 +337,17 @@ class RunFolder:
         source = plan.source
         assert source is not None
         aside = self._superseded(plan, epoch)
-        if aside:
+        if aside:  # linked (or copied) first, replaced after: a kill in between leaves a resumable folder
             target = self._free_name(f"superseded-after-epoch-{epoch}")
             target.mkdir()
-            for name in aside:  # metrics.jsonl is copied: it is rebuilt below
-                (shutil.copy2 if name == "metrics.jsonl" else os.replace)(self.path / name, target / name)
+            for name in aside:
+                _link_or_copy(self.path / name, target / name)
             log.warning("resuming from %s (epoch %d): the later epochs of this folder (%s) were moved to %s", source,
                         epoch, ", ".join(aside), target)
         if not self.checkpoint.exists() or not os.path.samefile(source, self.checkpoint):
             _link_or_copy(source, self.checkpoint)  # checkpoint.pth is the resume point from now on
+        if "best.pth" in aside and plan.best_epoch != epoch:
+            self.best.unlink()  # it belongs to the superseded epochs (a copy is in the superseded folder)
         forked_best = source.parent / "best.pth"
         if plan.best_epoch == epoch:
             if not (self.best.exists() and os.path.samefile(self.best, self.checkpoint)):

@@ -1,6 +1,7 @@
 """benchmarks/kill_resume.py in small: SIGKILL at three commit points, resume, compare with the uninterrupted run."""
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,8 +30,15 @@ def test_sigkill_at_the_checkpoint_write_the_rename_and_the_metrics_append_loses
         "rename:0": "checkpoint epoch 0",
         "append:0": "checkpoint epoch 0, metrics [] + a partial line",
     }
-    for fault, state in expected.items():
-        case = tmp_path / fault.replace(":", "-")
-        assert kr.kill_case(case, args, fault=fault, threads=threads, resume=main) == state
+    cases = {fault: tmp_path / fault.replace(":", "-") for fault in expected}
+
+    def kill(fault):  # the three killed runs side by side; resumed one by one below, in this process
+        return kr.kill_case(cases[fault], args, fault=fault, threads=threads, resume=lambda resume_args: 0)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        states = dict(zip(cases, pool.map(kill, cases)))
+    assert states == expected
+    for fault, case in cases.items():
+        assert main(args + ["--resume", str(case)]) == 0
         result = kr.check(case, reference)
         assert result["ok"], (fault, result)  # loads, no leftovers, every epoch once, same records and weights

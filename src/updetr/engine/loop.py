@@ -78,7 +78,8 @@ def _to_float(loss_dict: dict[str, Tensor]) -> dict[str, float]:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss (or the gradient norm) of a training step is NaN or infinite; no weight was changed."""
+    """The model output, the loss or the gradient norm of a training step is NaN or infinite; no
+    weight was changed."""
 
     def __init__(self, what: str, value: float, epoch: int, step: int, global_step: int, losses: dict[str, float]):
         self.what, self.value, self.epoch, self.step, self.global_step = what, value, epoch, step, global_step
@@ -242,7 +243,8 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
     Raises:
         RunFolderError, CheckpointError, ConfigError, DataError: a start-up check failed (nothing
             was written) or a file could not be written (the previous epoch's files are intact).
-        TrainingStopped: the loss became NaN or infinite; the last good checkpoint is kept.
+        TrainingStopped: the loss, the model output or the gradient norm became NaN or infinite
+            (before any weight changed); the last good checkpoint is kept.
     """
     folder = RunFolder(cfg.output_dir)
     device = dist_info.device
@@ -345,7 +347,8 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (a NaN or infinite loss); the message names the step and the kept checkpoint."""
+    """Training cannot go on (a NaN or infinite loss, output or gradient); the message names the step and
+    the kept checkpoint."""
 
 
 def _agreed(check: Callable[[], Any], device: torch.device) -> Any:

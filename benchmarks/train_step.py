@@ -38,6 +38,9 @@ RECIPES = {
     # UP-DETR pre-training with the small architecture: frozen CNN (no autograd for image or patches), M query
     # patches of the preset's query size per image, group matching, feature reconstruction
     "pretrain-small": ("pretrain-small", ["pretrain.group_matching=true"], 8, 256),
+    # the demo's recipes: the packaged ImageNet EfficientNet-Lite0, frozen, 10 queries, M = 5 patches of 48^2
+    "embedded": ("embedded", [], 8, 224),
+    "pretrain-embedded": ("pretrain-embedded", [], 8, 224),
 }
 
 

@@ -47,11 +47,10 @@ class DemoBudget:
     # both arms and the pre-training keep the CNN frozen, so its features are computed once per
     # image (data.cache_features): ~4x faster fine-tuning steps, ~2x pre-training steps
     cache_features: bool = True
-    # with the cached CNN features these fill the 10 minutes: ~22 s per pre-training epoch and ~4 s per
-    # fine-tuning epoch (10 queries) on 2 cores, after ~3 min for the CNN stage
+    # pre-training and fine-tuning epochs: with the cached features these fill the 10 minutes on 2 cores
     pretrain_epochs: int = 5
     finetune_epochs: int = 21
-    # optional stages 6-7: one-shot detection (seen / unseen classes) trained this many epochs from scratch and from
+    # optional stages 5-6: one-shot detection (seen / unseen classes) trained this many epochs from scratch and from
     # the pre-training, ~65 s per 7 epochs and arm with cached features; 0 = off (it does not fit the 10 minutes)
     oneshot_epochs: int = 0
     eval_points: int = 3

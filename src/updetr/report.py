@@ -145,6 +145,31 @@ def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = 
     return hits, total
 
 
+# photographs bundled with scikit-image / scikit-learn / matplotlib, shown whole (the benchmark cuts objects or
+# backgrounds out of them): does a query patch cut from a real photograph lead back to its place?
+PHOTOGRAPHS = ("skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimage:rocket", "skimage:camera",
+               "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg", "skimage:coins",
+               "skimage:immunohistochemistry", "skimage:hubble_deep_field", "skimage:colorwheel")
+
+
+def write_photographs(folder: Path, longer_side: int = 256) -> list[Path]:
+    """The bundled :data:`PHOTOGRAPHS` as RGB JPEGs in ``folder``, longer side ``longer_side`` (the benchmark's scale)."""
+    from .data.embedded import bundled_picture
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for spec in PHOTOGRAPHS:
+        array = bundled_picture(spec)
+        array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
+        image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+        scale = longer_side / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        path = folder / f"{spec.split(':')[1].split('.')[0]}.jpg"
+        image.save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
 def oneshot_table(runs: dict[str, Path]) -> str:
     """Markdown: one-shot AP50 on seen / unseen classes of each run at each of its evaluation epochs."""
     points = {name: [r for r in read_history(d) if "val/AP50_seen" in r] for name, d in runs.items()}
@@ -173,13 +198,17 @@ def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path,
     detection_sheet(arms, val, report_dir / "detections.png", device=dev)
     unlabeled = sorted((Path(data_dir) / "unlabeled").glob("*.jpg"))[:6]
     sheet_hits, sheet_patches = query_sheet(pretrained, unlabeled, report_dir / "query_patches.png", device=dev)
+    photos = write_photographs(report_dir / "photographs")
+    photo_hits, photo_patches = query_sheet(pretrained, photos, report_dir / "query_photographs.png", device=dev)
     # the pre-training run's own measurement (its evaluation images) is the hit rate; the sheet's few patches
     # are an illustration
     pretext = [r["val/hit_rate"] for r in read_history(Path(pretrained).parent) if "val/hit_rate" in r]
     hit_rate = pretext[-1] if pretext else None
     results = {name: eval_points(read_history(d)) for name, d in arms.items()}
-    summary: dict = {"runs": {k: str(v) for k, v in arms.items()}, "eval_points": results, "query_hit_rate": hit_rate,
-                     "query_sheet_hits": [sheet_hits, sheet_patches]}
+    summary: dict = {"runs": {k: str(v) for k, v in arms.items()}, "pretrain_run": str(Path(pretrained).parent),
+                     "eval_points": results, "query_hit_rate": hit_rate,
+                     "query_sheet_hits": [sheet_hits, sheet_patches],
+                     "query_photograph_hits": [photo_hits, photo_patches]}
     if oneshot:
         summary["oneshot"] = {name: {"run": str(d), "eval_points": [
             {k: r[k] for k in ("epoch", "val/AP50_seen", "val/AP50_unseen")}
@@ -192,7 +221,11 @@ def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path,
             table, "", pretext_line, "",
             "![convergence](convergence.png)", "", "Detections (columns: " + ", ".join(arms) + "):", "",
             "![detections](detections.png)", "", "Query patches (thin: where each patch was cut; thick: where the pre-trained model finds it):",
-            "", "![query patches](query_patches.png)", ""]
+            "", "![query patches](query_patches.png)", "",
+            f"The same on whole photographs the pre-training never saw ({len(photos)} pictures bundled with "
+            f"scikit-image, scikit-learn and matplotlib, longer side 256 px): {photo_hits} of {photo_patches} random "
+            f"query patches found at IoU ≥ 0.5 ({100 * photo_hits / max(1, photo_patches):.0f} %).", "",
+            "![query patches on photographs](query_photographs.png)", ""]
     if oneshot:
         text += ["One-shot detection (AP50 on seen / unseen classes at each evaluation epoch; a query patch of a class "
                  "from another image, find every object of that class; unseen classes never trained on):", "",

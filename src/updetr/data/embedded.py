@@ -74,7 +74,7 @@ THING_SOURCES: tuple[ThingSource, ...] = (
     ThingSource("rocket", "skimage:rocket", (0.38, 0.12, 0.63, 1.0)),
     ThingSource("cameraman", "skimage:camera", (0.18, 0.06, 0.76, 0.86)),
     ThingSource("colorwheel", "skimage:colorwheel", (0.0, 0.0, 1.0, 1.0)),
-    ThingSource("logo", "skimage:logo", (0.0, 0.0, 1.0, 1.0), "alpha"),
+    ThingSource("logo", "skimage:logo", (0.0, 0.0, 1.0, 1.0)),  # round; its alpha channel is opaque everywhere
     ThingSource("retina", "skimage:retina", (0.0, 0.0, 1.0, 1.0)),
     ThingSource("pagoda", "sklearn:china.jpg", (0.28, 0.0, 0.74, 0.8)),
     ThingSource("grace_hopper", "matplotlib:grace_hopper.jpg", (0.1, 0.05, 0.9, 0.7)),

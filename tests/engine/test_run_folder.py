@@ -132,17 +132,28 @@ def test_a_write_failure_mid_run_names_the_file_and_keeps_the_last_epoch(three_e
     assert not list(run.glob("*.tmp"))
 
 
-# ----------------------------------------------------------------------------- commits (items 2 and 6)
-def test_a_lost_or_partial_metrics_line_is_rebuilt_from_the_checkpoint(three_epochs, embedded, tiny_overrides,
-                                                                       tmp_path):
+# ----------------------------------------------------------------------------- commits (items 2, 3 and 6)
+def test_a_lost_or_partial_metrics_line_is_rebuilt_and_a_changed_schedule_is_honoured(three_epochs, embedded,
+                                                                                      tiny_overrides, tmp_path):
     run = copy_of(three_epochs, tmp_path)
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text(lines[0] + lines[1][:17])  # a kill after the rename: epoch 2 never
     (run / "checkpoint.pth.tmp").write_bytes(b"PK\x03\x04 a write cut short")  # appended, epoch 1 cut mid-line
-    result = train(tiny_overrides, embedded, run, "optim.epochs=4", resume=str(run))
+    result = train(tiny_overrides, embedded, run, "optim.epochs=4", "optim.lr=1e-4", "optim.lr_drop=4", resume=str(run))
     assert epochs(run) == [0, 1, 2, 3] and [r["epoch"] for r in result.history] == [0, 1, 2, 3]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[1]) == json.loads(lines[1])
     assert not list(run.glob("*.tmp"))
+    # item 3: "lr" is the rate after each epoch's scheduler step: epoch 3 ran at the new 1e-4, then the new
+    # drop after 4 epochs applied (the old values, lr 2e-4 dropped after 30 epochs, would give 2e-4)
+    assert [r["lr"] for r in result.history] == [2e-4, 2e-4, 2e-4, pytest.approx(1e-5)]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optim"]["lr"] == 1e-4 and saved["optim"]["lr_drop"] == 4 and saved["optim"]["epochs"] == 4
+    assert load_checkpoint(run / "checkpoint.pth")["config"]["optim"]["lr"] == 1e-4
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[-1]["start_epoch"] == 3
+    changed = resumes[-1]["changed"]  # output_dir too: the test resumes a copy of the run
+    assert {k: changed[k] for k in ("optim.epochs", "optim.lr", "optim.lr_drop")} == {
+        "optim.epochs": [3, 4], "optim.lr": [2e-4, 1e-4], "optim.lr_drop": [30, 4]}
 
 
 def test_a_legacy_checkpoint_reads_metrics_jsonl_and_names_a_corrupt_line(three_epochs, embedded, tiny_overrides,
@@ -180,22 +191,6 @@ def test_best_pth_is_relinked_when_a_kill_came_between_the_rename_and_the_link(t
 
 
 # ----------------------------------------------------------------------------- resume checks (items 3, 4, 5, 17)
-def test_a_changed_learning_rate_and_drop_are_honoured_and_recorded(three_epochs, embedded, tiny_overrides, tmp_path):
-    run = copy_of(three_epochs, tmp_path)
-    result = train(tiny_overrides, embedded, run, "optim.epochs=4", "optim.lr=1e-4", "optim.lr_drop=4", resume=str(run))
-    # "lr" is the rate after each epoch's scheduler step: epoch 3 ran at the new 1e-4, then the new drop after
-    # 4 epochs applied (kept, the old values would give 2e-4: lr 2e-4, drop after 30)
-    assert [r["lr"] for r in result.history] == [2e-4, 2e-4, 2e-4, pytest.approx(1e-5)]
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["optim"]["lr"] == 1e-4 and saved["optim"]["lr_drop"] == 4 and saved["optim"]["epochs"] == 4
-    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
-    assert resumes[-1]["start_epoch"] == 3
-    changed = resumes[-1]["changed"]  # output_dir too: the test resumes a copy of the run
-    assert {k: changed[k] for k in ("optim.epochs", "optim.lr", "optim.lr_drop")} == {
-        "optim.epochs": [3, 4], "optim.lr": [2e-4, 1e-4], "optim.lr_drop": [30, 4]}
-    assert load_checkpoint(run / "checkpoint.pth")["config"]["optim"]["lr"] == 1e-4
-
-
 def test_an_architecture_change_is_refused_naming_the_fields_before_anything_is_written(three_epochs, embedded,
                                                                                       tiny_overrides, tmp_path, capsys):
     run = copy_of(three_epochs, tmp_path)

@@ -47,3 +47,9 @@ def test_devices_this_machine_lacks_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="is not one of"):
         resolve_device("meta")
     assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("override", ["data.scales=[224,Infinity]", "data.batch_size=NaN", "optim.epochs=-Infinity"])
+def test_non_finite_values_in_integer_fields_are_config_errors(override):
+    with pytest.raises(ConfigError, match="must be an integer"):
+        make_config("small", overrides=[override])

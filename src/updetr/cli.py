@@ -405,8 +405,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .engine.checkpoint import CheckpointError
     from .engine.loop import TrainingStopped
     from .engine.run_folder import RunFolderError
+    from .models.cnn import BackboneWeightsError
 
-    return (ConfigError, CheckpointError, DataError, RunFolderError, TrainingStopped, ValueError, OSError)
+    return (ConfigError, CheckpointError, DataError, RunFolderError, TrainingStopped, BackboneWeightsError, ValueError,
+            OSError)
 
 
 def _one_line(err: BaseException) -> str:

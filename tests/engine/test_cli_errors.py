@@ -68,3 +68,45 @@ def test_a_data_loader_worker_error_is_its_cause_in_one_line(embedded, tiny_over
     err = capsys.readouterr().err
     assert "updetr train: error: some/image.jpg: cannot decode image (broken data stream)" in err
     assert _one_line(err) and "Original Traceback" not in err and "worker" not in err
+
+
+class _Payload:
+    """A pickled object: loading it would run code, so it must be refused."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "neither none/imagenet/swav nor an existing file"),
+    ("empty", "the file is empty (0 bytes)"),
+    ("text", "not a PyTorch backbone weights file (it is a text file"),
+    ("pickle", "not loaded, for safety: the backbone weights file carries code or objects that are not plain data"),
+    ("folder", "is a folder, not a backbone weights file"),
+])
+def test_bad_backbone_weights_are_one_line(embedded, tiny_overrides, tmp_path, capsys, kind, message):
+    path = tmp_path / "weights.pth"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "pickle":
+        torch.save({"conv1.weight": _Payload()}, path)
+    elif kind == "folder":
+        path.mkdir()
+    assert main(["train", "--embedded", str(embedded), "--output", str(tmp_path / "r"), "--backbone-weights", str(path)]
+                + _tiny(tiny_overrides)) == 2
+    out = capsys.readouterr()
+    assert message in out.err and str(path) in out.err and _one_line(out.err), out.err
+    assert "this must never run" not in out.out
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_efficientnet_weights_of_another_architecture_name_the_keys(embedded, tiny_overrides, tmp_path, capsys):
+    path = tmp_path / "resnet.pth"
+    torch.save(build_detr(make_config("small", overrides=tiny_overrides).model, 3).backbone[0].body.state_dict(), path)
+    assert main(["train", "--embedded", str(embedded), "--output", str(tmp_path / "r"), "--backbone-weights", str(path)]
+                + _tiny(tiny_overrides, "model.backbone=efficientnet_lite0")) == 2
+    err = capsys.readouterr().err
+    assert "resnet.pth: weights do not fit efficientnet_lite0: missing blocks.0.0" in err and "unexpected conv1.weight" in err
+    assert _one_line(err), err

@@ -113,7 +113,7 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(BackboneWeightsError, match="nope.pth.*neither none/imagenet/swav nor an existing file"):
         load_backbone_weights(Backbone("resnet18", trainable=False), str(tmp_path / "nope.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(BackboneWeightsError, match="junk.pth: cannot be read"):
+    with pytest.raises(BackboneWeightsError, match="junk.pth: not a PyTorch backbone weights file"):
         load_backbone_weights(Backbone("resnet18", trainable=False), str(tmp_path / "junk.pth"))
 
 

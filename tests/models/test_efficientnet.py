@@ -116,7 +116,7 @@ def test_local_files_in_both_layouts_load_strictly(tmp_path, packaged):
     with pytest.raises(BackboneWeightsError, match=r"partial\.pth: .*missing blocks\.5\.0\.conv_pw\.weight"):
         load_efficientnet_weights(EfficientNetLiteBackbone("efficientnet_lite0", trainable=False), str(tmp_path / "partial.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(BackboneWeightsError, match=r"text\.pth: cannot be read"):
+    with pytest.raises(BackboneWeightsError, match=r"text\.pth: not a PyTorch backbone weights file"):
         load_efficientnet_weights(EfficientNetLiteBackbone("efficientnet_lite0", trainable=False), str(tmp_path / "text.pth"))
     with pytest.raises(BackboneWeightsError, match="neither none/imagenet nor an existing file"):
         load_efficientnet_weights(EfficientNetLiteBackbone("efficientnet_lite0", trainable=False), str(tmp_path / "nope.pth"))

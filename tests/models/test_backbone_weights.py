@@ -18,14 +18,6 @@ from updetr.models.backbone import SWAV_URL, Backbone, BackboneWeightsError, loa
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """Every download path of torch.hub / torchvision raises, as on a machine without network."""
 

@@ -26,14 +26,6 @@ from updetr.models.efficientnet import (
 from updetr.structures import ImageBatch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def packaged() -> dict[str, torch.Tensor]:
     return read_packaged_state("efficientnet_lite0")[0]

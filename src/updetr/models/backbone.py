@@ -18,7 +18,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from ..structures import ImageBatch
-from .cnn import BackboneWeightsError, CNNBackbone, read_weights_file, show_keys
+from .cnn import BackboneWeightsError, CNNBackbone, check_state_keys, read_weights_file
 from .efficientnet import EFFICIENTNET_LITE, EfficientNetLiteBackbone, load_efficientnet_weights
 from .position_encoding import build_position_encoding
 
@@ -244,13 +244,6 @@ def load_resnet_state_dict(backbone: Backbone, state: dict, source: str) -> None
     # IntermediateLayerGetter drops the layers after the last returned one (avgpool, fc, and
     # layer4 for a stage-3 backbone); ignore source keys for them
     cleaned = {k: v for k, v in cleaned.items() if k.split(".")[0] in {n.split(".")[0] for n in expected}}
-    missing = sorted(set(expected) - set(cleaned))
-    unexpected = sorted(set(cleaned) - set(expected))
-    shape_bad = sorted(k for k in set(expected) & set(cleaned) if expected[k].shape != cleaned[k].shape)
-    if missing or unexpected or shape_bad:
-        raise BackboneWeightsError(
-            f"{source}: weights do not fit {backbone.name}: missing {show_keys(missing)}, "
-            f"unexpected {show_keys(unexpected)}, wrong shape {show_keys(shape_bad)}"
-        )
+    check_state_keys(expected, cleaned, source, backbone.name)
     backbone.body.load_state_dict(cleaned, strict=True)
     log.info("loaded %s backbone weights from %s", backbone.name, source)

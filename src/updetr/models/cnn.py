@@ -117,6 +117,19 @@ def read_weights_file(path: Path, extra_globals: list[type] | None = None) -> ob
         raise BackboneWeightsError(str(err)) from None
 
 
+def check_state_keys(expected: dict, given: dict, source: str, name: str) -> None:
+    """Strictness of a weight load: every expected key given, nothing extra, every shape equal; otherwise
+    :class:`BackboneWeightsError` listing the keys (``source`` names the file, ``name`` the architecture)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shape_bad = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
+    if missing or unexpected or shape_bad:
+        raise BackboneWeightsError(
+            f"{source}: weights do not fit {name}: missing {show_keys(missing)}, "
+            f"unexpected {show_keys(unexpected)}, wrong shape {show_keys(shape_bad)}"
+        )
+
+
 def show_keys(keys: list[str], limit: int = 6) -> str:
     """``a, b, c (+N more)`` for error messages; ``none`` for an empty list."""
     if not keys:

@@ -24,7 +24,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import Tensor, nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .cnn import BackboneWeightsError, CNNBackbone, read_weights_file, show_keys
+from .cnn import BackboneWeightsError, CNNBackbone, check_state_keys, read_weights_file, show_keys
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,7 @@ class EfficientNetLiteBackbone(CNNBackbone):
                 continue
             cleaned[key] = value
         expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
-        missing = sorted(set(expected) - set(cleaned))
-        unexpected = sorted(set(cleaned) - set(expected))
-        shape_bad = sorted(k for k in set(expected) & set(cleaned) if expected[k].shape != cleaned[k].shape)
-        if missing or unexpected or shape_bad:
-            raise BackboneWeightsError(
-                f"{source}: weights do not fit {self.name}: missing {show_keys(missing)}, "
-                f"unexpected {show_keys(unexpected)}, wrong shape {show_keys(shape_bad)}"
-            )
+        check_state_keys(expected, cleaned, source, self.name)
         self.body.net.load_state_dict(cleaned, strict=False)  # strictness checked above (counters aside)
         log.info("loaded %s backbone weights from %s", self.name, source)
 

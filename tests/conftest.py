@@ -23,3 +23,12 @@ def _cache_folder(tmp_path_factory):
         os.environ.pop(CACHE_ENV, None)
     else:
         os.environ[CACHE_ENV] = previous
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

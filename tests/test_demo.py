@@ -5,19 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from updetr.config import ConfigError
 from updetr.demo import DemoBudget, apply_budget_overrides, run_demo
-
-
-@pytest.fixture
-def one_thread():
-    # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path, one_thread):

@@ -7,7 +7,6 @@ from pathlib import Path
 from statistics import fmean
 
 import pytest
-import torch
 
 from updetr.cli import build_parser, config_from_args, main
 from updetr.config import ConfigError
@@ -17,15 +16,6 @@ from updetr.experiment_report import verdict
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 ARTEFACTS = ("README.md", "convergence.png", "pretext_loss.png", "pretrain_length.png", "results.json")
-
-
-@pytest.fixture
-def one_thread():
-    # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _final_eval(root: Path, run: str) -> dict:

@@ -1,6 +1,5 @@
 import math
 import multiprocessing
-import os
 
 import pytest
 import torch

@@ -64,7 +64,6 @@ class FeatureStore:
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         self.folder = Path(root) / digest.hexdigest()[:20]
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
 
     @staticmethod
     def pixels_key(pixels: Tensor) -> str:
@@ -76,15 +75,11 @@ class FeatureStore:
     def load(self, key: str) -> Tensor | None:
         path = self.folder / f"{key}.pt"
         if not path.is_file():
-            self.misses += 1
             return None
         try:
-            feature = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # an unreadable entry is recomputed (and rewritten)
-            self.misses += 1
             return None
-        self.hits += 1
-        return feature
 
     def save(self, key: str, feature: Tensor) -> None:
         path = self.folder / f"{key}.pt"

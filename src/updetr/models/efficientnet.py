@@ -24,7 +24,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import Tensor, nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .cnn import BackboneWeightsError, CNNBackbone, check_state_keys, read_weights_file, show_keys
+from .cnn import BackboneWeightsError, CNNBackbone, check_state_keys, read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +76,15 @@ def efficientnet_pytorch_to_timm(state: dict[str, Tensor], model: nn.Module, sou
     """
     mapping = efficientnet_pytorch_key_map(model)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    renamed, unplaced = {}, []
+    renamed = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
         module, _, tensor = key.rpartition(".")
         target = mapping.get(module)
-        if target is None:
-            unplaced.append(key)
-            continue
-        renamed[f"{target}.{tensor}"] = value
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(unplaced + [k for k in renamed if k not in expected])
-    shape_bad = sorted(k for k in set(expected) & set(renamed) if expected[k].shape != renamed[k].shape)
-    if missing or unexpected or shape_bad:
-        raise BackboneWeightsError(
-            f"{source}: weights do not fit {model.default_cfg.get('architecture', 'this EfficientNet')}: "
-            f"missing {show_keys(missing)}, unexpected {show_keys(unexpected)}, wrong shape {show_keys(shape_bad)}"
-        )
+        # a tensor with no place keeps its own name, so the check below lists it as unexpected
+        renamed[key if target is None else f"{target}.{tensor}"] = value
+    check_state_keys(expected, renamed, source, model.default_cfg.get("architecture", "this EfficientNet"))
     return {k: renamed[k] for k in expected}
 
 
@@ -216,14 +207,14 @@ class EfficientNetLiteBackbone(CNNBackbone):
             raise ValueError(f"backbone last stage must be 3 or 4, got {last_stage}")
         levels = list(range(1, last_stage + 1)) if return_interm_layers else [last_stage]
         net = timm.create_model(_TIMM_NAME[name], pretrained=False, features_only=True, out_indices=tuple(levels))
-        # the blocks after the last returned level do nothing useful: drop them (EfficientNetFeatures runs every block)
-        keep = _blocks_through_level(net, levels[-1])
-        net.blocks = net.blocks[:keep]
+        # index of the stage (into net.blocks) after which each returned map is taken; the stages after the last
+        # one do nothing useful here, so they are dropped (EfficientNetFeatures would run every stage)
+        out_blocks = [int(net.feature_info.info[level]["module"].split(".")[1]) for level in levels]
+        net.blocks = net.blocks[:out_blocks[-1] + 1]
         net = freeze_batch_norm_2d(net)
         for pname, param in net.named_parameters():
             trains = trainable and pname.startswith("blocks.") and int(pname.split(".")[1]) >= _FROZEN_BLOCKS
             param.requires_grad_(trains)
-        out_blocks = [int(net.feature_info.info[level]["module"].split(".")[1]) for level in levels]
         self.body = EfficientNetBody(net, out_blocks).to(memory_format=torch.channels_last)
         self.name = name
         self.trainable = trainable
@@ -282,11 +273,6 @@ def load_efficientnet_weights(backbone: EfficientNetLiteBackbone, weights: str) 
         backbone.load_imagenet(state, str(path))
     else:
         backbone.load_timm_state(state, str(path))
-
-
-def _blocks_through_level(net: nn.Module, level: int) -> int:
-    """How many of ``net.blocks`` (stages) are needed to produce feature level ``level``."""
-    return int(net.feature_info.info[level]["module"].split(".")[1]) + 1
 
 
 def _check_name(name: str) -> None:

@@ -42,9 +42,8 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") 
     g.add_argument("--seed", type=int)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config of a command's flags; for training commands (those with ``--resume``) with the
-    run folder resolved too (:func:`_resolve_run_folder`)."""
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides a command's flags stand for (``--embedded``, ``--data-root``, ...), then ``--set``."""
     from .data.embedded import embedded_data_overrides
 
     overrides: list[str] = []
@@ -59,7 +58,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    cfg = make_config(args.preset, args.config, overrides + list(args.overrides))
+    return overrides + list(getattr(args, "overrides", None) or [])
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of a command's flags; for training commands (those with ``--resume``) with the
+    run folder resolved too (:func:`_resolve_run_folder`)."""
+    cfg = make_config(args.preset, args.config, _flag_overrides(args))
     if hasattr(args, "resume"):
         cfg = _resolve_run_folder(cfg, args)
     return cfg
@@ -132,14 +137,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or "auto")
     loaded = load_trained_model(args.checkpoint, device)
     cfg = loaded.config
-    if args.data_root or args.embedded or args.overrides:
-        ns = argparse.Namespace(**{**vars(args), "preset": "detr", "config": None})
-        extra = config_from_args(ns)
-        cfg.data = extra.data
+    # the checkpoint's own data config (its image sizes, padding, ...), pointed elsewhere by the flags
+    others = [o for o in args.overrides if not o.strip().startswith("data.")]
+    if others:
+        raise ConfigError(f"updetr eval: --set {others[0]}: only data.* fields can change; the model is the checkpoint's")
+    data_flags = [o for o in _flag_overrides(args) if o.startswith("data.")]
+    if data_flags:
+        cfg = cfg.override(data_flags)
     if args.json and Path(args.json).is_dir():  # before a long evaluation, not after it
         raise ConfigError(f"--json {args.json}: is a folder; name a file, e.g. --json {Path(args.json) / 'metrics.json'}")
     split = args.split
-    dataset = build_detection_dataset(cfg.data, split)
+    dataset = build_detection_dataset(cfg.data, split, augment=False)  # the eval resize for either split
     if list(dataset.classes) != loaded.classes:
         raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
     # the same batching as evaluation during training, so the numbers agree

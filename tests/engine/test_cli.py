@@ -15,7 +15,7 @@ def _tiny(tiny_overrides):
     return args
 
 
-def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys):
+def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys, monkeypatch):
     tiny = _tiny(tiny_overrides) + ["--set", "optim.epochs=1", "--no-progress"]
     run = tmp_path / "detr"
     assert main(["train", "--embedded", str(embedded), "--output", str(run)] + tiny) == 0
@@ -35,6 +35,26 @@ def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys):
                  "--class-agnostic", "--no-progress"]) == 0
     assert "every class counted as one" in capsys.readouterr().out
     assert set(json.loads(metrics_file.read_text())) == set(evaluated)
+
+    # eval resizes as the checkpoint was trained (not as another preset would), and never augments, either split
+    import updetr.data.build as build
+
+    seen = []
+    real = build.build_detection_dataset
+
+    def spy(cfg, split, **kwargs):
+        seen.append((cfg.val_size, cfg.size_divisibility, split, kwargs.get("augment")))
+        return real(cfg, split, **kwargs)
+
+    monkeypatch.setattr(build, "build_detection_dataset", spy)
+    trained = json.loads((run / "config.json").read_text())["data"]
+    for split in ("val", "train"):
+        assert main(["eval", "--checkpoint", str(run / "best.pth"), "--embedded", str(embedded), "--split", split,
+                     "--no-progress"]) == 0
+    assert seen == [(trained["val_size"], trained["size_divisibility"], s, False) for s in ("val", "train")]
+    monkeypatch.undo()
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--set", "model.num_queries=3"]) == 2
+    assert "only data.* fields" in capsys.readouterr().err
 
     pred = tmp_path / "pred"
     assert main(["predict", str(embedded / "val"), "--checkpoint", str(run / "best.pth"), "--output", str(pred),

@@ -237,3 +237,16 @@ def test_feature_store_reuses_maps_across_runs_and_keys_on_weights_and_pixels(em
         assert torch.equal(first._features[i][0], third._features[i][0])
     torch.load(entry, weights_only=True)  # the corrupt entry was rewritten
     assert FeatureStore.pixels_key(torch.zeros(3, 4, 4)) != FeatureStore.pixels_key(torch.zeros(3, 4, 5))
+
+
+def test_cached_targets_do_not_hold_loader_workers_shared_memory(embedded, tmp_path):
+    """Targets read through loader workers are copied out of shared memory: each shared tensor keeps a file
+    open, and a cache of thousands of images would otherwise run out of file descriptors."""
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    train = build_detection_dataset(cfg.data, "train", augment=False)
+    cached = CachedDetection(train, model, torch.device("cpu"), num_workers=1, progress=False)
+    _, target = cached[0]
+    tensors = [v for v in target.values() if isinstance(v, torch.Tensor)]
+    assert tensors and not any(t.is_shared() for t in tensors)
+    torch.testing.assert_close(target["boxes"], train[0][1]["boxes"])

@@ -171,7 +171,9 @@ class CachedDetection(Dataset):
             encoder.add((index, 0), pixels)
             if self.hflip > 0:
                 encoder.add((index, 1), pixels.flip(-1))
-            self._targets.append(target)
+            # own copies: a tensor from a loader worker keeps a shared-memory file open for as long as it lives,
+            # and thousands of kept targets would exhaust the process's open-file limit
+            self._targets.append({k: v.clone() if isinstance(v, Tensor) else v for k, v in target.items()})
         done = encoder.flush()
         views = 2 if self.hflip > 0 else 1
         # per image: the feature map of the image, then of its mirror image

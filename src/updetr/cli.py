@@ -239,6 +239,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import OPSET, export_onnx, load_for_export, onnx_session, parity
+
+    _setup_logging(0, args.verbose)
+    out = export_onnx(args.checkpoint, args.out)
+    print(f"wrote {out} (ONNX opset {OPSET}; inputs and outputs: see the README's Export section)")
+    if args.check:
+        exported = load_for_export(args.checkpoint)
+        size = exported.config.data.val_size
+        for row in parity(exported, onnx_session(out), [(size, size), (size - 31, size + 45)]):
+            print(f"ONNX Runtime vs PyTorch at {row['height']}x{row['width']} (batch {row['batch']}): "
+                  f"max abs diff logits {row['logits']:.2e}, boxes {row['boxes']:.2e}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- data / demo
 def cmd_data_embedded(args: argparse.Namespace) -> int:
     from .data.embedded import generate_embedded
@@ -349,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings the weights cannot show, e.g. --set dilation=true (DC5), --set num_heads=8, "
                         "--set num_patches=10 (repeatable)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a detection, pre-training or one-shot checkpoint as an ONNX file")
+    p.add_argument("checkpoint", help="checkpoint.pth (updetr train / pretrain / oneshot train, or converted)")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (onnx)")
+    p.add_argument("--check", action="store_true",
+                   help="run the file with ONNX Runtime and print its max abs difference from PyTorch at two sizes")
+    p.set_defaults(func=cmd_export)
 
     from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
 

@@ -254,6 +254,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    _setup_logging(0, args.verbose)
+    return serve(checkpoint=args.checkpoint, oneshot=args.oneshot, detector=args.detector, demo=args.demo,
+                 host=args.host, port=args.port, device=args.device or "cpu", threads=args.threads)
+
+
 # ----------------------------------------------------------------------------- data / demo
 def cmd_data_embedded(args: argparse.Namespace) -> int:
     from .data.embedded import generate_embedded
@@ -372,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="run the file with ONNX Runtime and print its max abs difference from PyTorch at two sizes")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page: draw a box on a photograph, the model finds it")
+    p.add_argument("--checkpoint", help="pre-training checkpoint (query patches); default: the demo's")
+    p.add_argument("--oneshot", help="one-shot checkpoint (every object of the drawn box's kind); default: the demo's, if any")
+    p.add_argument("--detector", help="detection checkpoint (class names); default: the demo's fine-tuned UP-DETR")
+    p.add_argument("--demo", default="demo", help="folder of `updetr demo` searched for the defaults (default: demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu (default) | cuda")
+    p.add_argument("--threads", type=int, help="torch threads for inference (default: torch's)")
+    p.set_defaults(func=cmd_serve)
 
     from .data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
 

@@ -179,6 +179,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[
     traced (default: the evaluation size of a square image, ``data.val_size``).
     """
     out = Path(out)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError("updetr export needs the onnx package: pip install 'updetr[export]' "
+                          "(or pip install -e '.[export]' in a clone)") from None
     if out.is_dir():
         raise ExportError(f"{out}: is a folder; name the file to write, e.g. {out / 'model.onnx'}")
     exported = load_for_export(checkpoint)

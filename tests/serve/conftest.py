@@ -9,6 +9,7 @@ import torch
 from updetr.config import make_config
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.models import build_detr, build_updetr
+from updetr.models.one_shot import build_one_shot
 
 # the embedded recipe's CNN (the packaged ImageNet EfficientNet-Lite0 is not needed: random weights) with a narrow
 # transformer
@@ -27,17 +28,22 @@ def tiny_checkpoints(tmp_path_factory):
     det = make_config("embedded", overrides=TINY)
     save_checkpoint(folder / "detector.pth", {"model": build_detr(det.model, 3).state_dict(), "config": det.to_dict(),
                                               "task": "detection", "classes": ["cat", "coffee", "rocket"]})
-    return {"pretrain": folder / "pretrain.pth", "detector": folder / "detector.pth"}
+    save_checkpoint(folder / "oneshot.pth", {
+        "model": build_one_shot(det.model, train_backbone=False).state_dict(), "config": det.to_dict(), "task": "oneshot",
+        "oneshot": {"split": {"seen": ["cat"], "unseen": ["rocket"]}, "options": {}}})
+    return {"pretrain": folder / "pretrain.pth", "detector": folder / "detector.pth", "oneshot": folder / "oneshot.pth"}
 
 
 @pytest.fixture(scope="session")
 def fake_demo(tmp_path_factory, tiny_checkpoints):
     """A folder laid out as `updetr demo` leaves it (stages/<stage>-<hash>/checkpoint.pth + DONE)."""
     root = tmp_path_factory.mktemp("serve-demo") / "demo"
-    for stage, source in (("pretrain-0a1b2c3d4e", "pretrain"), ("updetr-5f6a7b8c9d", "detector"),
-                          ("detr-0123456789", "detector")):
+    for stage, source, init in (("pretrain-0a1b2c3d4e", "pretrain", ""), ("updetr-5f6a7b8c9d", "detector", "pre.pth"),
+                                ("detr-0123456789", "detector", ""), ("oneshot-1111111111", "oneshot", "pre.pth"),
+                                ("oneshot-2222222222", "oneshot", "")):  # one-shot from the pre-training, from scratch
         (root / "stages" / stage).mkdir(parents=True)
         shutil.copy(tiny_checkpoints[source], root / "stages" / stage / "checkpoint.pth")
+        (root / "stages" / stage / "config.json").write_text(json.dumps({"init_from": init}) + "\n")
         (root / "stages" / stage / "DONE").write_text(json.dumps({}) + "\n")
     return root
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from updetr.cli import main
-from updetr.serve import find_demo_checkpoints
+from updetr.serve import address_note, find_demo_checkpoints
 
 
 def _free_port() -> int:
@@ -65,7 +65,7 @@ def test_bad_requests_are_refused_with_a_message_and_the_server_keeps_answering(
     assert f"using the demo's checkpoints in {fake_demo}/stages" in printed
     assert str(stages / "pretrain-0a1b2c3d4e" / "checkpoint.pth") in printed
     assert str(stages / "updetr-5f6a7b8c9d" / "checkpoint.pth") in printed  # the fine-tuned UP-DETR, not DETR
-    assert "one-shot: (none: add --budget oneshot_epochs=7 to the demo)" in printed
+    assert f"one-shot: {stages / 'oneshot-1111111111' / 'checkpoint.pth'}" in printed  # initialised from UP-DETR
     assert f"open {url}/ (bound to 127.0.0.1: this machine only" in printed
 
     client = httpx.Client(base_url=url, timeout=60)
@@ -73,8 +73,9 @@ def test_bad_requests_are_refused_with_a_message_and_the_server_keeps_answering(
     def good():
         answer = client.post("/api/query", json={"image": "astronaut", "box": [100, 80, 120, 140]})
         assert answer.status_code == 200, answer.text
-        (patch,) = answer.json()["answers"]
+        patch, same_kind = answer.json()["answers"]
         assert patch["model"] == "pretrain" and len(patch["boxes"]) == 2 and patch["ms"] > 0  # Q/M = 10/5 queries
+        assert same_kind["model"] == "oneshot" and len(same_kind["boxes"]) == 10 and same_kind["ms"] > 0
         detected = client.post("/api/detect", json={"image": "coffee"})
         assert detected.status_code == 200
         assert {b["label"] for b in detected.json()["answers"][0]["boxes"]} <= {"cat", "coffee", "rocket"}
@@ -125,13 +126,22 @@ def test_bad_requests_are_refused_with_a_message_and_the_server_keeps_answering(
     assert found.status_code == 200 and found.json()["target"] == "astronaut"
     assert client.get(added["url"]).headers["content-type"] == "image/jpeg"
     assert list(workdir.iterdir()) == [] and not (workdir.parent / "evil name.png").exists()
+    large = client.post("/api/upload", content=_png(2000, 1500))  # kept at 1280 px, boxes in the kept pixels
+    assert large.status_code == 200 and (large.json()["width"], large.json()["height"]) == (1280, 960)
     assert proc.poll() is None
+
+
+def test_the_address_says_who_can_reach_the_page():
+    assert "bound to 127.0.0.1: this machine only" in address_note("127.0.0.1", 8000)
+    assert "http://[::1]:8000/ (bound to ::1: this machine only" in address_note("::1", 8000)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        assert "reachable from the network" in address_note(host, 8000)
 
 
 def test_demo_checkpoints_are_found_and_a_missing_demo_says_how_to_make_one(fake_demo, tmp_path, capsys):
     found = find_demo_checkpoints(fake_demo)
     assert found.pretrain.parent.name.startswith("pretrain-") and found.detector.parent.name.startswith("updetr-")
-    assert found.oneshot is None
+    assert found.oneshot.parent.name == "oneshot-1111111111"  # the one initialised from the pre-training
     assert main(["serve", "--demo", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "no finished demo in" in err and "run `updetr demo` first" in err and "--checkpoint PRE.pth" in err

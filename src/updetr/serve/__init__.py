@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DemoCheckpoints", "find_demo_checkpoints", "build_app", "serve"]
+__all__ = ["DemoCheckpoints", "address_note", "find_demo_checkpoints", "build_app", "serve"]
 
 
 @dataclass
@@ -59,6 +59,18 @@ def find_demo_checkpoints(demo: str | Path = "demo") -> DemoCheckpoints:
     return found
 
 
+def address_note(host: str, port: int) -> str:
+    """Where the page is and who can reach it: loopback addresses are this machine only; anything else is not."""
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    where = ("this machine only; --host 0.0.0.0 shares it with the network" if local
+             else "reachable from the network: anyone who can reach this address can use the models")
+    return f"open http://{shown}:{port}/ (bound to {host}: {where})"
+
+
 def build_app(checkpoint=None, oneshot=None, detector=None, *, device: str = "cpu", benchmark_images=None):
     """The Starlette application for these checkpoints (what :func:`serve` runs; tests drive it directly)."""
     from .app import create_app
@@ -73,9 +85,15 @@ def serve(*, checkpoint=None, oneshot=None, detector=None, demo: str | Path = "d
           port: int = 8000, device: str = "cpu", threads: int | None = None) -> int:
     """Load the models, print what is used and where the page is, and serve until Ctrl-C."""
     import torch
-    import uvicorn
 
     from ..config import ConfigError
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise ConfigError(f"updetr serve needs the web server packages ({err.name} is missing): "
+                          "pip install 'updetr[serve]' (or pip install -e '.[serve]' in a clone)") from None
 
     benchmark = None
     if not (checkpoint or oneshot or detector):
@@ -93,14 +111,7 @@ def serve(*, checkpoint=None, oneshot=None, detector=None, demo: str | Path = "d
     if threads:
         torch.set_num_threads(threads)
     app = build_app(checkpoint, oneshot, detector, device=device, benchmark_images=benchmark)
-    shown = f"[{host}]" if ":" in host else host
-    try:
-        local = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = host == "localhost"
-    where = ("this machine only; --host 0.0.0.0 shares it with the network" if local
-             else "reachable from the network: anyone who can reach this address can use the models")
-    print(f"updetr serve: open http://{shown}:{port}/ (bound to {host}: {where}); Ctrl-C stops it", flush=True)
+    print(f"updetr serve: {address_note(host, port)}; Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     sys.stdout.flush()
     return 0

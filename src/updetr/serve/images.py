@@ -1,7 +1,8 @@
 """The page's pictures: the bundled photographs, the demo benchmark's images, and uploads, all in memory.
 
 Uploads are decoded from the request's bytes; nothing of them (neither their bytes nor any name) is written to
-disk, and each gets a random id. Their size in bytes and in pixels is limited before anything is decoded.
+disk, and each gets a random id. Their size in bytes and in pixels is limited before anything is decoded; the last
+32 are kept, with their longer side at most 1280 pixels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..data.io import DataError, load_image, open_image
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # 8 MiB of encoded image
 MAX_UPLOAD_PIXELS = 16_000_000  # 16 megapixels decoded (a 4000 x 4000 photograph); a bomb is refused from its header
 PHOTO_SIDE = 512  # bundled photographs are shown with this longer side
+UPLOAD_SIDE = 1280  # uploads are kept with at most this longer side (the models see 224-336 px anyway)
 _ID = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 
@@ -130,6 +132,9 @@ class PictureStore:
 
     def add_upload(self, data: bytes) -> Picture:
         image = decode_upload(data, self.max_pixels)
+        if max(image.size) > UPLOAD_SIDE:  # kept smaller: 32 uploads stay within ~150 MB; boxes use the kept size
+            scale = UPLOAD_SIDE / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
         pid = f"upload-{secrets.token_hex(8)}"
         picture = Picture(pid, "uploaded image", "upload", image, _jpeg(image))
         with self.lock:

@@ -3,6 +3,7 @@
 
 const COLORS = { pretrain: "#ff1744", oneshot: "#00c853", detector: "#2979ff" };
 const MAX_VIEW = 640; // pictures larger than this are shown scaled down (boxes stay in image pixels)
+const MIN_VIEW = 384; // and smaller ones (the benchmark's 192-256 px images) scaled up
 const state = {
   info: null, source: null, target: null, images: {}, box: null, drag: null,
   answers: {}, // model -> answer of the last request
@@ -37,7 +38,10 @@ function loadImage(pic) {
   });
 }
 
-function scaleOf(pic) { return Math.min(1, MAX_VIEW / Math.max(pic.width, pic.height)); }
+function scaleOf(pic) {
+  const side = Math.max(pic.width, pic.height);
+  return Math.min(MAX_VIEW / side, Math.max(1, MIN_VIEW / side));
+}
 
 function setupCanvas(canvas, pic) {
   const s = scaleOf(pic);

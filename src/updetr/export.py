@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .serialization import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[
     """
     out = Path(out)
     try:
-        import onnx  # noqa: F401
+        import onnx
     except ImportError:
         raise ExportError("updetr export needs the onnx package: pip install 'updetr[export]' "
                           "(or pip install -e '.[export]' in a clone)") from None
@@ -209,8 +208,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, inputs, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
                               output_names=["logits", "boxes"], dynamic_axes=axes, do_constant_folding=True)
-        import onnx
-
         model_proto = onnx.load(str(tmp))
         for key, value in exported.metadata().items():
             entry = model_proto.metadata_props.add()
@@ -218,8 +215,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[
         onnx.save_model(model_proto, str(tmp))
         tmp.replace(out)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"{out}: cannot write the ONNX file ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left (after the rename there is nothing to remove)
     log.info("wrote %s (%s model, opset %d)", out, exported.task, OPSET)
     return out
 
@@ -254,5 +252,4 @@ def parity(exported: ExportedModel, session, sizes: list[tuple[int, int]], batch
     return rows
 
 
-__all__ = ["OPSET", "ExportError", "ExportedModel", "export_onnx", "load_for_export", "onnx_session", "parity",
-           "CheckpointError"]
+__all__ = ["OPSET", "ExportError", "ExportedModel", "export_onnx", "load_for_export", "onnx_session", "parity"]

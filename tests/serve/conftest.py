@@ -58,7 +58,8 @@ PRETRAIN_EPOCHS, COPIES = 150, 8
 def trained_pretrain(tmp_path_factory):
     """UP-DETR pre-trained with the embedded recipe (the packaged ImageNet EfficientNet-Lite0 frozen, D=128, 3+3
     layers, Q=10, M=5) on copies of one photograph at 256 px: 300 steps, ~45 s on one idle core. It learns to find
-    random patches of that photograph, which a randomly initialised model does not (IoU of the test box ~0.1)."""
+    random patches of that photograph, which a randomly initialised transformer does not (IoU of the test box
+    0.14-0.15 for seeds 0-2; 0.24 after 60 steps; 0.70 after these 300)."""
     from PIL import Image
 
     from updetr.data.embedded import bundled_picture

@@ -49,7 +49,7 @@ class DemoBudget:
     cache_features: bool = True
     # pre-training and fine-tuning epochs: with the cached features these fill the 10 minutes on 2 cores
     pretrain_epochs: int = 3
-    finetune_epochs: int = 21
+    finetune_epochs: int = 18
     # optional stages 5-6: one-shot detection (seen / unseen classes) trained this many epochs from scratch and from
     # the pre-training, ~65 s per 7 epochs and arm with cached features; 0 = off (it does not fit the 10 minutes)
     oneshot_epochs: int = 0

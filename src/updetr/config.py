@@ -405,7 +405,7 @@ def _embedded() -> Config:
     cfg.data.val_size = 224
     cfg.data.size_divisibility = 32
     # 4e-4 rather than the small recipe's 2e-4: with the CNN frozen the transformer underfits at CPU budgets, and
-    # the higher rate lifts DETR from 11 to 15 AP at the demo's 21 epochs (seed 1, docs/findings.md)
+    # the higher rate lifts DETR from 11 to 15 AP in the demo (seeds 1-3, docs/findings.md)
     cfg.optim = OptimConfig(lr=4e-4, lr_backbone=0.0, epochs=8, lr_drop=6)
     cfg.output_dir = "runs/embedded"
     return cfg

@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or an unusable file or folder, not a bug."""
     from .data.io import DataError
-    from .engine.checkpoint import CheckpointError
+    from .serialization import CheckpointError
     from .engine.loop import TrainingStopped
     from .engine.run_folder import RunFolderError
     from .models.cnn import BackboneWeightsError

@@ -24,16 +24,16 @@ cli            ``cli``, ``cli_common``, ``cli_oneshot``, ``cli_panoptic``, ``__m
                ``updetr`` (``updetr/__init__.py``)
 =============  ==============================================================================================
 
-``data`` sits below ``models`` (a model may read a data constant, no data module builds a model); neither
-needs the other today. ``engine.distributed`` is core by what it does (it imports only ``config``) although it
-lives in the ``engine`` folder. The package root is a facade (``updetr.load_official_checkpoint``) at the top:
-no module imports it. argparse is used only in the cli layer; printing and drawing only in the
-applications and cli layers.
+``data`` sits below ``models`` (a model may read a data constant, no data module builds a model); today
+neither imports the other. ``engine.distributed`` is core by what it does (it imports only ``config``) although
+it lives in the ``engine`` folder. The package root is a facade (``updetr.load_official_checkpoint``) at the
+top: no module imports it. argparse is used only in the cli layer and ``print`` only in the applications and
+cli layers (both checked below); drawing (``visualize``) is an application, so no lower layer can draw.
 
 A private name is one that starts with exactly one underscore; importing it from a different module
 (``from updetr.x import _helper``), or reading it as an attribute of an imported module
-(``x._helper``), is an offence. Cycles are found over all edges, function-level ones included, since a
-function-level import is a dependency all the same.
+(``x._helper``), is an offence. Cycles are found over all edges, function-level and ``TYPE_CHECKING`` ones
+included, since such an import is a dependency all the same.
 
 Run ``python tests/test_layers.py`` for the counts.
 """
@@ -310,7 +310,7 @@ def test_no_import_goes_up_a_layer():
 
 def test_no_private_name_crosses_modules():
     _, imports, attrs = collect()
-    bad = private_imports(imports, attrs)
+    bad = [str(i) for i in private_imports(imports, attrs)]
     assert not bad, _listing("private names imported from another module", bad)
 
 

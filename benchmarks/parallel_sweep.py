@@ -50,9 +50,10 @@ def run_job(out: Path, seed: int, name: str, pre_epochs: int, pre_device: str, e
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     # the job's log (OUT/s<seed>_<name>.log) gets the training loop's per-epoch lines, as updetr's commands print them
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from updetr.demo import _run_fit, common_overrides, finetune_config, prepare_data, pretrain_config
+    from updetr.demo import common_overrides, finetune_config, prepare_data, pretrain_config
     from updetr.engine.detection import DetectionTask
     from updetr.engine.pretrain import PretrainTask
+    from updetr.stages import run_fit
 
     root = out / f"s{seed}"
     budget = budget_for(seed, _budget_overrides())
@@ -62,12 +63,12 @@ def run_job(out: Path, seed: int, name: str, pre_epochs: int, pre_device: str, e
     if pre_epochs > 0:
         cfg = pretrain_config(budget, common_overrides(data_dir, budget, pre_device), pre_epochs, extra)
         t = time.time()
-        _run_fit(PretrainTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'pre'))}"]), progress=False)
+        run_fit(PretrainTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'pre'))}"]), progress=False)
         print(f"[{name} s{seed}] pre-training done in {time.time() - t:.0f} s", flush=True)
         init = str(job_dir / "pre" / "checkpoint.pth")
     cfg = finetune_config(budget, common_overrides(data_dir, budget, "cpu"), budget.finetune_epochs, init)
     t = time.time()
-    _run_fit(DetectionTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'ft'))}"]), progress=False)
+    run_fit(DetectionTask, cfg.override([f"output_dir={json.dumps(str(job_dir / 'ft'))}"]), progress=False)
     print(f"[{name} s{seed}] fine-tuning done in {time.time() - t:.0f} s", flush=True)
 
 

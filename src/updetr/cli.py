@@ -10,88 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-from .config import PRESETS, Config, ConfigError, make_config
+from .cli_common import add_config_args, config_from_args, flag_overrides, setup_logging
+from .config import ConfigError
 
 log = logging.getLogger("updetr")
-
-
-def _setup_logging(rank: int = 0, verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-
-
-def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") -> None:
-    g = p.add_argument_group("configuration (preset, then --config file, then flags, then --set)")
-    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help=f"base recipe (default {default_preset})")
-    g.add_argument("--config", help="JSON file with config values (partial is fine)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config value, e.g. --set model.hidden_dim=128 (repeatable)")
-    g.add_argument("--data-root", help="dataset root (COCO layout by default; see --format)")
-    g.add_argument("--format", choices=["coco", "voc"], help="dataset format of --data-root")
-    g.add_argument("--embedded", metavar="DIR", help="use the embedded benchmark generated in DIR (updetr data embedded DIR)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--output", help="run folder (checkpoints, config.json, metrics.jsonl)")
-    g.add_argument("--device", help="auto | cpu | cuda")
-    g.add_argument("--backbone-weights", help="none | imagenet | swav | path to a local .pth")
-    g.add_argument("--seed", type=int)
-
-
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides a command's flags stand for (``--embedded``, ``--data-root``, ...), then ``--set``."""
-    from .data.embedded import embedded_data_overrides
-
-    overrides: list[str] = []
-    if getattr(args, "embedded", None):
-        overrides += embedded_data_overrides(args.embedded)
-    simple = {
-        "data_root": "data.root", "format": "data.format", "epochs": "optim.epochs", "batch_size": "data.batch_size",
-        "output": "output_dir", "device": "device", "backbone_weights": "model.backbone_weights", "seed": "seed",
-        "init_from": "init_from",
-    }
-    for attr, key in simple.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    return overrides + list(getattr(args, "overrides", None) or [])
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config of a command's flags; for training commands (those with ``--resume``) with the
-    run folder resolved too (:func:`_resolve_run_folder`)."""
-    cfg = make_config(args.preset, args.config, _flag_overrides(args))
-    if hasattr(args, "resume"):
-        cfg = _resolve_run_folder(cfg, args)
-    return cfg
-
-
-def _resolve_run_folder(cfg: Config, args: argparse.Namespace) -> Config:
-    """Where a training command writes, when ``--output`` (or ``output_dir`` in ``--set`` or
-    ``--config``) does not say: with ``--resume``, the folder of the run resumed; otherwise the
-    preset's default folder, or the first free numbered one next to it (``runs/small-2``, ...)
-    when an earlier run holds it. An explicit folder is used as given (a fresh run refuses an
-    occupied one, see ``updetr.engine.run_folder``)."""
-    default = PRESETS[args.preset]().output_dir
-    explicit = (getattr(args, "output", None) is not None or cfg.output_dir != default
-                or any(o.split("=", 1)[0].strip() == "output_dir" for o in args.overrides))
-    if explicit:
-        return cfg
-    if args.resume:
-        resume = Path(args.resume)
-        folder = resume if resume.is_dir() or not resume.suffix else resume.parent
-        return cfg.override([f"output_dir={json.dumps(str(folder))}"])
-    folder, n = Path(default), 2
-    while folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        folder, n = Path(f"{default}-{n}"), n + 1
-    if str(folder) != default:
-        print(f"updetr: {default} holds an earlier run; this run writes to {folder} (--output DIR names the folder)",
-              file=sys.stderr)
-    return cfg.override([f"output_dir={json.dumps(str(folder))}"])
 
 
 # ----------------------------------------------------------------------------- train / eval / predict
@@ -102,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     dist_info = init_distributed(cfg.device)
-    _setup_logging(dist_info.rank, args.verbose)
+    setup_logging(dist_info.rank, args.verbose)
     try:
         result = fit(DetectionTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
     finally:
@@ -133,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.inference import load_trained_model
     from .engine.loop import make_loader
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
     loaded = load_trained_model(args.checkpoint, device)
     cfg = loaded.config
@@ -141,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     others = [o for o in args.overrides if not o.strip().startswith("data.")]
     if others:
         raise ConfigError(f"updetr eval: --set {others[0]}: only data.* fields can change; the model is the checkpoint's")
-    data_flags = [o for o in _flag_overrides(args) if o.startswith("data.")]
+    data_flags = [o for o in flag_overrides(args) if o.startswith("data.")]
     if data_flags:
         cfg = cfg.override(data_flags)
     if args.json and Path(args.json).is_dir():  # before a long evaluation, not after it
@@ -172,7 +94,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine.inference import load_trained_model
     from .predict import predict_images
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
     loaded = load_trained_model(args.checkpoint, device)
     if loaded.task != "detection":
@@ -201,7 +123,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.images:
         cfg = cfg.override([f"data.images={json.dumps(str(args.images))}"])
     dist_info = init_distributed(cfg.device)
-    _setup_logging(dist_info.rank, args.verbose)
+    setup_logging(dist_info.rank, args.verbose)
     try:
         result = fit(PretrainTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
     finally:
@@ -219,7 +141,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from .engine.inference import load_trained_model
     from .query import run_query
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
     loaded = load_trained_model(args.checkpoint, device)
     results = run_query(loaded, args.image, boxes=args.box, exemplars=args.exemplar, output_dir=args.output, device=device)
@@ -233,7 +155,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .models.official import convert_official_checkpoint, parse_overrides
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     out = convert_official_checkpoint(args.src, args.dst, **parse_overrides(args.overrides))
     print(f"wrote {out}; use it with `updetr predict/eval/query --checkpoint {out}`")
     return 0
@@ -242,7 +164,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import OPSET, export_onnx, load_for_export, onnx_session, parity
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     out = export_onnx(args.checkpoint, args.out)
     print(f"wrote {out} (ONNX opset {OPSET}; inputs and outputs: see the README's Export section)")
     if args.check:
@@ -257,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     return serve(checkpoint=args.checkpoint, oneshot=args.oneshot, detector=args.detector, demo=args.demo,
                  host=args.host, port=args.port, device=args.device or "cpu", threads=args.threads)
 
@@ -266,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_data_embedded(args: argparse.Namespace) -> int:
     from .data.embedded import generate_embedded
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     out = generate_embedded(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
         num_unlabeled=args.num_unlabeled, image_size=(args.min_size, args.max_size),
@@ -279,7 +201,7 @@ def cmd_data_embedded(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     from .demo import DemoBudget, apply_budget_overrides
 
     budget = DemoBudget.quick() if args.quick else DemoBudget()
@@ -291,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiment import experiment_budget, run_experiment
 
-    _setup_logging(0, args.verbose)
+    setup_logging(0, args.verbose)
     budget = experiment_budget(args.quick, args.budget)
     result = run_experiment(args.output, budget=budget, quick=args.quick, seeds=args.seeds, device=args.device or "auto",
                             progress=not args.no_progress)
@@ -317,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = _CommonSubparsers(parser.add_subparsers(dest="command", required=True), common)
 
     p = sub.add_parser("train", help="train DETR on a COCO/VOC dataset (also under torchrun)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
     p.add_argument("--init-from", help="initialise from a pre-training or detection checkpoint (fine-tuning)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="UP-DETR pre-training on a folder of unlabelled images (also under torchrun)")
-    _add_config_args(p, default_preset="pretrain-small")
+    add_config_args(p, default_preset="pretrain-small")
     p.add_argument("--images", help="folder tree of unlabelled images (searched recursively)")
     p.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
     p.set_defaults(func=cmd_pretrain)
@@ -349,10 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
 
-    from .engine.one_shot import add_oneshot_parser
+    from .cli_oneshot import add_oneshot_parser
 
     add_oneshot_parser(sub)
-    from .engine.panoptic import add_panoptic_parser
+    from .cli_panoptic import add_panoptic_parser
 
     add_panoptic_parser(sub)
 
@@ -452,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or an unusable file or folder, not a bug."""
     from .data.io import DataError
-    from .engine.checkpoint import CheckpointError
+    from .serialization import CheckpointError
     from .engine.loop import TrainingStopped
     from .engine.run_folder import RunFolderError
     from .models.cnn import BackboneWeightsError

@@ -15,10 +15,8 @@ Then ``OUT/report/`` gets ``report.md`` (the table), ``convergence.png``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 from .config import Config, make_config
 from .data.embedded import FORMAT_VERSION
+from .stages import is_done, mark_done, run_fit, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class DemoBudget:
                        "data.val_size=64", "data.batch_size=4", "data.num_workers=0"])
 
 
-_LIST_FIELDS = ("model", "finetune", "pretrain")
+BUDGET_LIST_FIELDS = ("model", "finetune", "pretrain")  # --budget fields that append a config override
 
 
 def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
@@ -96,7 +95,7 @@ def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
         key = key.strip()
         if not sep or key not in known:
             raise ConfigError(f"--budget {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
-        if key in _LIST_FIELDS:
+        if key in BUDGET_LIST_FIELDS:
             changes[key] = list(changes.get(key, getattr(budget, key))) + [raw]
             continue
         try:
@@ -116,33 +115,6 @@ def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
     return replace(budget, **changes)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _stage_dir(root: Path, name: str, key: Any) -> Path:
-    return root / "stages" / f"{name}-{_digest(key)}"
-
-
-def _done(path: Path) -> bool:
-    return (path / "DONE").is_file()
-
-
-def _mark_done(path: Path, info: dict) -> None:
-    (path / "DONE").write_text(json.dumps(info, indent=2, default=str) + "\n")
-
-
-def _run_fit(task_cls, cfg: Config, progress: bool) -> dict:
-    from .engine.distributed import init_distributed
-    from .engine.loop import fit
-
-    out = Path(cfg.output_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a stage interrupted earlier: start it again cleanly
-    result = fit(task_cls(cfg), cfg, init_distributed(cfg.device), progress=progress)
-    return {"history": result.history, "final": result.final_metrics}
-
-
 @dataclass
 class DemoResult:
     report_dir: Path
@@ -159,7 +131,7 @@ def prepare_data(root: Path, budget: DemoBudget, progress: bool = True) -> Path:
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                     num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
                     object_size=list(budget.object_size), max_objects=budget.max_objects, format=FORMAT_VERSION)
-    data_dir = _stage_dir(root, "data", data_key)
+    data_dir = stage_dir(root, "data", data_key)
     _stage_banner(1, "embedded benchmark", data_dir)
     generate_embedded(data_dir, seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                       num_unlabeled=budget.num_unlabeled, image_size=budget.image_size,
@@ -257,12 +229,12 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
 
 def _run_stage(root: Path, kind: str, task_cls, cfg: Config, progress: bool, banner: tuple[int, int, str]) -> Path:
     """The stage folder of ``cfg`` under ``root``, trained there with ``task_cls`` unless it is already done."""
-    run_dir = _stage_dir(root, kind, cfg.to_dict())
+    run_dir = stage_dir(root, kind, cfg.to_dict())
     index, total, title = banner
     _stage_banner(index, title, run_dir, total)
-    if not _done(run_dir):
-        info = _run_fit(task_cls, cfg.override([f"output_dir={json.dumps(str(run_dir))}"]), progress)
-        _mark_done(run_dir, info["final"])
+    if not is_done(run_dir):
+        info = run_fit(task_cls, cfg.override([f"output_dir={json.dumps(str(run_dir))}"]), progress)
+        mark_done(run_dir, info["final"])
     return run_dir
 
 
@@ -271,5 +243,5 @@ def _history(run_dir: Path) -> list[dict]:
 
 
 def _stage_banner(index: int, title: str, path: Path, total: int = 4) -> None:
-    state = "cached" if _done(path) or (path / "meta.json").is_file() else "running"
+    state = "cached" if is_done(path) or (path / "meta.json").is_file() else "running"
     log.info("[%d/%d] %s (%s: %s)", index, total, title, state, path)

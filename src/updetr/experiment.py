@@ -28,18 +28,19 @@ import json
 import logging
 import shlex
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .config import Config, ConfigError
 from .demo import (
-    _LIST_FIELDS, DemoBudget, _done, _mark_done, _run_fit, _stage_dir, apply_budget_overrides, common_overrides, finetune_config,
-    prepare_data, pretrain_config,
+    BUDGET_LIST_FIELDS, DemoBudget, apply_budget_overrides, common_overrides, finetune_config, prepare_data, pretrain_config,
 )
+from .experiment_plan import Run, SeedPlan, length_points
+from .experiment_report import write_experiment_report
+from .stages import is_done, mark_done, run_fit, stage_dir
 
 log = logging.getLogger(__name__)
 
-LENGTH_FRACTIONS = (0.25, 0.5, 1.0)  # pre-training length points, as fractions of P
 # throughput of the demo's stages on 2 idle CPU cores (its metrics.jsonl and logs): the time-left estimate weighs
 # the remaining runs with these and scales them by the measured time of the runs finished so far.
 # With cached CNN features (10 queries): fine-tuning 195-207 img/s, pre-training ~72 img/s, and building the cache
@@ -94,51 +95,12 @@ def experiment_command(budget: DemoBudget, seeds: int, quick: bool = False) -> s
         value, default = getattr(budget, f.name), getattr(base, f.name)
         if f.name == "seed" or value == default:
             continue
-        if f.name in _LIST_FIELDS and tuple(value[:len(default)]) == tuple(default):
+        if f.name in BUDGET_LIST_FIELDS and tuple(value[:len(default)]) == tuple(default):
             items = [str(v) for v in value[len(default):]]  # config overrides appended to the default ones
         else:
             items = [json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))]
         words += [w for item in items for w in ("--budget", f"{f.name}={item}")]
     return " ".join(shlex.quote(w) for w in words)
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run of the protocol (a demo stage)."""
-
-    name: str  # variant: "default", "single_patch", ... for pre-training; "detr_F", "default_2F", ... for fine-tuning
-    seed: int
-    kind: str  # "pretrain" | "detr" | "updetr" (shared with ``updetr demo``) | "oneshot" | "panoptic1" | "panoptic2"
-    label: str  # what the progress line says
-    cfg: Config
-    path: Path  # the stage folder
-    epochs: int
-
-    @property
-    def task(self):
-        from .engine.detection import DetectionTask
-        from .engine.one_shot import OneShotTask
-        from .engine.pretrain import PretrainTask
-
-        if self.kind.startswith("panoptic"):  # stage 1 (detector on boxes) or 2 (frozen detector, mask head)
-            from functools import partial
-
-            from .engine.panoptic import PanopticOptions, PanopticTask
-
-            return partial(PanopticTask, options=PanopticOptions(stage=self.kind[-1]))
-        return {"pretrain": PretrainTask, "oneshot": OneShotTask}.get(self.kind, DetectionTask)
-
-
-@dataclass
-class SeedPlan:
-    """Every run of one seed, by variant name; several names may share one stage folder."""
-
-    seed: int
-    data_dir: Path
-    pretrain: dict[str, Run]
-    finetune: dict[str, Run]
-    oneshot: dict[str, Run] = field(default_factory=dict)  # "detr" (from scratch), "updetr" (default pre-training)
-    panoptic: dict[str, Run] = field(default_factory=dict)  # "detr_1", "detr_2", "updetr_1", "updetr_2" (stages)
 
 
 @dataclass
@@ -148,11 +110,6 @@ class ExperimentResult:
     results: dict
     plans: list[SeedPlan]
     seconds: float
-
-
-def length_points(pretrain_epochs: int) -> list[int]:
-    """Distinct whole numbers of pre-training epochs for ``LENGTH_FRACTIONS`` of P (at least 1)."""
-    return sorted({max(1, round(f * pretrain_epochs)) for f in LENGTH_FRACTIONS})
 
 
 def pretrain_variants(base: Config, pretrain_epochs: int) -> dict[str, tuple[str, int, list[str]]]:
@@ -196,20 +153,20 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, device: str) -> Se
         cfg = pretrain_config(budget, common, epochs, extra)
         cfg.check_query_groups()
         pretrain[name] = Run(name, budget.seed, "pretrain", f"UP-DETR pre-training ({label}; {epochs} ep)", cfg,
-                             _stage_dir(root, "pretrain", cfg.to_dict()), epochs)
+                             stage_dir(root, "pretrain", cfg.to_dict()), epochs)
     f = budget.finetune_epochs
     finetune: dict[str, Run] = {}
     for mult in (1, 2):
         cfg = finetune_config(budget, common, mult * f, "")
         name = "detr_F" if mult == 1 else "detr_2F"
         finetune[name] = Run(name, budget.seed, "detr", f"DETR fine-tuning ({mult * f} ep)", cfg,
-                             _stage_dir(root, "detr", cfg.to_dict()), mult * f)
+                             stage_dir(root, "detr", cfg.to_dict()), mult * f)
     for pre_name, pre in pretrain.items():
         for mult in (1, 2) if pre_name == "default" else (1,):
             cfg = finetune_config(budget, common, mult * f, str(pre.path / "checkpoint.pth"))
             name = f"{pre_name}_{'F' if mult == 1 else '2F'}"
             label = f"UP-DETR fine-tuning ({mult * f} ep) after pre-training {pre.label.split(' ', 2)[2]}"
-            finetune[name] = Run(name, budget.seed, "updetr", label, cfg, _stage_dir(root, "updetr", cfg.to_dict()),
+            finetune[name] = Run(name, budget.seed, "updetr", label, cfg, stage_dir(root, "updetr", cfg.to_dict()),
                                  mult * f)
     # Table 3: one-shot detection on the benchmark's seen / unseen split, the fine-tuning recipe for F epochs,
     # from scratch (the paper's DETR row) and from the default pre-training (keeps its patch -> query projection).
@@ -223,15 +180,15 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, device: str) -> Se
                               ("updetr", str(pretrain["default"].path / "checkpoint.pth"), "from UP-DETR pre-training")):
         cfg = finetune_config(budget, common, f, init)
         oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
-                            _stage_dir(root, "oneshot", cfg.to_dict()), f)
+                            stage_dir(root, "oneshot", cfg.to_dict()), f)
         stage1 = Run(f"{name}_1", budget.seed, "panoptic1", f"panoptic stage 1 ({f} ep, boxes) {label}", cfg,
-                     _stage_dir(root, "panoptic1", cfg.to_dict()), f)
+                     stage_dir(root, "panoptic1", cfg.to_dict()), f)
         mask_cfg = finetune_config(budget, common, mask_epochs, str(stage1.path / "checkpoint.pth")).override(
             ["data.cache_features=false", f"eval_every={mask_epochs}"])
         panoptic[f"{name}_1"] = stage1
         panoptic[f"{name}_2"] = Run(f"{name}_2", budget.seed, "panoptic2",
                                     f"panoptic stage 2 ({mask_epochs} ep, mask head) {label}", mask_cfg,
-                                    _stage_dir(root, "panoptic2", mask_cfg.to_dict()), mask_epochs)
+                                    stage_dir(root, "panoptic2", mask_cfg.to_dict()), mask_epochs)
     return SeedPlan(budget.seed, data_dir, pretrain, finetune, oneshot, panoptic)
 
 
@@ -307,8 +264,6 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
 
     ``seeds`` defaults to 3 (2 with ``quick``); ``budget`` defaults to ``experiment_budget(quick)``.
     """
-    from .experiment_report import write_experiment_report
-
     start = time.perf_counter()
     budget = budget or experiment_budget(quick)
     seeds = seeds if seeds is not None else default_seeds(quick)
@@ -338,21 +293,21 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
         plans.append(plan_seed(root, b, data_dir, device))
 
     runs = execution_order(plans)
-    cached = sum(_done(r.path) for r in runs)
+    cached = sum(is_done(r.path) for r in runs)
     log.info("experiment: %d runs (%d seeds x benchmark, %d trainings, %d of them already finished)",
              n, total_inputs, len(runs), cached)
     spent = nominal_spent = 0.0
     for i, run in enumerate(runs, total_inputs + 1):
-        if _done(run.path):
+        if is_done(run.path):
             log.info("[%d/%d] seed %d: %s ... cached (%s)", i, n, run.seed, run.label, run.path)
             continue
-        remaining = sum(nominal_seconds(r, budget) for r in runs[i - total_inputs - 1:] if not _done(r.path))
+        remaining = sum(nominal_seconds(r, budget) for r in runs[i - total_inputs - 1:] if not is_done(r.path))
         left = (f"about {_duration(remaining * spent / nominal_spent)} left" if nominal_spent
                 else "time left estimated after the first finished run")
         log.info("[%d/%d] seed %d: %s ... running (%s; %s)", i, n, run.seed, run.label, run.path, left)
         t0 = time.perf_counter()
-        info = _run_fit(run.task, run.cfg.override([f"output_dir={json.dumps(str(run.path))}"]), progress)
-        _mark_done(run.path, info["final"])
+        info = run_fit(run.task, run.cfg.override([f"output_dir={json.dumps(str(run.path))}"]), progress)
+        mark_done(run.path, info["final"])
         spent += time.perf_counter() - t0
         nominal_spent += nominal_seconds(run, budget)
 

@@ -15,7 +15,7 @@ from statistics import fmean, stdev
 from typing import Any, Callable
 
 from .demo import DemoBudget
-from .experiment import Run, SeedPlan, length_points
+from .experiment_plan import Run, SeedPlan, length_points
 
 METRICS = ("AP", "AP50", "AP75")
 

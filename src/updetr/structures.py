@@ -8,6 +8,11 @@ from typing import TypedDict
 import torch
 from torch import Tensor
 
+# The ImageNet channel mean and std (RGB, pixels in [0, 1]) that every ImageBatch's pixels are normalised with:
+# the transforms apply them, and a CNN whose weights expect another normalisation converts inside its forward.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def _pad_bottom_right(maps: list[Tensor], size_divisibility: int = 1) -> tuple[Tensor, Tensor]:
     """(C, H_i, W_i) tensors -> zero-padded (B, C, H, W) and the mask (B, H, W), True on padding.
@@ -31,7 +36,7 @@ class ImageBatch:
     """A batch of images padded to a common size.
 
     Attributes:
-        pixels: float tensor (B, 3, H, W), normalised with ImageNet mean/std; padded
+        pixels: float tensor (B, 3, H, W), normalised with ``IMAGENET_MEAN`` / ``IMAGENET_STD``; padded
             pixels are 0.
         padding_mask: bool tensor (B, H, W); ``True`` marks padding (not image).
     """

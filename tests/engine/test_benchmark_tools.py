@@ -87,7 +87,7 @@ def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_pa
     import pytest
     import torch
 
-    import updetr.demo
+    import updetr.stages
     from updetr.demo import prepare_data
 
     module = _load("parallel_sweep")
@@ -110,7 +110,7 @@ def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_pa
     # a job: pre-training, then fine-tuning from its checkpoint, on that benchmark with the budget's frozen
     # ImageNet CNN (the fits themselves are recorded, not run)
     fits = []
-    monkeypatch.setattr(updetr.demo, "_run_fit", lambda task_cls, cfg, progress: fits.append((task_cls.__name__, cfg)))
+    monkeypatch.setattr(updetr.stages, "run_fit", lambda task_cls, cfg, progress: fits.append((task_cls.__name__, cfg)))
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # run_job sets the thread count from it
     module.run_job(out, 1, "up2", 2, "cpu", ["pretrain.num_patches=2"])
     (pre_name, pre), (ft_name, ft) = fits

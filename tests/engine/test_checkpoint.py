@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from updetr.engine import checkpoint as C
-from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from updetr import serialization as C
+from updetr.serialization import CheckpointError, load_checkpoint, save_checkpoint
 
 _RAN = []
 

@@ -12,8 +12,10 @@ from updetr.config import ModelConfig, PretrainConfig, make_config
 from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides,
                                    generate_embedded)
 from updetr.engine.checkpoint import save_checkpoint
-from updetr.engine.one_shot import OneShotOptions, OneShotTask, add_oneshot_parser, evaluate_one_shot, parse_exemplar
+from updetr.cli_oneshot import add_oneshot_parser
+from updetr.engine.one_shot import OneShotOptions, OneShotTask, evaluate_one_shot
 from updetr.models import build_updetr
+from updetr.one_shot_predict import parse_exemplar
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

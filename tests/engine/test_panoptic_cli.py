@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from updetr import cli
+from updetr.cli_panoptic import add_panoptic_parser
 from updetr.config import make_config
 from updetr.data.coco_panoptic import rgb_to_id
 from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES, generate_embedded
@@ -16,7 +17,6 @@ from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_chec
 from updetr.engine.panoptic import (
     PanopticOptions,
     PanopticTask,
-    add_panoptic_parser,
     build_panoptic_model,
     initialise_panoptic_model,
 )

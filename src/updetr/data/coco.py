@@ -12,8 +12,6 @@ image; labels are contiguous class indices ``[0, C)`` with ``C = len(dataset.cla
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -25,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from updetr.coco_json import coco_from_dict
 from updetr.data.io import OUTSIDE_ROOT_ENV, DataError, load_annotated_image, path_inside
 from updetr.structures import Target
 
@@ -40,15 +38,6 @@ Transforms = Callable[[Image.Image, Target], tuple[Any, Target]]
 # Box coordinates may exceed the image by this much (float rounding in COCO files)
 # before the box counts as "clipped"; boxes are clipped either way.
 _CLIP_TOLERANCE_PX = 0.01
-
-
-def coco_from_dict(data: dict[str, Any]) -> COCO:
-    """A ``pycocotools`` COCO object over an in-memory annotation dict (no printing)."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
-    return coco
 
 
 def _is_number(value: Any) -> bool:

@@ -188,7 +188,7 @@ class CocoPanoptic(Dataset):
         """``pycocotools`` COCO of the segments as boxes (JSON ``bbox``/``area``/``iscrowd``,
         things and stuff), the ground truth of box AP; built on first use."""
         if self._coco is None:
-            from updetr.data.coco import coco_from_dict
+            from updetr.coco_json import coco_from_dict
 
             annotations = []
             for image_id, segments in zip(self.image_ids, self._segments):

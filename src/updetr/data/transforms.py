@@ -36,12 +36,9 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from updetr.config import DataConfig
-from updetr.structures import Target
+from updetr.structures import IMAGENET_MEAN, IMAGENET_STD, Target
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform", "build_transforms", "resized_size"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Per-instance target entries (first dimension N) filtered together with the boxes.
 _INSTANCE_KEYS = ("labels", "area", "iscrowd")

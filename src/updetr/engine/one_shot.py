@@ -1,4 +1,4 @@
-"""One-shot detection: the training task, evaluation, prediction and the ``updetr oneshot`` CLI.
+"""One-shot detection: the training task and its evaluation.
 
 Python entry points (the ``updetr experiment`` report calls these):
 
@@ -7,16 +7,15 @@ Python entry points (the ``updetr experiment`` report calls these):
   checkpoints land in ``cfg.output_dir`` (``checkpoint.pth``, ``best.pth`` by seen AP50).
 - :func:`evaluate_one_shot` ``(checkpoint) -> dict``: the CoAE protocol (5 query draws
   per (test image, class), AP50 per class, means over seen and unseen classes).
-- :func:`predict_one_shot`: every detection of an exemplar's class in some images.
+
+Prediction with drawing is :func:`updetr.one_shot_predict.predict_one_shot`; the ``updetr oneshot``
+command line is :mod:`updetr.cli_oneshot`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ..box_ops import normalized_cxcywh_to_xyxy_px
@@ -32,15 +30,14 @@ from ..config import Config, ConfigError, DataConfig
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_with_patches
 from ..data.feature_cache import cache_train_val, collate_features_with_patches
-from ..data.io import DataError, load_image
+from ..data.io import DataError
 from ..data.one_shot import (
-    CachedOneShot, OneShotEpisodes, OneShotSplit, OneShotTrainDataset, check_exemplar_box, collate_one_shot, crop_query_patch,
-    load_oneshot_split,
+    CachedOneShot, OneShotEpisodes, OneShotSplit, OneShotTrainDataset, collate_one_shot, load_oneshot_split,
 )  # fmt: skip
-from ..evaluation.one_shot import AP_METHODS, OneShotEvaluator, OneShotResult, format_table3
+from ..evaluation.one_shot import AP_METHODS, OneShotEvaluator, OneShotResult
 from ..losses.criterion import build_criterion
 from ..models.one_shot import MATCH_LABEL, OneShotDETR, build_one_shot, init_one_shot_from_checkpoint
-from ..structures import DetectionOutput, ImageBatch
+from ..structures import DetectionOutput
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from .detection import targets_to_device
 from .distributed import DistInfo, resolve_device
@@ -290,215 +287,3 @@ def evaluate_one_shot(checkpoint: str | Path, **kwargs: Any) -> dict[str, Any]:
         "dataset", "num_episodes"}``; AP50 in percent, NaN where undefined.
     """
     return evaluate_one_shot_result(checkpoint, **kwargs).to_dict()
-
-
-_BOX = re.compile(r"^\s*[-+0-9.eE]+(\s*,\s*[-+0-9.eE]+)*\s*$")
-
-
-def parse_exemplar(spec: str) -> tuple[Path, tuple[float, float, float, float] | None]:
-    """``IMG`` or ``IMG:x,y,w,h`` (pixels) -> (path, box xywh or None = the whole image)."""
-    path, sep, box = spec.rpartition(":")
-    if not sep or not _BOX.match(box) or "," not in box:
-        return Path(spec), None
-    try:
-        values = tuple(float(v) for v in box.split(","))
-    except ValueError:
-        raise DataError(f"--exemplar {spec!r}: the box must be x,y,w,h in pixels") from None
-    if len(values) != 4:
-        raise DataError(f"--exemplar {spec!r}: the box must be 4 numbers x,y,w,h in pixels, got {len(values)}")
-    return Path(path), values  # type: ignore[return-value]
-
-
-@torch.inference_mode()
-def predict_one_shot(
-    loaded: LoadedOneShot, exemplar: str | Path, box_xywh: tuple[float, float, float, float] | None,
-    images: list[str], output_dir: str | Path, *, threshold: float = 0.5, label: str = "match",
-    device: torch.device | str = "cpu", progress: bool = True,
-) -> Path:
-    """Detect every object of the exemplar's class in ``images`` (files or folders).
-
-    ``box_xywh``: the exemplar's box in pixels of ``exemplar`` (None: the whole image).
-    Writes ``detections.json`` (``{"exemplar": {"file", "box_xywh"}, "images": [{"file",
-    "width", "height", "detections": [{"score", "box_xyxy"}]}]}``), ``exemplar.png`` (the box
-    drawn) and one ``<index>_<name>.png`` per image with the detections of score >= ``threshold``.
-    """
-    from ..data.folder import ImageFolder, finish_skipped
-    from ..data.transforms import build_transforms
-    from ..visualize import draw_detections, save_image
-
-    exemplar = Path(exemplar)
-    picture = load_image(exemplar)
-    hw = (picture.height, picture.width)
-    box_xywh = box_xywh or (0.0, 0.0, float(picture.width), float(picture.height))
-    x, y, w, h = box_xywh
-    box_xyxy = (x, y, x + w, y + h)
-    check_exemplar_box(box_xyxy, hw, loaded.options.min_exemplar_size, f"--exemplar {exemplar}")
-    patch = crop_query_patch(F.pil_to_tensor(picture), box_xyxy, loaded.config.pretrain.query_size)[None].to(device)
-    out = Path(output_dir)
-    save_image(draw_detections(picture, torch.tensor([box_xyxy]), ["exemplar"]), out / "exemplar.png")
-    dataset = ImageFolder(images, transforms=build_transforms(loaded.config.data, train=False))
-    results, skipped = [], []
-    usable = dataset.iter_usable(skipped)  # an unreadable image is skipped and listed in skipped.json
-    for i, pixels, info, image in tqdm(usable, total=len(dataset), desc="one-shot predict", disable=not progress,
-                                       dynamic_ncols=True):
-        output = loaded.model(ImageBatch.from_tensors([pixels]).to(device), patch)
-        scores = output.logits.float().softmax(-1)[0, :, MATCH_LABEL].cpu()  # (Q,)
-        boxes = normalized_cxcywh_to_xyxy_px(output.boxes[0].float().cpu(), info["orig_size"])  # (Q, 4)
-        keep = scores >= threshold
-        order = scores[keep].argsort(descending=True)
-        scores, boxes = scores[keep][order], boxes[keep][order]
-        path = Path(info["path"])
-        height, width = (int(v) for v in info["orig_size"])
-        results.append({"file": str(path), "width": width, "height": height, "detections": [
-            {"score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]} for s, b in zip(scores, boxes)]})
-        drawn = draw_detections(image, boxes, [label] * len(scores), scores, color_ids=[0] * len(scores))
-        save_image(drawn, out / f"{i:04d}_{path.stem}.png")
-    finish_skipped(out, skipped, len(dataset))
-    payload = {"exemplar": {"file": str(exemplar), "box_xywh": list(box_xywh)}, "threshold": threshold, "images": results}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "detections.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out / "detections.json")
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _add_option_args(p: argparse.ArgumentParser, train: bool) -> None:
-    g = p.add_argument_group("one-shot options")
-    g.add_argument("--split", help="seen/unseen classes: voc (the paper's) | JSON file {'seen': [...], 'unseen': [...]} "
-                   "| 'unseen=a,b[;seen=c,d]' (default: data.root/oneshot_split.json, or voc for VOC data)")  # fmt: skip
-    g.add_argument("--draws", type=int, help="query patches per (test image, class); AP50 averaged over them (default 5)")
-    g.add_argument("--ap-method", choices=AP_METHODS, help="voc07: 11-point (CoAE, default) | voc: all-point area")
-    if train:
-        g.add_argument("--min-exemplar-size", type=int, help="smallest exemplar box side in pixels (default 8)")
-        frozen = g.add_mutually_exclusive_group()
-        frozen.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true", default=None,
-                            help="frozen CNN (image and query patch)")  # fmt: skip
-        frozen.add_argument("--train-backbone", dest="freeze_backbone", action="store_false",
-                            help="train CNN layers 2-4 at optim.lr_backbone (default: trainable iff lr_backbone > 0)")  # fmt: skip
-        g.add_argument("--exclude-unseen-images", action="store_true", default=None,
-                       help="skip training images showing any unseen object (default: they train on their seen classes)")  # fmt: skip
-
-
-def _options_from_args(base: OneShotOptions, args: argparse.Namespace) -> OneShotOptions:
-    names = {"split": "split", "draws": "num_draws", "ap_method": "ap_method", "min_exemplar_size": "min_exemplar_size",
-             "freeze_backbone": "freeze_backbone", "exclude_unseen_images": "exclude_unseen_images"}  # fmt: skip
-    changes = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
-    return dataclasses.replace(base, **changes).validate()
-
-
-def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``oneshot {train,eval,predict}`` on the top-level subparsers of ``updetr``."""
-    from ..cli import _add_config_args
-
-    p = subparsers.add_parser("oneshot", help="one-shot detection: find every object of a class from one exemplar")
-    action = p.add_subparsers(dest="oneshot_command", required=True)
-    common = getattr(subparsers, "common", None)  # cli.py's shared --verbose / --no-progress
-    if common is None:
-        common = argparse.ArgumentParser(add_help=False)
-        common.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
-        common.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    def leaf(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return action.add_parser(name, parents=[common], **kwargs)
-
-    t = leaf("train", help="train one-shot detection on the seen classes (CoAE protocol)")
-    _add_config_args(t)
-    t.add_argument("--init-from", help="UP-DETR pre-training checkpoint (keeps patch2query), DETR/UP-DETR detection "
-                   "checkpoint (fresh patch2query), or a one-shot checkpoint; default: from scratch")  # fmt: skip
-    t.add_argument("--resume", help="continue exactly from a checkpoint.pth of this run")
-    _add_option_args(t, train=True)
-    t.set_defaults(func=cmd_oneshot_train)
-
-    e = leaf("eval", help="AP50 on seen and unseen classes, printed as paper Table 3")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data-split", default="val", choices=["train", "val"], help="which dataset split to test on")
-    e.add_argument("--classes", help="comma-separated class names to evaluate (default: the whole split)")
-    e.add_argument("--data-root")
-    e.add_argument("--format", choices=["coco", "voc"])
-    e.add_argument("--embedded", metavar="DIR")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    e.add_argument("--batch-size", type=int)
-    e.add_argument("--device")
-    e.add_argument("--json", help="also write the result to this JSON file")
-    _add_option_args(e, train=False)
-    e.set_defaults(func=cmd_oneshot_eval)
-
-    q = leaf("predict", help="draw every detection of the exemplar's class in target images")
-    q.add_argument("--exemplar", required=True, metavar="IMG[:x,y,w,h]",
-                   help="exemplar image, optionally with the object's box in pixels (default: the whole image)")  # fmt: skip
-    q.add_argument("--image", dest="images", nargs="+", required=True, metavar="TARGET", help="target images or folders")
-    q.add_argument("--checkpoint", required=True)
-    q.add_argument("--output", default="oneshot_predictions")
-    q.add_argument("--threshold", type=float, default=0.5, help="minimum match score (default 0.5)")
-    q.add_argument("--label", default="match", help="caption of the drawn boxes")
-    q.add_argument("--device")
-    q.set_defaults(func=cmd_oneshot_predict)
-    return p
-
-
-def cmd_oneshot_train(args: argparse.Namespace) -> int:
-    from ..cli import _setup_logging, config_from_args
-    from .distributed import cleanup, init_distributed
-
-    cfg = config_from_args(args)
-    options = _options_from_args(options_from_config(cfg), args)
-    dist_info = init_distributed(cfg.device)
-    _setup_logging(dist_info.rank, getattr(args, "verbose", False))
-    try:
-        result = train_one_shot(cfg, options, resume=args.resume, progress=not getattr(args, "no_progress", False),
-                                dist_info=dist_info)  # fmt: skip
-    finally:
-        cleanup()
-    if dist_info.is_main:
-        m = result.final_metrics
-        if m:
-            print(f"\nfinal validation: AP50 seen {m.get('AP50_seen', float('nan')):.1f}, "
-                  f"unseen {m.get('AP50_unseen', float('nan')):.1f}")  # fmt: skip
-        print(f"run folder: {result.output_dir}\nevaluate: updetr oneshot eval --checkpoint {result.output_dir / 'checkpoint.pth'}")
-    return 0
-
-
-def cmd_oneshot_eval(args: argparse.Namespace) -> int:
-    from ..cli import _setup_logging
-    from ..data.embedded import embedded_data_overrides
-
-    _setup_logging(0, getattr(args, "verbose", False))
-    data = None
-    overrides = []
-    if args.embedded:
-        overrides += embedded_data_overrides(args.embedded)
-    if args.data_root:
-        overrides.append(f"data.root={json.dumps(args.data_root)}")
-    if args.format:
-        overrides.append(f"data.format={json.dumps(args.format)}")
-    overrides += list(args.overrides)
-    if overrides:
-        data = Config.from_dict(load_checkpoint(args.checkpoint)["config"], args.checkpoint).override(overrides).data
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    result = evaluate_one_shot_result(
-        args.checkpoint, data=data, data_split=args.data_split, split=args.split, classes=classes,
-        num_draws=args.draws, ap_method=args.ap_method, device=args.device or "auto", batch_size=args.batch_size,
-        progress=not getattr(args, "no_progress", False),
-    )  # fmt: skip
-    title = (f"One-shot detection, AP50 (%): {result.extra['dataset']}, {result.num_draws} query draws per "
-             f"(image, class), {result.method} AP, {result.extra['num_episodes']} episodes")  # fmt: skip
-    print(format_table3({f"this checkpoint (init: {result.extra['init']})": result}, title=title))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0
-
-
-def cmd_oneshot_predict(args: argparse.Namespace) -> int:
-    from ..cli import _setup_logging
-
-    _setup_logging(0, getattr(args, "verbose", False))
-    exemplar, box = parse_exemplar(args.exemplar)
-    device = resolve_device(args.device or "auto")
-    loaded = load_one_shot_model(args.checkpoint, device)
-    out = predict_one_shot(loaded, exemplar, box, args.images, args.output, threshold=args.threshold, label=args.label,
-                           device=device, progress=not getattr(args, "no_progress", False))  # fmt: skip
-    print(f"wrote {out / 'detections.json'} and drawn images to {out}")
-    return 0

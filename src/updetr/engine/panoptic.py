@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "PanopticOptions", "PanopticTask", "LoadedPanopticModel", "build_panoptic_dataset", "evaluate_panoptic",
     "initialise_panoptic_model", "load_panoptic_model", "panoptic_paths", "run_panoptic_evaluation",
-    "add_panoptic_parser",
 ]
 
 STAGES = ("1", "2", "joint")
@@ -395,9 +394,3 @@ def load_panoptic_model(path: str | Path, device: torch.device | str = "cpu") ->
     model.to(device).eval()
     return LoadedPanopticModel(model, cfg, options, classes, list(ckpt["category_ids"]), categories)
 
-
-def add_panoptic_parser(subparsers: Any) -> None:
-    """Register ``updetr panoptic {train,eval,predict}`` (see :mod:`updetr.panoptic_cli`)."""
-    from ..panoptic_cli import add_panoptic_parser as add
-
-    add(subparsers)

@@ -43,7 +43,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from updetr.data.coco import coco_from_dict
+from updetr.coco_json import coco_from_dict
 from updetr.structures import DetectionOutput
 
 __all__ = [

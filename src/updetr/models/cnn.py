@@ -10,7 +10,7 @@ feature maps (last layer last), and these attributes:
     num_channels  channels of the last map (Cb)
     last_stage    4 (stride 32) or 3 (stride 16)
 
-Input pixels are always ImageNet-normalised (``data.transforms.IMAGENET_MEAN`` / ``IMAGENET_STD``); a body whose
+Input pixels are always ImageNet-normalised (``structures.IMAGENET_MEAN`` / ``IMAGENET_STD``); a body whose
 weights expect another normalisation converts inside its forward, so data, caches and query patches are the same
 for every architecture.
 """

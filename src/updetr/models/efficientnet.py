@@ -23,7 +23,7 @@ from timm.layers import Conv2dSame, FrozenBatchNormAct2d, freeze_batch_norm_2d, 
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import Tensor, nn
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..structures import IMAGENET_MEAN, IMAGENET_STD
 from .cnn import BackboneWeightsError, CNNBackbone, check_state_keys, read_weights_file
 
 log = logging.getLogger(__name__)

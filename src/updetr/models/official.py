@@ -39,7 +39,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError, ModelConfig, PretrainConfig
-from ..engine.checkpoint import CheckpointError, format_keys, load_state_dict_strict, safe_torch_load, save_checkpoint
+from ..serialization import CheckpointError, format_keys, load_state_dict_strict, safe_torch_load, save_checkpoint
 from .detr import build_detr
 from .updetr import build_updetr
 

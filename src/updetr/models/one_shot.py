@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..engine.checkpoint import init_from_checkpoint, load_checkpoint
+from ..serialization import init_from_checkpoint, load_checkpoint
 from ..structures import DetectionOutput, FeatureBatch, ImageBatch
 from .backbone import Joiner
 from .detr import DETR, build_detr
@@ -113,7 +113,7 @@ def init_one_shot_from_checkpoint(model: OneShotDETR, path: str | Path) -> dict[
     """Initialise ``model`` from a pre-training, detection or one-shot checkpoint (see module docstring).
 
     Strict apart from the dropped heads: any other missing, extra or mis-shaped key is a
-    :class:`~updetr.engine.checkpoint.CheckpointError` listing them. Returns
+    :class:`~updetr.serialization.CheckpointError` listing them. Returns
     ``{"kind", "loaded", "dropped", "kept_fresh"}``.
     """
     ckpt = load_checkpoint(path)

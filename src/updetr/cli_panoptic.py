@@ -1,7 +1,7 @@
-"""``updetr panoptic {train,eval,predict}``: parsing and printing only; the work is in the library.
+"""``updetr panoptic {train,eval,predict}``: parsing and printing only; the work is in the library
+(:mod:`updetr.engine.panoptic`, :mod:`updetr.panoptic_predict`).
 
-Hooked into ``updetr.cli.build_parser`` with ``add_panoptic_parser(sub)``. The shared helpers
-of ``updetr.cli`` are imported lazily, so either module may import the other first.
+Hooked into ``updetr.cli.build_parser`` with ``add_panoptic_parser(sub)``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-__all__ = ["add_panoptic_parser", "predict_panoptic", "panoptic_overlay"]
+from .cli_common import add_config_args, config_from_args, setup_logging
+from .config import ConfigError
+from .data.collate import collate_detection
+from .data.embedded import embedded_data_overrides
+from .engine.distributed import DistInfo, cleanup, init_distributed, resolve_device
+from .engine.loop import fit, make_loader
+from .engine.panoptic import (
+    PanopticOptions, PanopticTask, build_panoptic_dataset, load_panoptic_model, run_panoptic_evaluation,
+)  # fmt: skip
+from .panoptic_predict import predict_panoptic
+
+__all__ = ["add_panoptic_parser", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train"]
 
 _TABLE = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
 
@@ -46,14 +55,12 @@ def _add_postprocess_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 def add_panoptic_parser(subparsers: Any) -> None:
     """Add ``panoptic`` with ``train``, ``eval`` and ``predict`` to ``updetr``'s subcommands."""
-    from .cli import _add_config_args
-
     common = getattr(subparsers, "common", None)
     p = subparsers.add_parser("panoptic", help="panoptic segmentation: DETR's mask head, PQ / SQ / RQ")
     psub = p.add_subparsers(dest="panoptic_command", required=True)
 
     q = _leaf(psub, common, "train", help="train stage 1 (detector on boxes), stage 2 (frozen detector + mask head) or jointly")
-    _add_config_args(q)
+    add_config_args(q)
     q.add_argument("--stage", choices=["1", "2", "joint"], default="1",
                    help="1: detector on the segments' boxes; 2: frozen detector, mask head (needs --init-from); joint")
     q.add_argument("--init-from", help="start from a pre-training, detection or panoptic checkpoint (stage 2: the stage-1 run)")
@@ -87,8 +94,6 @@ def add_panoptic_parser(subparsers: Any) -> None:
 
 
 def _options_from_args(args: argparse.Namespace, base: Any = None) -> Any:
-    from .engine.panoptic import PanopticOptions
-
     options = base or PanopticOptions()
     updates = {
         "stage": getattr(args, "stage", None), "loss_mask": getattr(args, "mask_loss_coef", None),
@@ -113,15 +118,10 @@ def _print_table(title: str, metrics: dict[str, float]) -> None:
 
 
 def cmd_panoptic_train(args: argparse.Namespace) -> int:
-    from .cli import _setup_logging, config_from_args
-    from .engine.distributed import cleanup, init_distributed
-    from .engine.loop import fit
-    from .engine.panoptic import PanopticTask
-
     cfg = config_from_args(args)
     options = _options_from_args(args)
     dist_info = init_distributed(cfg.device)
-    _setup_logging(dist_info.rank, getattr(args, "verbose", False))
+    setup_logging(dist_info.rank, getattr(args, "verbose", False))
     try:
         result = fit(PanopticTask(cfg, options), cfg, dist_info, resume=args.resume,
                      progress=not getattr(args, "no_progress", False))
@@ -135,14 +135,7 @@ def cmd_panoptic_train(args: argparse.Namespace) -> int:
 
 
 def cmd_panoptic_eval(args: argparse.Namespace) -> int:
-    from .cli import _setup_logging
-    from .data.embedded import embedded_data_overrides
-    from .config import ConfigError
-    from .engine.distributed import DistInfo, resolve_device
-    from .engine.loop import make_loader
-    from .engine.panoptic import build_panoptic_dataset, load_panoptic_model, run_panoptic_evaluation
-
-    _setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, getattr(args, "verbose", False))
     device = resolve_device(args.device or "auto")
     loaded = load_panoptic_model(args.checkpoint, device)
     if loaded.options.stage == "1":
@@ -165,7 +158,7 @@ def cmd_panoptic_eval(args: argparse.Namespace) -> int:
     dataset = build_panoptic_dataset(cfg, options, args.split, return_masks=False)
     if list(dataset.classes) != loaded.classes:
         raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
-    loader = make_loader(dataset, _collate, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device),
+    loader = make_loader(dataset, collate_detection, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device),
                          train=False, seed=0)
     with torch.inference_mode():
         pq, ap = run_panoptic_evaluation(loaded.model, loader, device, threshold=options.threshold,
@@ -186,100 +179,14 @@ def _print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
         print(f"| {name} | {'yes' if v['isthing'] else 'no'} | " + " | ".join(cells) + f" | {v['TP']} | {v['FP']} | {v['FN']} |")
 
 
-def _collate(batch):
-    from .data.collate import collate_detection
-
-    return collate_detection(batch)
-
-
 def cmd_panoptic_predict(args: argparse.Namespace) -> int:
-    from .cli import _setup_logging
-    from .engine.distributed import resolve_device
-    from .engine.panoptic import load_panoptic_model
-
-    _setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, getattr(args, "verbose", False))
     device = resolve_device(args.device or "auto")
     loaded = load_panoptic_model(args.checkpoint, device)
     if loaded.options.stage == "1":
-        from .config import ConfigError
-
         raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint and has no mask head")
     options = _options_from_args(args, loaded.options)
     out = predict_panoptic(loaded, args.images, args.output, threshold=options.threshold, min_area=options.min_area,
                            device=device, progress=not getattr(args, "no_progress", False))
     print(f"wrote {out / 'panoptic.json'}, panoptic PNGs and overlays to {out}")
     return 0
-
-
-@torch.inference_mode()
-def predict_panoptic(
-    loaded: Any, inputs: list[str], output_dir: str | Path, *, threshold: float = 0.85, min_area: int = 5,
-    device: torch.device | str = "cpu", progress: bool = True,
-) -> Path:
-    """Segment image files/folders. Per image ``NNNN_<stem>.png`` (COCO panoptic ids as RGB),
-    ``NNNN_<stem>_overlay.png`` (colours over the image) and one ``panoptic.json``:
-    ``{"annotations": [{"image_id", "file_name", "image", "width", "height", "segments_info"}],
-    "categories": [...]}`` in COCO panoptic form."""
-    from tqdm.auto import tqdm
-
-    from .data.coco_panoptic import id_to_rgb
-    from .data.folder import ImageFolder, finish_skipped
-    from .data.transforms import build_transforms
-    from .evaluation.panoptic import postprocess_panoptic
-    from .structures import ImageBatch
-    from .visualize import save_image
-
-    out = Path(output_dir)
-    dataset = ImageFolder(inputs, transforms=build_transforms(loaded.config.data, train=False))  # files and folders
-    annotations, skipped = [], []
-    usable = dataset.iter_usable(skipped)  # an unreadable image is skipped and listed in skipped.json
-    for i, pixels, info, image in tqdm(usable, total=len(dataset), desc="panoptic", disable=not progress, dynamic_ncols=True):
-        batch = ImageBatch.from_tensors([pixels]).to(device)
-        output = loaded.model(batch)
-        segmentation = postprocess_panoptic(
-            output, info["size"].view(1, 2), info["orig_size"].view(1, 2), isthing=loaded.isthing,
-            category_ids=loaded.category_ids, threshold=threshold, min_area=min_area,
-        )[0]
-        path = Path(info["path"])
-        stem = f"{i:04d}_{path.stem}"
-        ids = segmentation.segment_ids.cpu().numpy()
-        save_image(Image.fromarray(id_to_rgb(ids)), out / f"{stem}.png")
-        overlay = panoptic_overlay(image, ids, segmentation.segments_info, loaded.categories)
-        save_image(overlay, out / f"{stem}_overlay.png")
-        names = {c["id"]: c["name"] for c in loaded.categories}
-        annotations.append({
-            "image_id": i, "file_name": f"{stem}.png", "image": str(path), "height": int(ids.shape[0]), "width": int(ids.shape[1]),
-            "segments_info": [dict(s, name=names[s["category_id"]]) for s in segmentation.segments_info],
-        })
-    finish_skipped(out, skipped, len(dataset))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "panoptic.json.tmp"
-    tmp.write_text(json.dumps({"annotations": annotations, "categories": loaded.categories}, indent=1) + "\n")
-    tmp.replace(out / "panoptic.json")
-    return out
-
-
-def panoptic_overlay(
-    image: Image.Image, segment_ids: np.ndarray, segments_info: list[dict[str, Any]], categories: list[dict[str, Any]],
-    alpha: float = 0.5,
-) -> Image.Image:
-    """``image`` blended with one colour per segment (the category's ``color`` when it has one;
-    thing instances of a class shifted apart), segment borders dark, void left as is."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colours = {c["id"]: np.asarray(c.get("color") or _fallback_colour(c["id"]), dtype=np.float32) for c in categories}
-    painted = rgb.copy()
-    for k, segment in enumerate(segments_info):
-        colour = colours.get(segment["category_id"], _fallback_colour(segment["category_id"]))
-        if segment.get("isthing"):
-            colour = np.clip(colour + np.asarray(_fallback_colour(k + 7)) * 0.35 - 45, 0, 255)
-        mask = segment_ids == segment["id"]
-        painted[mask] = (1 - alpha) * rgb[mask] + alpha * colour
-    border = np.zeros(segment_ids.shape, dtype=bool)
-    border[1:] |= segment_ids[1:] != segment_ids[:-1]
-    border[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
-    painted[border] *= 0.3
-    return Image.fromarray(np.clip(painted + 0.5, 0, 255).astype(np.uint8))
-
-
-def _fallback_colour(key: int) -> np.ndarray:
-    return np.random.default_rng(int(key) + 1000).integers(40, 256, size=3).astype(np.float32)

@@ -152,19 +152,28 @@ PHOTOGRAPHS = ("skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimag
                "skimage:immunohistochemistry", "skimage:hubble_deep_field", "skimage:colorwheel")
 
 
-def write_photographs(folder: Path, longer_side: int = 256) -> list[Path]:
-    """The bundled :data:`PHOTOGRAPHS` as RGB JPEGs in ``folder``, longer side ``longer_side`` (the benchmark's scale)."""
+def photographs(longer_side: int = 256) -> list[tuple[str, Image.Image]]:
+    """``(name, RGB image)`` of each of the bundled :data:`PHOTOGRAPHS`, longer side ``longer_side``."""
     from .data.embedded import bundled_picture
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    out = []
     for spec in PHOTOGRAPHS:
         array = bundled_picture(spec)
         array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
         image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
         scale = longer_side / max(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-        path = folder / f"{spec.split(':')[1].split('.')[0]}.jpg"
+        if scale != 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        out.append((spec.split(":")[1].split(".")[0], image))
+    return out
+
+
+def write_photographs(folder: Path, longer_side: int = 256) -> list[Path]:
+    """The bundled :data:`PHOTOGRAPHS` as RGB JPEGs in ``folder``, longer side ``longer_side`` (the benchmark's scale)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in photographs(longer_side):
+        path = folder / f"{name}.jpg"
         image.save(path, quality=95)
         paths.append(path)
     return paths

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data.io import DataError, load_image, open_image
@@ -58,19 +57,9 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def bundled_photographs(side: int = PHOTO_SIDE) -> list[tuple[str, Image.Image]]:
     """``(name, RGB image)`` of every photograph of :data:`updetr.report.PHOTOGRAPHS`, longer side ``side``."""
-    from ..data.embedded import bundled_picture
-    from ..report import PHOTOGRAPHS
+    from ..report import photographs
 
-    out = []
-    for spec in PHOTOGRAPHS:
-        array = bundled_picture(spec)
-        array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
-        image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
-        scale = side / max(image.size)
-        if scale != 1:
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-        out.append((spec.split(":")[1].split(".")[0], image))
-    return out
+    return photographs(side)
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [Path(c) for c in args.checkpoint] if args.checkpoint else _embedded_checkpoints(Path(tmp))
         for checkpoint in checkpoints:
             exported = load_for_export(checkpoint)
-            onnx_file = export_onnx(checkpoint, Path(tmp) / f"{checkpoint.stem}.onnx")
+            onnx_file = export_onnx(exported, Path(tmp) / f"{checkpoint.stem}.onnx")
             name = f"{exported.task} ({checkpoint.name if args.checkpoint else 'embedded recipe'})"
             for threads in args.threads:
                 torch.set_num_threads(threads)

@@ -165,10 +165,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import OPSET, export_onnx, load_for_export, onnx_session, parity
 
     setup_logging(0, args.verbose)
-    out = export_onnx(args.checkpoint, args.out)
+    exported = load_for_export(args.checkpoint)
+    out = export_onnx(exported, args.out)
     print(f"wrote {out} (ONNX opset {OPSET}; inputs and outputs: see the README's Export section)")
     if args.check:
-        exported = load_for_export(args.checkpoint)
         size = exported.config.data.val_size
         for row in parity(exported, onnx_session(out), [(size, size), (size * 3 // 4 + 1, size * 3 // 2)]):
             print(f"ONNX Runtime vs PyTorch at {row['height']}x{row['width']} (batch {row['batch']}): "

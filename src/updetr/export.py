@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .structures import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,10 @@ def load_for_export(checkpoint: str | Path) -> ExportedModel:
     return ExportedModel(loaded.model, loaded.task, loaded.config, list(loaded.classes))
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[int, int] | None = None) -> Path:
-    """Write ``checkpoint``'s model to ``out`` (a single ``.onnx`` file, weights inside) and return its path.
+def export_onnx(checkpoint: str | Path | ExportedModel, out: str | Path, *,
+                example_size: tuple[int, int] | None = None) -> Path:
+    """Write ``checkpoint``'s model (a path, or what :func:`load_for_export` read from one) to ``out`` (a single
+    ``.onnx`` file, weights inside) and return its path.
 
     Batch, image height and width (and the query patch side) are dynamic; ``example_size`` is only the size
     traced (default: the evaluation size of a square image, ``data.val_size``).
@@ -185,7 +187,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, example_size: tuple[
                           "(or pip install -e '.[export]' in a clone)") from None
     if out.is_dir():
         raise ExportError(f"{out}: is a folder; name the file to write, e.g. {out / 'model.onnx'}")
-    exported = load_for_export(checkpoint)
+    exported = checkpoint if isinstance(checkpoint, ExportedModel) else load_for_export(checkpoint)
     size = example_size or (exported.config.data.val_size,) * 2
     graph = exported.graph()
     inputs = exported.example_inputs(*size, batch=2)

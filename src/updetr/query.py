@@ -46,8 +46,14 @@ def crop_patch(image: Image.Image, box_xywh: tuple[float, float, float, float], 
         raise DataError(f"{source}: box {box_xywh} is smaller than the minimum patch side of {min_size} pixels")
     if x < 0 or y < 0 or x + w > image.width or y + h > image.height:
         raise DataError(f"{source}: box {box_xywh} lies outside the {image.width}x{image.height} image")
+    return patch_pixels(image, box_xywh, size)
+
+
+def patch_pixels(image: Image.Image, box_xywh: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """The query patch of an already checked ``box`` (pixels, x y w h): cropped, resized to ``size``², normalised."""
+    x, y, w, h = box_xywh
     pixels = F.pil_to_tensor(image)  # uint8 (3, H, W)
-    patch = F.resized_crop(pixels, round(y), round(x), round(h), round(w), [size, size], antialias=True)
+    patch = F.resized_crop(pixels, round(y), round(x), max(1, round(h)), max(1, round(w)), [size, size], antialias=True)
     patch = F.to_dtype(patch, torch.float32, scale=True)
     return F.normalize(patch, list(IMAGENET_MEAN), list(IMAGENET_STD))
 

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..stages import is_done
+
 __all__ = ["DemoCheckpoints", "address_note", "find_demo_checkpoints", "build_app", "serve"]
 
 
@@ -29,8 +31,7 @@ class DemoCheckpoints:
 
 def _newest_done(stages: Path, prefix: str, want=lambda folder: True) -> Path | None:
     """The newest finished stage ``stages/<prefix>-<hash>`` (with DONE and checkpoint.pth) that ``want``s."""
-    found = [d for d in stages.glob(f"{prefix}-*") if (d / "DONE").is_file() and (d / "checkpoint.pth").is_file()
-             and want(d)]
+    found = [d for d in stages.glob(f"{prefix}-*") if is_done(d) and (d / "checkpoint.pth").is_file() and want(d)]
     return max(found, key=lambda d: (d / "checkpoint.pth").stat().st_mtime) / "checkpoint.pth" if found else None
 
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from ..box_ops import normalized_cxcywh_to_xyxy_px
 from ..data.io import DataError
 from ..data.transforms import build_transforms
+from ..query import patch_pixels
 from ..structures import ImageBatch
 
 
@@ -108,15 +108,6 @@ class ServeModels:
         pixels, _ = build_transforms(config.data, train=False)(image, {})
         return ImageBatch.from_tensors([pixels]).to(self.device)
 
-    @staticmethod
-    def _patch(image: Image.Image, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
-        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-        x, y, w, h = box
-        pixels = F.pil_to_tensor(image)
-        patch = F.resized_crop(pixels, round(y), round(x), max(1, round(h)), max(1, round(w)), [size, size], antialias=True)
-        return F.normalize(F.to_dtype(patch, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-
     @torch.inference_mode()
     def query(self, source: Image.Image, box: tuple[float, float, float, float], target: Image.Image) -> list[Answer]:
         """The drawn ``box`` of ``source`` found in ``target``: by the pre-trained model (its first query group),
@@ -127,7 +118,7 @@ class ServeModels:
             if self.pretrain is not None:
                 start = time.perf_counter()
                 model = self.pretrain.model
-                patch = self._patch(source, box, self.pretrain.config.pretrain.query_size)
+                patch = patch_pixels(source, box, self.pretrain.config.pretrain.query_size)
                 out = model(self._pixels(self.pretrain.config, target), patch[None, None].to(self.device))
                 scores = out.logits.softmax(-1)[0, :, 0].cpu()  # (Q/M,): the one patch's group
                 xyxy = normalized_cxcywh_to_xyxy_px(out.boxes[0].float().cpu(), size_hw)
@@ -135,7 +126,7 @@ class ServeModels:
                                       _boxes(xyxy, scores, ["patch"] * len(scores)), 1000 * (time.perf_counter() - start)))
             if self.oneshot is not None:
                 start = time.perf_counter()
-                patch = self._patch(source, box, self.oneshot.config.pretrain.query_size)
+                patch = patch_pixels(source, box, self.oneshot.config.pretrain.query_size)
                 out = self.oneshot.model(self._pixels(self.oneshot.config, target), patch[None].to(self.device))
                 scores = out.logits.float().softmax(-1)[0, :, 0].cpu()  # index 0: matches the query patch
                 xyxy = normalized_cxcywh_to_xyxy_px(out.boxes[0].float().cpu(), size_hw)

@@ -12,7 +12,7 @@ process (``time.process_time``), i.e. per core, so other processes on the machin
 inflate them; wall-clock rates are printed too. The pipelines run in alternating rounds and
 each keeps its best round, so what load remains (shared caches) affects both alike.
 
-(a) ``paper``: a re-creation of the authors' ``datasets/selfdet.py`` (method.md §1): PIL image,
+(a) ``paper``: a re-creation of the authors' ``datasets/selfdet.py`` (docs/method.md §1): PIL image,
     ``np.random`` patch boxes, PIL crop, then per patch ``Compose([Resize((128, 128)),
     RandomApply([ColorJitter(.4, .4, .4, .1)], p=.8), RandomGrayscale(.2),
     RandomApply([GaussianBlur], p=.5), ToTensor(), Normalize])`` with PIL's Gaussian blur
@@ -81,7 +81,7 @@ class _PILGaussianBlur:
 
 
 class PaperPipeline:
-    """The authors' pre-training data path, from the description in method.md §1."""
+    """The authors' pre-training data path, from the description in docs/method.md §1."""
 
     def __init__(self, files: list[Path], num_patches: int = 10, max_size: int = 600) -> None:
         self.files = files

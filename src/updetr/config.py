@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """UP-DETR random query patch detection (paper §3.1; method.md §1)."""
+    """UP-DETR random query patch detection (paper §3.1; docs/method.md §1)."""
 
     num_patches: int = 10  # M query patches per image; must divide num_queries
     query_size: int = 128  # query patches are resized to query_size x query_size
@@ -60,7 +60,7 @@ class PretrainConfig:
 
 @dataclass
 class OneShotConfig:
-    """One-shot detection (paper §3.2, §4.3; method.md §3)."""
+    """One-shot detection (paper §3.2, §4.3; docs/method.md §3)."""
 
     split: str = ""  # "" = data.root/oneshot_split.json (voc: the paper's) | voc | JSON file | "unseen=a,b[;seen=c,d]"
     num_draws: int = 5  # query patches per (test image, class); AP50 averaged over them
@@ -430,7 +430,7 @@ def _pretrain_small() -> Config:
 
 
 def _pretrain_r50() -> Config:
-    """The paper's pre-training recipe (method.md §1): R50 (SwAV, frozen), 6+6 pre-norm, Q=100, M=10.
+    """The paper's pre-training recipe (docs/method.md §1): R50 (SwAV, frozen), 6+6 pre-norm, Q=100, M=10.
 
     Global batch 256 = 8 GPUs × 32; 60 epochs, lr ×0.1 after 40; images 320–480 (max 600).
     """

@@ -1,7 +1,7 @@
 """``updetr experiment``'s report: tables, plots and ``results.json``, generated from the runs' ``metrics.jsonl``.
 
 Every number is the mean ± sample standard deviation over seeds. Every row sits next to the paper's
-number for the same row (method.md §2: R50 on VOC, COCO-style AP), and every comparison says whether our
+number for the same row (docs/method.md §2: R50 on VOC, COCO-style AP), and every comparison says whether our
 difference has the paper's direction; that verdict is computed from the numbers below it.
 """
 
@@ -19,7 +19,7 @@ from .experiment_plan import Run, SeedPlan, length_points
 
 METRICS = ("AP", "AP50", "AP75")
 
-# The paper's numbers (method.md §2; R50, VOC trainval07+12 -> test2007).
+# The paper's numbers (docs/method.md §2; R50, VOC trainval07+12 -> test2007).
 PAPER_TABLE1 = {  # (model, fine-tuning epochs) -> AP, AP50, AP75
     ("DETR", 150): (49.9, 74.5, 53.1), ("UP-DETR", 150): (56.1, 79.7, 60.6),
     ("DETR", 300): (54.1, 78.0, 58.3), ("UP-DETR", 300): (57.2, 80.1, 62.0),
@@ -31,7 +31,7 @@ PAPER_TABLE6_AP50 = {"DETR": 74.5, "a": 74.0, "b": 78.7, "c": 62.0, "d": 78.7}
 PAPER_LENGTH_AP = {0.0: 49.9, 0.25: 54.9, 1.0: 56.1}
 PAPER_TABLE3 = {"DETR": {"seen": 46.2, "unseen": 57.3}, "UP-DETR": {"seen": 69.0, "unseen": 73.1}}  # one-shot AP50, VOC
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
-PAPER_TABLE4 = {  # R50, COCO val (method.md §4); DETR re-run with the per-head softmax fix
+PAPER_TABLE4 = {  # R50, COCO val (docs/method.md §4); DETR re-run with the per-head softmax fix
     "DETR": dict(zip(PANOPTIC_METRICS, (44.3, 80.0, 54.5, 49.2, 80.6, 60.3, 37.0, 79.1, 45.9, 32.9))),
     "UP-DETR": dict(zip(PANOPTIC_METRICS, (44.7, 80.5, 54.9, 49.7, 80.9, 60.8, 37.2, 79.3, 46.2, 34.3))),
 }

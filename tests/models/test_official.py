@@ -1,7 +1,7 @@
 """Official DETR / UP-DETR checkpoints: architecture inference, strict loading, conversion.
 
 Nothing can be downloaded here, so the test carries its own minimal re-implementation of
-the authors' forward pass (``reference_forward``), written from method.md §1 and §5:
+the authors' forward pass (``reference_forward``), written from docs/method.md §1 and §5:
 sequence-first (S, B, D) tensors, ``multi_head_attention_forward`` with float -inf masks,
 FrozenBatchNorm as ``x * scale + bias`` (eps 1e-5), the query embedding repeated over
 the batch, ``tgt = 0``, every decoder output through ``decoder.norm``; for UP-DETR the
@@ -70,7 +70,7 @@ class Arch:
 
 # ----------------------------------------------------------------------------- published layout
 def published_state_dict(a: Arch, seed: int = 0, values: bool = True) -> dict[str, Tensor]:
-    """Random weights under the key names and shapes of method.md §5 (cached; never mutate).
+    """Random weights under the key names and shapes of docs/method.md §5 (cached; never mutate).
 
     ``values=False`` gives shape-only tensors (a broadcast zero: tiny on disk) for tests
     that only read the architecture.

@@ -1,4 +1,4 @@
-"""One-shot detection data (paper §3.2, §4.3; method.md §3), following CoAE's protocol.
+"""One-shot detection data (paper §3.2, §4.3; docs/method.md §3), following CoAE's protocol.
 
 **Split.** Classes are *seen* (trained on) or *unseen* (evaluated only); dataset classes
 in neither list are ignored (never a query, never a target). :func:`load_oneshot_split`

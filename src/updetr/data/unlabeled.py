@@ -1,4 +1,4 @@
-"""Unlabelled images and random query patches for UP-DETR pre-training (method.md §1 "Data").
+"""Unlabelled images and random query patches for UP-DETR pre-training (docs/method.md §1 "Data").
 
 Every sample is one image of a folder tree (labels are never used) with M random query
 patches cut from it. Patch boxes follow the paper's code exactly (NumPy ``randint``, high
@@ -8,7 +8,7 @@ bound exclusive), in pixels of the original image of width ``w`` and height ``h`
     side_h ~ U{min, ..., h - min}      y ~ U{0, ..., h - side_h - 1}
     box_xyxy_px = [x, y, x + side_w, y + side_h]
 
-so a patch never touches the last row or column (method.md §7.8). Each patch is the crop of
+so a patch never touches the last row or column (docs/method.md §7.8). Each patch is the crop of
 its box from the original image, resized to ``query_size`` x ``query_size`` (aspect ratio
 not kept), then augmented SimCLR-style without flipping: colour jitter (0.4, 0.4, 0.4, 0.1)
 with p = 0.8, grayscale with p = 0.2, Gaussian blur sigma ~ U[0.1, 2.0] with p = 0.5, then
@@ -26,7 +26,7 @@ stay in cache between the two passes.
 
 Randomness: every draw of a sample comes from one ``numpy.random.Generator`` seeded by
 ``(seed, epoch, index)``, never from global state. DataLoader workers therefore never repeat
-each other's crops (the paper's code used ``np.random`` in workers, method.md §7.7), a sample
+each other's crops (the paper's code used ``np.random`` in workers, docs/method.md §7.7), a sample
 is reproducible, and resuming at any (epoch, index) gives the same data.
 """
 
@@ -454,7 +454,7 @@ class UnlabeledImages(Dataset):
     epoch's DataLoader iterator is created (persistent workers keep the epoch they started with).
 
     The default ``scales`` are the paper's range (§4: shortest side in [320, 480], step 16);
-    the authors' code list omits 384 (method.md §1). ``augment=False`` leaves the patches as
+    the authors' code list omits 384 (docs/method.md §1). ``augment=False`` leaves the patches as
     the resized crops (for tests and inspection).
     """
 

@@ -1,4 +1,4 @@
-"""The panoptic task: DETR's two-stage recipe (method.md §4) on a COCO panoptic dataset.
+"""The panoptic task: DETR's two-stage recipe (docs/method.md §4) on a COCO panoptic dataset.
 
 - stage ``1``: the detector (plain DETR) trained on the boxes of every segment, things and
   stuff as classes (C = things + stuff); evaluated with box AP.
@@ -10,7 +10,7 @@ Starting points (``cfg.init_from``): nothing (scratch), an UP-DETR pre-training
 checkpoint, a detection checkpoint, or a panoptic one. Detector weights go into
 ``model.detr`` whatever the source's key layout (``backbone.*`` or ``detr.backbone.*``), and
 the transfer is strict: a checkpoint that fits nothing is an error, not a silent no-op (the
-authors' ``--masks --pretrain`` loaded nothing, method.md §7.4).
+authors' ``--masks --pretrain`` loaded nothing, docs/method.md §7.4).
 """
 
 from __future__ import annotations

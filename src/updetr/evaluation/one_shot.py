@@ -1,4 +1,4 @@
-"""One-shot detection AP50 (CoAE's protocol, paper Table 3; method.md §3).
+"""One-shot detection AP50 (CoAE's protocol, paper Table 3; docs/method.md §3).
 
 For each class ``c`` and each query draw ``k``: the detections of every test image
 containing ``c``, each made with that image's ``k``-th query patch of ``c``, are scored

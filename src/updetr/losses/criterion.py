@@ -1,4 +1,4 @@
-"""DETR set criterion with UP-DETR's feature reconstruction term (method.md §1).
+"""DETR set criterion with UP-DETR's feature reconstruction term (docs/method.md §1).
 
 For every supervised decoder layer the queries are matched to the targets
 (:class:`~updetr.losses.matcher.HungarianMatcher`), then:

@@ -1,7 +1,7 @@
 """Load and convert the checkpoints published with DETR and UP-DETR.
 
 The authors' ``.pth`` files are dicts whose ``model`` entry is the state dict
-(method.md §5), sometimes with ``args`` (an ``argparse.Namespace``). Our models use the
+(docs/method.md §5), sometimes with ``args`` (an ``argparse.Namespace``). Our models use the
 same key names, so a file loads strictly once the architecture is known. It is read
 from the tensors themselves; what the tensors cannot tell has the published default and
 a keyword override:

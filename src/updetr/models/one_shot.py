@@ -1,4 +1,4 @@
-"""One-shot detection model: DETR conditioned on one query patch (paper §3.2; method.md §3).
+"""One-shot detection model: DETR conditioned on one query patch (paper §3.2; docs/method.md §3).
 
 A thin subclass of :class:`DETR`, like :class:`~updetr.models.updetr.UPDETR` with a
 single patch and no groups: the query patch (an exemplar crop of the target class) goes

@@ -6,7 +6,7 @@
 1. :class:`MHAttentionMap`: multi-head attention *maps* between every query and the
    encoder memory, (B, Q, nh, h, w) at stride 32. The softmax runs over the pixels of each
    head separately (``flatten(3)``), the fix of facebookresearch/detr#247 that the UP-DETR
-   authors applied (method.md §4); DETR as first published normalised jointly over heads
+   authors applied (docs/method.md §4); DETR as first published normalised jointly over heads
    and pixels (``flatten(2)``), available as ``per_head_softmax=False``.
 2. :class:`MaskHeadSmallConv`: an FPN-style convolutional head. The projected last
    backbone feature map, concatenated with each query's attention maps, goes through
@@ -18,7 +18,7 @@
 batch grid; the padding region carries no meaning.
 
 State-dict keys are DETR's: ``detr.*`` (the detector), ``bbox_attention.{q_linear,
-k_linear}.*`` and ``mask_head.{lay1..lay5, gn1..gn5, out_lay, adapter1..3}.*`` (method.md §5).
+k_linear}.*`` and ``mask_head.{lay1..lay5, gn1..gn5, out_lay, adapter1..3}.*`` (docs/method.md §5).
 """
 
 from __future__ import annotations

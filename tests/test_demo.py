@@ -1,4 +1,4 @@
-"""`updetr demo --quick`: the README's first command, at a toy budget; a re-run reuses every stage."""
+"""`updetr demo --quick`: the README's first quick-start command, at a toy budget; a re-run reuses every stage."""
 
 import dataclasses
 import json

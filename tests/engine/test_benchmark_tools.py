@@ -1,4 +1,4 @@
-"""The diagnostic scripts under benchmarks/ that the README quotes numbers from."""
+"""The diagnostic scripts under benchmarks/ that the README and docs/ quote numbers from."""
 
 import importlib.util
 import json

@@ -3,7 +3,7 @@ draws a box with the mouse on a 512 px photograph; the pre-trained model's answe
 be drawn on the canvas; the threshold slider filters live; the answer time is measured from the page.
 
 Artefacts (a screenshot, the page's answer times) go to ``$UPDETR_TEST_ARTEFACTS`` when set (benchmarks/serve_latency.py
-sets it to refresh the README's screenshot and numbers), else to a temporary folder.
+sets it to refresh the screenshot and the numbers of docs/serve.md), else to a temporary folder.
 """
 
 import json

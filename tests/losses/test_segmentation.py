@@ -11,6 +11,9 @@ from updetr.losses.segmentation import SegmentationCriterion, dice_loss, focal_m
 from updetr.models import build_detr
 from updetr.models.segmentation import DETRsegm
 
+# on one thread, as under tests/models/ where they were (the criterion test runs a small model)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_segm(freeze_detr=False, train_backbone=True, num_classes=4) -> DETRsegm:
     """The mask head on a narrow DETR, as in tests/models/test_segmentation.py."""

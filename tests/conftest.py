@@ -1,3 +1,6 @@
+"""Fixtures for every test. ``python -m pytest -m "not slow"`` leaves out the tests marked slow (see the marker in
+pyproject.toml) and runs the rest in about a minute; ``python -m pytest`` runs them all."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """DETR's mask head: shapes, state-dict layout, per-head attention softmax, gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,6 +109,7 @@ def test_frozen_detector_gets_no_gradient_and_no_dropout():
     torch.testing.assert_close(model(x).logits, out.logits)  # the detector is deterministic (eval mode)
 
 
+@pytest.mark.slow
 def test_mask_head_learns_query_specific_masks():
     """Each query attends to one stride-32 cell; the head must output that cell's region, per query."""
     torch.manual_seed(0)

@@ -1,9 +1,20 @@
+"""Fixtures for every test. ``python -m pytest -m "not slow"`` leaves out the tests marked slow (see the marker in
+pyproject.toml) and runs the rest in about a minute; ``python -m pytest`` runs them all."""
+
 import os
 
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = [
+    "model.backbone=resnet18", "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
+    "model.dec_layers=2", "model.ffn_dim=64", "model.num_queries=8", "model.dropout=0.0",
+    "pretrain.num_patches=2", "pretrain.query_size=32",
+    "data.scales=[64,80]", "data.max_size=128", "data.crop_resize=[64]", "data.crop_size=[48,64]",
+    "data.val_size=64", "data.batch_size=4", "data.num_workers=0", "optim.epochs=2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +43,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """Config overrides for a model and data small enough for seconds-long CPU runs."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    from updetr.data.embedded import generate_embedded
+
+    root = tmp_path_factory.mktemp("embedded") / "bench"
+    return generate_embedded(root, num_train=8, num_val=4, num_unlabeled=8, image_size=(64, 96), progress=False)

@@ -37,6 +37,7 @@ def checkpoints(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["detector", "pretrain", "oneshot"])
 def test_onnx_runtime_matches_pytorch_at_two_image_sizes_and_two_batch_sizes(checkpoints, tmp_path, kind, one_thread):
     out = export_onnx(checkpoints / f"{kind}.pth", tmp_path / f"{kind}.onnx")
@@ -61,6 +62,7 @@ def test_onnx_runtime_matches_pytorch_at_two_image_sizes_and_two_batch_sizes(che
         assert json.loads(meta["classes"]) == ["cat", "coffee", "rocket"]
 
 
+@pytest.mark.slow
 def test_the_check_would_catch_a_different_model(checkpoints, tmp_path, one_thread):
     """The parity check can fail: the detector's file against another detector's weights is far off."""
     out = export_onnx(checkpoints / "detector.pth", tmp_path / "detector.onnx")
@@ -71,6 +73,7 @@ def test_the_check_would_catch_a_different_model(checkpoints, tmp_path, one_thre
     assert row["logits"] > TOLERANCE
 
 
+@pytest.mark.slow
 def test_cli_export_writes_the_file_and_checks_it(checkpoints, tmp_path, capsys, one_thread):
     out = tmp_path / "sub" / "model.onnx"
     assert main(["export", str(checkpoints / "pretrain.pth"), "--format", "onnx", str(out), "--check"]) == 0

@@ -266,6 +266,7 @@ def test_all_files_bad_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- randomness
 
 
+@pytest.mark.slow
 def test_same_seed_epoch_index_same_sample_and_differences(folder):
     a = UnlabeledImages(folder, seed=3, **SMALL)
     b = UnlabeledImages(folder, seed=3, **SMALL)
@@ -333,6 +334,7 @@ def test_augmentation_parameter_frequencies_and_ranges():
     assert params.sigma.min() >= 0.1 and params.sigma.max() <= 2.0
 
 
+@pytest.mark.slow
 def test_about_a_fifth_of_patches_are_grayscale(folder):
     ds = UnlabeledImages(folder, num_patches=40, query_size=16, scales=(48,), max_size=80)
     patches = []
@@ -448,6 +450,7 @@ def _reference_chain(x: torch.Tensor, params: PatchAugmentation, i: int) -> torc
     return x
 
 
+@pytest.mark.slow  # 0.4 s each on an idle core, 2-5 s on a busy machine (120 small torchvision calls)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_whole_patch_chain_matches_torchvision_reference(channels_last):
     """Every step, its order, the skipped clips and the shared work buffers, over many random draws."""

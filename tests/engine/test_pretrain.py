@@ -18,6 +18,7 @@ def pretrain_config(embedded, out, tiny_overrides, *extra):
         f'data.root="{embedded}"', 'data.images="unlabeled"', f'output_dir="{out}"', *extra])
 
 
+@pytest.mark.slow
 def test_frozen_cnn_unchanged_after_a_step_and_no_backward_through_it(embedded, tmp_path, tiny_overrides):
     cfg = pretrain_config(embedded, tmp_path, tiny_overrides)
     task = PretrainTask(cfg)
@@ -45,6 +46,7 @@ def test_eos_coef_defaults_to_m_over_q(embedded, tmp_path, tiny_overrides):
     assert fixed.eos_coef == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_the_pretext_loss(embedded, tmp_path, tiny_overrides):
     """A few steps on a fixed batch of generated images lower every pretext loss term."""
     cfg = pretrain_config(embedded, tmp_path, tiny_overrides, "pretrain.patch_drop_ratio=0.0")
@@ -68,6 +70,7 @@ def test_short_pretraining_lowers_the_pretext_loss(embedded, tmp_path, tiny_over
         assert last[key] < first[key], key
 
 
+@pytest.mark.slow
 def test_pretrain_fit_logs_hit_rate(embedded, tmp_path, tiny_overrides):
     cfg = pretrain_config(embedded, tmp_path / "run", tiny_overrides, "optim.epochs=1")
     result = fit(PretrainTask(cfg), cfg, DistInfo(), progress=False)
@@ -78,6 +81,7 @@ def _save(model, path, **extra):
     save_checkpoint(path, {"model": model.state_dict(), **extra})
 
 
+@pytest.mark.slow
 def test_init_from_keeps_and_drops_exactly_the_right_keys(tmp_path, tiny_overrides):
     cfg = make_config("pretrain-small", overrides=tiny_overrides)
     pre = build_updetr(cfg.model, cfg.pretrain)
@@ -94,6 +98,7 @@ def test_init_from_keeps_and_drops_exactly_the_right_keys(tmp_path, tiny_overrid
     assert "bbox_embed.layers.0.weight" in loaded and "input_proj.weight" in loaded
 
 
+@pytest.mark.slow
 def test_init_from_fails_loudly_on_architecture_mismatch(tmp_path, tiny_overrides):
     cfg = make_config("pretrain-small", overrides=tiny_overrides)
     _save(build_updetr(cfg.model, cfg.pretrain), tmp_path / "pre.pth")
@@ -110,6 +115,7 @@ def test_init_from_fails_loudly_on_architecture_mismatch(tmp_path, tiny_override
     assert report["kept_fresh"] == ["class_embed.bias", "class_embed.weight"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_overrides):
     cfg = make_config("small", overrides=tiny_overrides)
     _save(build_detr(cfg.model, 3), tmp_path / "full.pth")

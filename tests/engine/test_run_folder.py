@@ -70,6 +70,7 @@ def copy_of(run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fresh runs (item 1)
+@pytest.mark.slow
 def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(three_epochs, embedded, tiny_overrides,
                                                                           tmp_path, capsys):
     run = copy_of(three_epochs, tmp_path)
@@ -116,6 +117,7 @@ def test_an_unusable_output_is_one_line_before_anything_runs(embedded, tiny_over
     assert expected in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_write_failure_mid_run_names_the_file_and_keeps_the_last_epoch(three_epochs, embedded, tiny_overrides,
                                                                          tmp_path, monkeypatch, capsys):
     run = copy_of(three_epochs, tmp_path)
@@ -133,6 +135,7 @@ def test_a_write_failure_mid_run_names_the_file_and_keeps_the_last_epoch(three_e
 
 
 # ----------------------------------------------------------------------------- commits (items 2, 3 and 6)
+@pytest.mark.slow
 def test_a_lost_or_partial_metrics_line_is_rebuilt_and_a_changed_schedule_is_honoured(three_epochs, embedded,
                                                                                       tiny_overrides, tmp_path):
     run = copy_of(three_epochs, tmp_path)
@@ -156,6 +159,7 @@ def test_a_lost_or_partial_metrics_line_is_rebuilt_and_a_changed_schedule_is_hon
         "optim.epochs": [3, 4], "optim.lr": [2e-4, 1e-4], "optim.lr_drop": [30, 4]}
 
 
+@pytest.mark.slow
 def test_a_legacy_checkpoint_reads_metrics_jsonl_and_names_a_corrupt_line(three_epochs, embedded, tiny_overrides,
                                                                           tmp_path):
     run = copy_of(three_epochs, tmp_path)
@@ -171,6 +175,7 @@ def test_a_legacy_checkpoint_reads_metrics_jsonl_and_names_a_corrupt_line(three_
     assert epochs(run) == [0, 1, 3]  # epoch 2's line was cut before this fix existed; nothing invents it
 
 
+@pytest.mark.slow
 def test_best_pth_is_relinked_when_a_kill_came_between_the_rename_and_the_link(three_epochs, embedded, tiny_overrides,
                                                                               tmp_path, monkeypatch):
     run = copy_of(three_epochs, tmp_path)  # best: epoch 0
@@ -191,6 +196,7 @@ def test_best_pth_is_relinked_when_a_kill_came_between_the_rename_and_the_link(t
 
 
 # ----------------------------------------------------------------------------- resume checks (items 3, 4, 5, 17)
+@pytest.mark.slow
 def test_an_architecture_change_is_refused_naming_the_fields_before_anything_is_written(three_epochs, embedded,
                                                                                       tiny_overrides, tmp_path, capsys):
     run = copy_of(three_epochs, tmp_path)
@@ -214,6 +220,7 @@ def test_resuming_weights_that_are_not_a_training_checkpoint_is_one_line(embedde
     assert err.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_sets_the_later_epochs_aside(three_epochs, embedded, tiny_overrides,
                                                                        tmp_path):
     run = copy_of(three_epochs, tmp_path)
@@ -225,6 +232,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_epochs_aside(three_epo
     assert epochs(run) == [0, 1] and load_checkpoint(run / "checkpoint.pth")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_resume_into_another_folder_continues_the_run_there(three_epochs, embedded, tiny_overrides, tmp_path):
     fork = tmp_path / "fork"
     train(tiny_overrides, embedded, fork, "optim.epochs=4", resume=str(three_epochs / "checkpoint.pth"))
@@ -262,6 +270,7 @@ class _NaNOnce(torch.nn.Module):
         return losses
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(three_epochs, embedded,
                                                                                      tiny_overrides, tmp_path,
                                                                                      monkeypatch, capsys):
@@ -279,6 +288,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert all(torch.equal(ckpt["model"][k], v) for k, v in weights.items())
 
 
+@pytest.mark.slow
 def test_non_finite_outputs_and_gradients_never_reach_the_weights(embedded, tiny_overrides, tmp_path, monkeypatch):
     real = L._float_output
 

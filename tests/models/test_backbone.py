@@ -17,6 +17,7 @@ def _randomise_bn(backbone: Backbone) -> None:
             module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_folded_batchnorm_matches_plain_forward_and_gradients(name):
     torch.manual_seed(0)

@@ -48,6 +48,7 @@ def assert_landed(backbone: Backbone, source: dict[str, torch.Tensor]) -> None:
     assert all(torch.equal(body[k], source[k]) for k in body)
 
 
+@pytest.mark.slow
 def test_torchvision_file_with_fc(tmp_path):
     source = torchvision_state("resnet18")
     assert "fc.weight" in source and any(k.endswith("num_batches_tracked") for k in source)
@@ -63,6 +64,7 @@ def test_torchvision_file_with_fc(tmp_path):
     assert_landed(model.backbone.body, source)
 
 
+@pytest.mark.slow
 def test_swav_style_file(tmp_path):
     """The SwAV release: ``module.``-prefixed ResNet-50 keys plus projection head and prototypes."""
     source = torchvision_state("resnet50", seed=1)
@@ -86,6 +88,7 @@ def test_wrapped_state_dict(tmp_path):
     assert_landed(backbone, source)
 
 
+@pytest.mark.slow
 def test_wrong_architecture_lists_keys(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision_state("resnet34"), path)

@@ -92,6 +92,7 @@ def test_mapping_is_strict(packaged):
         efficientnet_pytorch_to_timm(packaged, build_timm_classifier("efficientnet_lite1"), "lite0.pth")
 
 
+@pytest.mark.slow
 def test_local_files_in_both_layouts_load_strictly(tmp_path, packaged):
     reference = EfficientNetLiteBackbone("efficientnet_lite0", trainable=False)
     load_efficientnet_weights(reference, "imagenet")

@@ -383,6 +383,7 @@ def check_pretrain(model, sd, a: Arch, images, patches):
 
 
 # ----------------------------------------------------------------------------- detectors
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch",
     [
@@ -421,6 +422,7 @@ def test_padded_batch_matches_reference(tmp_path):
     check_detector(model, sd, arch, images, padding)
 
 
+@pytest.mark.slow
 def test_full_size_detr_r50(tmp_path):
     """The published DETR-R50 shapes: 6+6 layers, D=256, FFN 2048, 100 queries, 92 logits."""
     arch = Arch(hidden=256, ffn=2048, enc=6, dec=6, queries=100)
@@ -434,6 +436,7 @@ def test_full_size_detr_r50(tmp_path):
 
 
 # ----------------------------------------------------------------------------- pre-training
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,feature_align", [("resnet50", True), ("resnet18", False)])
 def test_pretrain_matches_reference(tmp_path, backbone, feature_align):
     arch = Arch(backbone, pre_norm=True, pretrain=True, feature_align=feature_align, rows=3, queries=12, patches=3)
@@ -446,6 +449,7 @@ def test_pretrain_matches_reference(tmp_path, backbone, feature_align):
     check_pretrain(model, sd, arch, images, patches[:, :2])  # k < M: the first k groups
 
 
+@pytest.mark.slow
 def test_pretrain_needs_num_patches_when_args_are_absent(tmp_path):
     arch = Arch("resnet18", pre_norm=True, pretrain=True, feature_align=True, rows=3, queries=12, patches=3)
     path, sd = save_official(tmp_path, arch)
@@ -492,6 +496,7 @@ def test_pickled_code_is_never_executed(tmp_path):
     assert not _EXECUTED
 
 
+@pytest.mark.slow
 def test_overrides_num_heads_and_dilation(tmp_path):
     arch = Arch(heads=4, dilation=True)
     path, sd = save_official(tmp_path, arch)  # no args: heads and DC5 cannot be seen in the tensors
@@ -520,6 +525,7 @@ def test_override_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- conversion
+@pytest.mark.slow
 def test_convert_coco_detector_round_trip(tmp_path):
     arch = Arch("resnet18", pre_norm=True)
     path, sd = save_official(tmp_path, arch, prefix="module.")  # DataParallel-style keys are accepted
@@ -539,6 +545,7 @@ def test_convert_coco_detector_round_trip(tmp_path):
     torch.testing.assert_close(ours.logits, direct.logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_convert_other_detector_and_pretrain(tmp_path):
     arch = Arch("resnet18", rows=6, queries=8)
     path, _ = save_official(tmp_path, arch)
@@ -568,6 +575,7 @@ def test_truncated_and_missing_files(tmp_path):
         load_official_checkpoint(tmp_path / "list.pth")
 
 
+@pytest.mark.slow
 def test_other_architecture_lists_keys(tmp_path):
     sd = published_state_dict(Arch(backbone="resnet18"))
     extra = dict(sd, **{"transformer.level_embed": torch.zeros(4, 64)})
@@ -598,6 +606,7 @@ def test_panoptic_checkpoint_is_reported(tmp_path):
         load_official_checkpoint(tmp_path / "panoptic.pth")
 
 
+@pytest.mark.slow
 def test_convert_keeps_an_updetr_checkpoints_own_config_and_classes(tmp_path):
     """It used to infer the architecture from the tensors: 4 heads became 8, the class names class_i."""
     from updetr.config import make_config

@@ -67,6 +67,7 @@ def test_init_from_updetr_pretraining_keeps_patch2query(tmp_path):
     assert torch.equal(model.class_embed.weight, fresh_class)
 
 
+@pytest.mark.slow
 def test_init_from_detection_checkpoint_starts_patch2query_fresh(tmp_path):
     detr = build_detr(CFG, num_classes=5)
     save_checkpoint(tmp_path / "det.pth", {"model": detr.state_dict(), "task": "detection"})

@@ -88,6 +88,7 @@ def test_patch_drop_and_shuffle_only_in_training():
     assert not torch.allclose(c.logits, d.logits)
 
 
+@pytest.mark.slow
 def test_pretrain_keys_match_published_layout():
     cfg = ModelConfig(num_queries=100, pre_norm=True)
     keys = build_updetr(cfg, PretrainConfig()).state_dict()

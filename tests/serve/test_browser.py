@@ -21,6 +21,8 @@ from torchvision.ops import box_iou
 
 from updetr.serve import build_app
 
+pytestmark = pytest.mark.slow  # Chromium, and a model pre-trained for the box test
+
 CHROMIUM = Path(os.environ.get("UPDETR_CHROMIUM", "/usr/bin/chromium"))
 # without these Chromium waits on the network, which the test machines do not have
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -59,6 +59,7 @@ def server(fake_demo, tmp_path):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_with_a_message_and_the_server_keeps_answering(server, fake_demo):
     proc, url, printed, workdir = server
     stages = fake_demo / "stages"

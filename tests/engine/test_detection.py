@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
+
 from updetr.config import make_config
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo
 from updetr.engine.loop import fit
+
+pytestmark = pytest.mark.slow  # 120 epochs of DETR
 
 
 def test_overfitting_two_images_reaches_high_ap(embedded, tmp_path):

@@ -73,6 +73,7 @@ def runs(bench, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_stage_one_then_stage_two(runs):
     s1 = [json.loads(line) for line in (runs / "s1" / "metrics.jsonl").read_text().splitlines()]
     s2 = [json.loads(line) for line in (runs / "s2" / "metrics.jsonl").read_text().splitlines()]
@@ -89,6 +90,7 @@ def test_stage_one_then_stage_two(runs):
     assert any(k.startswith("mask_head.") for k in second["model"])
 
 
+@pytest.mark.slow
 def test_eval_prints_table_four(runs, bench, capsys, tmp_path):
     out_json = tmp_path / "metrics.json"
     assert run("eval", "--checkpoint", str(runs / "s2" / "checkpoint.pth"), "--embedded", str(bench), "--threshold", "0",
@@ -101,6 +103,7 @@ def test_eval_prints_table_four(runs, bench, capsys, tmp_path):
     assert list(metrics["per_class"]) == list(EMBEDDED_THING_CLASSES + EMBEDDED_STUFF_CLASSES)  # every category
 
 
+@pytest.mark.slow
 def test_predict_writes_png_json_and_overlay(runs, bench, tmp_path, capsys):
     out = tmp_path / "pred"
     images = sorted((bench / "val").glob("*.jpg"))[:2]
@@ -119,6 +122,7 @@ def test_predict_writes_png_json_and_overlay(runs, bench, tmp_path, capsys):
         assert (out / ann["file_name"].replace(".png", "_overlay.png")).is_file()
 
 
+@pytest.mark.slow
 def test_stage_one_checkpoint_cannot_be_evaluated(runs, bench, capsys):
     assert run("eval", "--checkpoint", str(runs / "s1" / "checkpoint.pth"), "--embedded", str(bench), "--device", "cpu") == 2
     assert "stage-1" in capsys.readouterr().err
@@ -153,6 +157,7 @@ def _task(bench, stage, init_from=""):
     return task
 
 
+@pytest.mark.slow
 def test_joint_from_an_updetr_pretraining_checkpoint(bench, tmp_path):
     task = _task(bench, "joint")
     pretrained = build_updetr(task.cfg.model, task.cfg.pretrain)
@@ -169,6 +174,7 @@ def test_joint_from_an_updetr_pretraining_checkpoint(bench, tmp_path):
     assert any(k.startswith("detr.class_embed.") for k in report["kept_fresh"])  # new label set: fresh head
 
 
+@pytest.mark.slow
 def test_detrsegm_checkpoint_into_a_stage_one_detector(runs, bench):
     task = _task(bench, "1")
     model = build_panoptic_model(task.cfg, task.num_classes, "1")
@@ -178,6 +184,7 @@ def test_detrsegm_checkpoint_into_a_stage_one_detector(runs, bench):
         torch.testing.assert_close(value, source["detr." + key], msg=key)  # class head kept: same classes
 
 
+@pytest.mark.slow
 def test_stage_two_rejects_a_detector_of_other_classes(bench, tmp_path):
     task = _task(bench, "2")
     source = build_panoptic_model(task.cfg, 5, "1").state_dict()
@@ -191,6 +198,7 @@ def test_stage_two_rejects_a_detector_of_other_classes(bench, tmp_path):
         initialise_panoptic_model(build_panoptic_model(task.cfg, task.num_classes, "joint"), tmp_path / "det.pth", task.classes)
 
 
+@pytest.mark.slow
 def test_stage_one_trains_on_cached_features_and_stage_two_refuses_them(runs, bench, tmp_path, capsys):
     cached = ["--set", "data.cache_features=true", "--set", "optim.lr_backbone=0"]
     assert run("train", "--stage", "1", "--embedded", str(bench), "--output", str(tmp_path / "c1"), *TINY, *cached) == 0

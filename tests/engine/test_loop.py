@@ -15,7 +15,7 @@ from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo
 from updetr.engine.loop import fit
 
-
+pytestmark = pytest.mark.slow  # each test runs fit() (three times for the resume) or two DDP processes
 
 TINY = [
     "model.backbone=resnet18", "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from updetr.config import make_config
 from updetr.data.build import build_detection_dataset
 from updetr.engine.pretrain import PretrainTask
@@ -34,6 +36,7 @@ def test_single_square_writes_a_coco_dataset_the_loader_reads(tmp_path):
     assert target["boxes"].shape == (1, 4) and list(dataset.classes) == ["square"]
 
 
+@pytest.mark.slow
 def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overrides):
     module = _load("patch_probe")
     cfg = make_config("pretrain-small", overrides=tiny_overrides + [f'data.images="{embedded / "unlabeled"}"'])
@@ -45,6 +48,7 @@ def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overr
     assert result["pooled in place"] >= 0.75
 
 
+@pytest.mark.slow
 def test_patch_probe_defaults_to_the_packaged_imagenet_efficientnet(embedded, monkeypatch, capsys):
     module = _load("patch_probe")
     monkeypatch.setattr("sys.argv", ["patch_probe.py", "--images", str(embedded / "unlabeled"), "--images-used", "2",
@@ -134,6 +138,7 @@ def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_pa
     assert not (tmp_path / "bad").exists()  # nothing written, nothing started
 
 
+@pytest.mark.slow
 def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):
     import subprocess
     import sys
@@ -155,6 +160,7 @@ def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_r
     assert result.returncode != 0 and f"{tmp_path / 'nope' / 'config.json'} not found" in result.stderr
 
 
+@pytest.mark.slow
 def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overrides, tmp_path):
     from updetr.engine.distributed import DistInfo
     from updetr.engine.loop import fit
@@ -168,6 +174,7 @@ def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overr
     assert rates["own"] == result.final_metrics["hit_rate"]  # same images, patches and model as the run's evaluation
 
 
+@pytest.mark.slow
 def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(embedded, tiny_overrides, tmp_path,
                                                                               monkeypatch):
     import sys
@@ -215,6 +222,7 @@ def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(em
     assert torch.equal(state["transformer.encoder.layers.0.linear1.weight"], fresh["transformer.encoder.layers.0.linear1.weight"])
 
 
+@pytest.mark.slow
 def test_train_step_counts_the_flops_of_a_pretraining_step(tiny_overrides, monkeypatch):
     module = _load("train_step")
     tiny = [o for o in tiny_overrides if o.startswith(("model.", "pretrain."))]

@@ -24,6 +24,7 @@ def detector(tmp_path_factory, tiny_overrides):
     return path
 
 
+@pytest.mark.slow
 def test_predict_skips_and_lists_unreadable_images_and_writes_the_others(detector, tmp_path, capsys):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)

@@ -46,6 +46,7 @@ def test_feature_batch_pads_bottom_right_and_masks_padding():
     assert batch.padding_mask[1].tolist() == [[False, False, True, True]] * 3
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_pixel_path_outputs(embedded, tmp_path):
     """On an image whose sides are multiples of 64 (no padding anywhere), DETR on the cached
     features returns what DETR on the pixels returns; the mirrored view is the mirror image's."""
@@ -73,6 +74,7 @@ def test_cached_features_give_the_pixel_path_outputs(embedded, tmp_path):
     torch.testing.assert_close(features, expected[:, : features.shape[-2], : features.shape[-1]], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_flips_mirror_boxes_and_are_a_function_of_seed_epoch_index(embedded, tmp_path):
     cfg = detection_config(embedded, tmp_path)
     model = frozen_detr(cfg)
@@ -110,6 +112,7 @@ def test_a_trainable_cnn_cannot_be_cached(embedded, tmp_path):
         model(FeatureBatch(torch.zeros(1, 512, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool)))
 
 
+@pytest.mark.slow
 def test_pretraining_samples_keep_their_patches_and_use_the_cached_image(embedded, tmp_path):
     cfg = detection_config(embedded, tmp_path)
     model = frozen_detr(cfg)
@@ -131,6 +134,7 @@ def test_pretraining_samples_keep_their_patches_and_use_the_cached_image(embedde
     assert isinstance(batch, FeatureBatch) and patches.shape == (2, 2, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_training_and_pretraining_run_on_cached_features(embedded, tmp_path):
     cfg = detection_config(embedded, tmp_path / "det", "data.cache_features=true")
     result = fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)
@@ -148,6 +152,7 @@ def test_cache_with_a_trainable_backbone_is_an_error(embedded, tmp_path):
         fit(DetectionTask(cfg), cfg, DistInfo(), progress=False)
 
 
+@pytest.mark.slow
 def test_one_shot_pairs_and_episodes_on_cached_features_match_the_pixel_path(embedded, tmp_path):
     """Same pairs, exemplar patches and targets as the uncached datasets; the image's features in place
     of its pixels (mirrored with its boxes when the cache draws a flip)."""
@@ -190,6 +195,7 @@ def test_one_shot_pairs_and_episodes_on_cached_features_match_the_pixel_path(emb
     assert isinstance(batch, FeatureBatch) and patches.shape == (2, val.num_draws, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_one_shot_training_on_cached_features_evaluates_like_the_pixel_path(embedded, tmp_path):
     from updetr.engine.one_shot import OneShotTask, evaluate_one_shot
 
@@ -204,6 +210,7 @@ def test_one_shot_training_on_cached_features_evaluates_like_the_pixel_path(embe
     assert on_pixels["seen_AP50"] == on_pixels["seen_AP50"]  # defined: the tiny val set has seen-class episodes
 
 
+@pytest.mark.slow
 def test_feature_store_reuses_maps_across_runs_and_keys_on_weights_and_pixels(embedded, tmp_path):
     """data.feature_cache_dir: a second cache of the same images and CNN reads every map from disk, equal to the
     first; other CNN weights or other pixels do not hit; a corrupt entry is recomputed."""
@@ -239,6 +246,7 @@ def test_feature_store_reuses_maps_across_runs_and_keys_on_weights_and_pixels(em
     assert FeatureStore.pixels_key(torch.zeros(3, 4, 4)) != FeatureStore.pixels_key(torch.zeros(3, 4, 5))
 
 
+@pytest.mark.slow
 def test_cached_targets_do_not_hold_loader_workers_shared_memory(embedded, tmp_path):
     """Targets read through loader workers are copied out of shared memory: each shared tensor keeps a file
     open, and a cache of thousands of images would otherwise run out of file descriptors."""

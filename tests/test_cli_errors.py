@@ -36,6 +36,7 @@ def test_a_device_this_machine_lacks_is_one_line(embedded, tiny_overrides, tmp_p
     assert message in err and _one_line(err)
 
 
+@pytest.mark.slow
 def test_eval_json_into_a_folder_is_refused_before_evaluating(embedded, tiny_overrides, tmp_path, capsys, monkeypatch):
     cfg = make_config("small", overrides=tiny_overrides)
     path = tmp_path / "detector.pth"
@@ -58,6 +59,7 @@ def test_ctrl_c_during_start_up_is_an_interruption_not_a_traceback(monkeypatch, 
     assert "interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # ~0.5 s, and ~5 s more when the next test collects the failed worker (DataLoader joins it)
 def test_a_data_loader_worker_error_is_its_cause_in_one_line(embedded, tiny_overrides, tmp_path, capsys, monkeypatch):
     def broken(self, index):
         raise DataError("some/image.jpg: cannot decode image (broken data stream)")
@@ -102,6 +104,7 @@ def test_bad_backbone_weights_are_one_line(embedded, tiny_overrides, tmp_path, c
     assert not (tmp_path / "r").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_efficientnet_weights_of_another_architecture_name_the_keys(embedded, tiny_overrides, tmp_path, capsys):
     path = tmp_path / "resnet.pth"
     torch.save(build_detr(make_config("small", overrides=tiny_overrides).model, 3).backbone[0].body.state_dict(), path)

@@ -4,9 +4,12 @@ import multiprocessing
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from updetr.cli import main
+
+pytestmark = pytest.mark.slow  # four training runs, three of them killed
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 # what the killed processes import; a fork server imports it once and forks each of them ready to run

@@ -74,6 +74,7 @@ def trained(bench, tmp_path_factory):
     return out / "checkpoint.pth"
 
 
+@pytest.mark.slow
 def test_train_then_eval_prints_table3_and_is_deterministic(trained, tmp_path, capsys):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["task"] == "oneshot" and ckpt["oneshot"]["split"]["unseen"] == list(ONESHOT_UNSEEN)
@@ -97,6 +98,7 @@ def test_train_then_eval_prints_table3_and_is_deterministic(trained, tmp_path, c
     assert json.dumps(again, indent=2) + "\n" == first, "evaluation must be deterministic for a checkpoint"
 
 
+@pytest.mark.slow
 def test_predict_draws_every_detection(trained, bench, tmp_path):
     out = tmp_path / "pred"
     rc = run("predict", "--no-progress", "--exemplar", f"{bench}/val/000000.jpg:10,12,20,18", "--image",
@@ -111,6 +113,7 @@ def test_predict_draws_every_detection(trained, bench, tmp_path):
     assert (out / "exemplar.png").is_file() and len(list(out.glob("000*_*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_bad_input_gives_clear_messages(trained, bench, capsys):
     image = f"{bench}/val/000001.jpg"
     common = ["--no-progress", "--image", image, "--checkpoint", str(trained), "--output", str(bench.parent / "p")]
@@ -131,6 +134,7 @@ def test_bad_input_gives_clear_messages(trained, bench, capsys):
     assert f"exemplar class '{lonely[0]}' has no usable test instance" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_rejects_other_checkpoints_and_init_from_pretraining_keeps_patch2query(bench, tmp_path, capsys):
     model_cfg = ModelConfig(backbone="resnet18", hidden_dim=32, num_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64,
                             dropout=0.0, num_queries=6, pre_norm=True)  # as the small preset

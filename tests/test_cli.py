@@ -15,6 +15,7 @@ def _tiny(tiny_overrides):
     return args
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys, monkeypatch):
     tiny = _tiny(tiny_overrides) + ["--set", "optim.epochs=1", "--no-progress"]
     run = tmp_path / "detr"

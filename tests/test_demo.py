@@ -10,6 +10,7 @@ from updetr.config import ConfigError
 from updetr.demo import DemoBudget, apply_budget_overrides, run_demo
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path, one_thread):
     out = tmp_path / "demo"
     first = run_demo(out, quick=True, device="cpu", progress=False)
@@ -50,6 +51,26 @@ def test_quick_demo_writes_every_report_artefact_and_reuses_its_cache(tmp_path, 
     (pretrain,) = (p for p in (out / "stages").iterdir() if p.name.startswith("pretrain-"))
     assert init == {"", str(pretrain / "checkpoint.pth")}  # from scratch, and from the demo's own pre-training
     assert "One-shot detection (AP50 on seen / unseen" in (report / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_stages_in_parallel_processes_train_exactly_what_they_train_one_after_another(tmp_path, one_thread,
+                                                                                      monkeypatch):
+    import updetr.demo
+
+    # two one-thread processes whatever this machine's core count, so both runs use one thread per training
+    monkeypatch.setattr(updetr.demo, "parallel_slots", lambda device, workers: (workers, 1) if workers > 1 else (1, 0))
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        run_demo(out, device="cpu", progress=False, budget=dataclasses.replace(DemoBudget.quick(), workers=workers))
+        runs[workers] = {p.parent.name.split("-")[0]: [json.loads(line) for line in p.read_text().splitlines()]
+                         for p in (out / "stages").glob("*/metrics.jsonl")}
+    assert sorted(runs[2]) == ["detr", "pretrain", "updetr"]
+    for stage, records in runs[2].items():
+        drop = ("train/images_per_s",)  # the only measured, not computed, value
+        assert [{k: v for k, v in r.items() if k not in drop} for r in records] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in runs[1][stage]], stage
 
 
 def test_budget_overrides_parse_json_values_and_append_config_overrides():

@@ -27,6 +27,7 @@ def _close(a, b) -> bool:
     return a is None and b is None or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
 
 
+@pytest.mark.slow
 def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_path, one_thread):
     out = tmp_path / "exp"
     first = run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
@@ -115,6 +116,29 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
     assert second.seconds < first.seconds
 
 
+@pytest.mark.slow
+def test_runs_in_parallel_processes_give_the_tables_of_runs_one_after_another(tmp_path, one_thread, monkeypatch):
+    """Two one-thread processes (pre-trainings before the fine-tunings that start from them, the CNN features of
+    each seed first) train exactly what one process trains, so every table is the same."""
+    from dataclasses import replace
+
+    import updetr.experiment
+
+    monkeypatch.setattr(updetr.experiment, "parallel_slots", lambda device, workers: (workers, 1) if workers > 1 else (1, 0))
+    def numbers(obj):  # a table without its run folders, whose names hash the output folder's path
+        if isinstance(obj, dict):
+            return {k: numbers(v) for k, v in obj.items() if k != "run"}
+        return [numbers(v) for v in obj] if isinstance(obj, list) else obj
+
+    tables = {}
+    for workers in (1, 2):
+        budget = replace(experiment_budget(quick=True), workers=workers)
+        result = run_experiment(tmp_path / f"w{workers}", budget=budget, seeds=1, device="cpu", progress=False)
+        tables[workers] = numbers(result.results["tables"])
+    assert tables[1] == tables[2]
+    assert tables[1]["table3"]["rows"] and tables[1]["table4"]["rows"]
+
+
 def test_verdict_follows_the_numbers():
     assert verdict([1.0, 2.0, 3.0], +1) == (True, True, "yes (3/3 seeds)")
     assert verdict([-1.0, 2.0, 3.0], +1) == (True, False, "yes, within one std (2/3 seeds)")
@@ -156,7 +180,7 @@ def test_quick_budget_is_the_demo_quick_budget_shrunk():
     assert quick.model == demo_quick.model and quick.num_val == demo_quick.num_val
     assert quick.num_train <= demo_quick.num_train and quick.num_unlabeled <= demo_quick.num_unlabeled
     assert quick.backbone == demo_quick.backbone == DemoBudget().backbone == "efficientnet_lite0"
-    assert experiment_budget() == replace(DemoBudget(), finetune_epochs=10, pretrain_epochs=2)
+    assert experiment_budget() == replace(DemoBudget(), num_train=1600, finetune_epochs=6, pretrain_epochs=2)
     assert experiment_budget(overrides=["finetune_epochs=4"]).finetune_epochs == 4
     assert experiment_budget(overrides=["finetune_epochs=4"]).pretrain_epochs == 2
 

@@ -111,6 +111,9 @@ class DataConfig:
     # with cache_features: a folder where the computed maps are stored and shared by later runs that feed the
     # same pixels to the same CNN weights (keyed by hashes of both); "" keeps them in memory for this run only
     feature_cache_dir: str = ""
+    # with cache_features: what runs the frozen CNN pass: auto (ONNX Runtime on the CPU when it is installed, 1.4-1.7x
+    # PyTorch's speed there; else PyTorch) | torch | onnxruntime; the two agree to ~3e-5
+    feature_engine: str = "auto"
 
 
 @dataclass
@@ -194,6 +197,8 @@ class Config:
         for name, value in dataclasses.asdict(self.loss).items():
             if value is not None and value < 0:
                 raise ConfigError(f"loss.{name}={value} must be >= 0")
+        if d.feature_engine not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(f"data.feature_engine={d.feature_engine!r}: one of auto, torch, onnxruntime")
         if not 0.0 <= d.hflip <= 1.0:
             raise ConfigError(f"data.hflip={d.hflip} is a probability, it must be in [0, 1]")
         if not d.crop_resize or min(d.crop_resize) <= 0:

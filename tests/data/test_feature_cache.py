@@ -258,3 +258,36 @@ def test_cached_targets_do_not_hold_loader_workers_shared_memory(embedded, tmp_p
     tensors = [v for v in target.values() if isinstance(v, torch.Tensor)]
     assert tensors and not any(t.is_shared() for t in tensors)
     torch.testing.assert_close(target["boxes"], train[0][1]["boxes"])
+
+
+@pytest.mark.slow
+def test_onnxruntime_engine_gives_the_torch_maps_and_keeps_its_own_store_entries(embedded, tmp_path, monkeypatch):
+    """data.feature_engine: ONNX Runtime computes the frozen CNN's maps to within 1e-4 of PyTorch's; the store keeps
+    each engine's maps apart (they are not bit-equal), auto takes ONNX Runtime on the CPU when it is installed."""
+    import importlib.util
+
+    from updetr.config import ConfigError
+
+    cfg = detection_config(embedded, tmp_path)
+    model = frozen_detr(cfg)
+    val = build_detection_dataset(cfg.data, "val", augment=False)
+    store, cpu = tmp_path / "store", torch.device("cpu")
+    by_engine = {engine: CachedDetection(val, model, cpu, hflip=1.0, progress=False, store_dir=str(store),
+                                         engine=engine) for engine in ("torch", "onnxruntime")}
+    assert len(list(store.iterdir())) == 2
+    for i in range(len(val)):
+        for view in (0, 1):
+            torch.testing.assert_close(by_engine["onnxruntime"]._features[i][view], by_engine["torch"]._features[i][view],
+                                       atol=1e-4, rtol=1e-4)
+    auto = CachedDetection(val, model, cpu, progress=False, store_dir=str(store), engine="auto")
+    assert torch.equal(auto._features[0][0], by_engine["onnxruntime"]._features[0][0])  # read from its entries
+
+    with pytest.raises(ValueError, match="feature_engine must be one of"):
+        CachedDetection(val, model, cpu, progress=False, engine="tensorrt")
+    with pytest.raises(ConfigError, match="feature_engine"):
+        make_config("small", overrides=["data.feature_engine=tensorrt"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as if it were not installed
+    with pytest.raises(ValueError, match="pip install onnx onnxruntime"):
+        CachedDetection(val, model, cpu, progress=False, engine="onnxruntime")
+    without = CachedDetection(val, model, cpu, progress=False, store_dir=str(store), engine="auto")
+    assert torch.equal(without._features[0][0], by_engine["torch"]._features[0][0])  # auto falls back to PyTorch

@@ -69,7 +69,7 @@ class DetectionTask:
         data = self.cfg.data
         return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
                                seed=self.cfg.seed, num_workers=data.num_workers, progress=progress,
-                               store_dir=data.feature_cache_dir)
+                               store_dir=data.feature_cache_dir, engine=data.feature_engine)
 
     @property
     def num_classes(self) -> int:

@@ -132,7 +132,8 @@ class OneShotTask:
         train, val = self.train_dataset(), self.val_dataset()
         train_features, val_features = cache_train_val(train.dataset, val.dataset, model, device, hflip=data.hflip,
                                                        seed=self.cfg.seed, num_workers=data.num_workers,
-                                                       progress=progress, store_dir=data.feature_cache_dir)
+                                                       progress=progress, store_dir=data.feature_cache_dir,
+                                                       engine=data.feature_engine)
         return CachedOneShot(train, train_features), CachedOneShot(val, val_features)
 
     def build_model(self) -> nn.Module:

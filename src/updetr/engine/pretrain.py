@@ -79,7 +79,8 @@ class PretrainTask:
         """Image features from the frozen CNN once per file (eval size); patches are drawn as always."""
         train = self.train_dataset()
         table = pretrain_feature_table(train, model, device, self.cfg.data.val_size, progress=progress,
-                                       store_dir=self.cfg.data.feature_cache_dir)
+                                       store_dir=self.cfg.data.feature_cache_dir,
+                                       engine=self.cfg.data.feature_engine)
         val = self.val_dataset()  # the same files: the table serves its images too
         return CachedPretrainImages(train, table), Subset(CachedPretrainImages(val.dataset, table), val.indices)
 

@@ -1,6 +1,5 @@
 """`updetr oneshot train / eval / predict` end to end on a tiny embedded benchmark, and bad input."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -9,10 +8,8 @@ import torch
 
 from updetr import cli
 from updetr.config import ModelConfig, PretrainConfig, make_config
-from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides,
-                                   generate_embedded)
+from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides)
 from updetr.engine.checkpoint import save_checkpoint
-from updetr.cli_oneshot import add_oneshot_parser
 from updetr.engine.one_shot import OneShotOptions, OneShotTask, evaluate_one_shot
 from updetr.models import build_updetr
 from updetr.one_shot_predict import parse_exemplar
@@ -26,50 +23,21 @@ TINY = ["--set", "model.backbone=resnet18", "--set", "model.hidden_dim=32", "--s
         "--set", "data.num_workers=0"]
 
 
-@pytest.fixture(autouse=True)
-def oneshot_cli(monkeypatch):
-    """Register `oneshot` on the real parser if cli.py does not yet."""
-    build = cli.build_parser
-
-    def build_with_oneshot():
-        parser = build()
-        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "oneshot" not in action.choices:
-            add_oneshot_parser(action)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_with_oneshot)
-
-
 def run(*argv):
     return cli.main(["oneshot", *argv])
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return generate_embedded(tmp_path_factory.mktemp("bench") / "b", num_train=8, num_val=4, num_unlabeled=2,
-                             image_size=(64, 96), progress=False)
+def bench(embedded):
+    """The session's tiny embedded benchmark (tests/conftest.py), read only here."""
+    return embedded
 
 
 @pytest.fixture(scope="module")
 def trained(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    mp = pytest.MonkeyPatch()
-    build = cli.build_parser
-
-    def build_with_oneshot():
-        parser = build()
-        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "oneshot" not in action.choices:
-            add_oneshot_parser(action)
-        return parser
-
-    mp.setattr(cli, "build_parser", build_with_oneshot)
-    try:
-        rc = cli.main(["oneshot", "train", "--no-progress", "--preset", "small", "--embedded", str(bench), "--epochs", "1",
-                       "--batch-size", "2", "--device", "cpu", "--output", str(out), "--draws", "2", "--freeze-backbone", *TINY])
-    finally:
-        mp.undo()
+    rc = cli.main(["oneshot", "train", "--no-progress", "--preset", "small", "--embedded", str(bench), "--epochs", "1",
+                   "--batch-size", "2", "--device", "cpu", "--output", str(out), "--draws", "2", "--freeze-backbone", *TINY])
     assert rc == 0
     return out / "checkpoint.pth"
 

@@ -1,6 +1,5 @@
 """`updetr panoptic train / eval / predict` end to end on a tiny embedded benchmark, weight transfer, bad input."""
 
-import argparse
 import json
 
 import numpy as np
@@ -9,10 +8,9 @@ import torch
 from PIL import Image
 
 from updetr import cli
-from updetr.cli_panoptic import add_panoptic_parser
 from updetr.config import make_config
 from updetr.data.coco_panoptic import rgb_to_id
-from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES, generate_embedded
+from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.engine.panoptic import (
     PanopticOptions,
@@ -32,44 +30,23 @@ TINY = ["--set", "model.backbone=resnet18", "--set", "model.hidden_dim=32", "--s
 TINY_OVERRIDES = [v for v in TINY[: TINY.index("--epochs")] if v != "--set"]
 
 
-def _build_with_panoptic(build):
-    def wrapped():
-        parser = build()
-        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "panoptic" not in action.choices:  # until cli.py registers it itself
-            add_panoptic_parser(action)
-        return parser
-
-    return wrapped
-
-
-@pytest.fixture(autouse=True)
-def panoptic_cli(monkeypatch):
-    monkeypatch.setattr(cli, "build_parser", _build_with_panoptic(cli.build_parser))
-
-
 def run(*argv):
     return cli.main(["panoptic", *argv])
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return generate_embedded(tmp_path_factory.mktemp("bench") / "b", num_train=8, num_val=4, num_unlabeled=2,
-                             image_size=(64, 96), progress=False)
+def bench(embedded):
+    """The session's tiny embedded benchmark (tests/conftest.py), read only here."""
+    return embedded
 
 
 @pytest.fixture(scope="module")
 def runs(bench, tmp_path_factory):
     """Stage 1, then stage 2 from it, each one epoch through the CLI."""
     out = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(cli, "build_parser", _build_with_panoptic(cli.build_parser))
-    try:
-        assert run("train", "--stage", "1", "--embedded", str(bench), "--output", str(out / "s1"), *TINY) == 0
-        assert run("train", "--stage", "2", "--embedded", str(bench), "--output", str(out / "s2"),
-                   "--init-from", str(out / "s1" / "checkpoint.pth"), *TINY) == 0
-    finally:
-        mp.undo()
+    assert run("train", "--stage", "1", "--embedded", str(bench), "--output", str(out / "s1"), *TINY) == 0
+    assert run("train", "--stage", "2", "--embedded", str(bench), "--output", str(out / "s2"),
+               "--init-from", str(out / "s1" / "checkpoint.pth"), *TINY) == 0
     return out
 
 

@@ -339,16 +339,21 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
         log.info("experiment: runs go %d at a time, each in its own process with %d thread%s", processes, threads,
                  "" if threads == 1 else "s")
     jobs = experiment_jobs(plans, runs, progress and processes == 1)
-    left = {r.path: nominal_seconds(r, budget) for r in runs if not is_done(r.path)}
-    todo, clock = len(left), {"nominal": 0.0, "start": time.perf_counter()}
+    # nominal cost of every job still to run (the seeds' CNN-feature jobs too), so that the time left is the
+    # measured time so far scaled by the share of the nominal work done
+    left = {str(r.path): nominal_seconds(r, budget) for r in runs if not is_done(r.path)}
+    run_names = set(left)
+    left.update({job.name: cache_seconds(budget) for job in jobs if job.name not in run_names})  # features jobs
+    clock = {"nominal": 0.0, "start": time.perf_counter()}
 
     def finished(name: str, result) -> None:
-        if name not in {str(r.path) for r in runs}:
+        clock["nominal"] += left.pop(name, 0.0)
+        if name not in run_names:
             return
-        clock["nominal"] += left.pop(Path(name), 0.0)
         spent = time.perf_counter() - clock["start"]
-        rest = sum(left.values()) * spent / clock["nominal"] if clock["nominal"] else 0.0
-        log.info("experiment: %d of %d runs finished (%s); about %s left", todo - len(left), todo, name,
+        rest = sum(left.values()) * spent / clock["nominal"]
+        done = len(run_names) - sum(1 for key in left if key in run_names)
+        log.info("experiment: %d of %d runs finished (%s); about %s left", done, len(run_names), name,
                  _duration(rest))
 
     run_jobs(jobs, processes=processes, threads=threads, on_done=finished)

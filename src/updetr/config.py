@@ -82,6 +82,10 @@ class LossConfig:
     eos_coef: float | None = 0.1  # no-object class weight; None = M/Q for pre-training
 
 
+# what may run the frozen CNN's pass for data.cache_features (updetr.data.feature_cache)
+FEATURE_ENGINES = ("auto", "torch", "onnxruntime")
+
+
 @dataclass
 class DataConfig:
     format: str = "coco"  # coco | voc
@@ -197,8 +201,8 @@ class Config:
         for name, value in dataclasses.asdict(self.loss).items():
             if value is not None and value < 0:
                 raise ConfigError(f"loss.{name}={value} must be >= 0")
-        if d.feature_engine not in ("auto", "torch", "onnxruntime"):
-            raise ConfigError(f"data.feature_engine={d.feature_engine!r}: one of auto, torch, onnxruntime")
+        if d.feature_engine not in FEATURE_ENGINES:
+            raise ConfigError(f"data.feature_engine={d.feature_engine!r}: one of {', '.join(FEATURE_ENGINES)}")
         if not 0.0 <= d.hflip <= 1.0:
             raise ConfigError(f"data.hflip={d.hflip} is a probability, it must be in [0, 1]")
         if not d.crop_resize or min(d.crop_resize) <= 0:

@@ -146,7 +146,7 @@ def prepare_data(root: Path, budget: DemoBudget, progress: bool = True) -> Path:
                     num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
                     object_size=list(budget.object_size), max_objects=budget.max_objects, format=FORMAT_VERSION)
     data_dir = stage_dir(root, "data", data_key)
-    _stage_banner(1, "embedded benchmark", data_dir)
+    _stage_banner("[1/4] embedded benchmark", data_dir)
     generate_embedded(data_dir, seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                       num_unlabeled=budget.num_unlabeled, image_size=budget.image_size,
                       object_size=budget.object_size, max_objects=budget.max_objects, progress=progress)
@@ -222,8 +222,9 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
     pretrained = str(pre_dir / "checkpoint.pth")
     stages = [("pretrain", pre_dir, PretrainTask, pre_cfg, (2, total, "UP-DETR pre-training on the unlabelled split"), ())]
     arm_dirs: dict[str, Path] = {}
+    arm_cfgs: dict[str, Config] = {}
     for index, (arm, init) in enumerate((("DETR", ""), ("UP-DETR", pretrained)), 3):
-        cfg = finetune_config(budget, common, budget.finetune_epochs, init)
+        cfg = arm_cfgs[arm] = finetune_config(budget, common, budget.finetune_epochs, init)
         arm_dirs[arm] = stage_dir(root, arm.lower().replace("-", ""), cfg.to_dict())
         stages.append((arm, arm_dirs[arm], DetectionTask, cfg, (index, total, f"{arm}: fine-tuning on the labelled split"),
                        ("features",) + (("pretrain",) if init else ())))
@@ -235,13 +236,18 @@ def run_demo(output: str | Path = "demo", *, quick: bool = False, device: str = 
             title = f"one-shot detection from {'scratch' if not init else 'UP-DETR'}"
             stages.append((f"oneshot {arm}", oneshot_dirs[arm], OneShotTask, cfg, (index, total, title),
                            ("features",) + (("pretrain",) if init else ())))
+    # a finished stage is only announced here; the others become jobs (processes, when parallel)
     jobs = []
-    labelled = finetune_config(budget, common, budget.finetune_epochs, "")
-    if labelled.data.cache_features and not all(map(is_done, [*arm_dirs.values(), *oneshot_dirs.values()])):
-        jobs.append(Job("features", cache_labelled_features, (labelled, job_progress)))
-    names = {job.name for job in jobs} | {name for name, *_ in stages}
+    pending = {name for name, run_dir, *_ in stages if not is_done(run_dir)}
+    if arm_cfgs["DETR"].data.cache_features and pending - {"pretrain"}:
+        jobs.append(Job("features", cache_labelled_features, (arm_cfgs["DETR"], job_progress)))
+    names = pending | {job.name for job in jobs}
     for name, run_dir, task_cls, cfg, (index, of, title), after in stages:
-        jobs.append(Job(name, train_stage, (run_dir, task_cls, cfg, job_progress, f"[{index}/{of}] {title}"),
+        title = f"[{index}/{of}] {title}"
+        if name not in pending:
+            _stage_banner(title, run_dir)
+            continue
+        jobs.append(Job(name, train_stage, (run_dir, task_cls, cfg, job_progress, title),
                         tuple(d for d in after if d in names)))
     run_jobs(jobs, processes=processes, threads=threads)
 
@@ -269,8 +275,7 @@ def cache_labelled_features(cfg: Config, progress: bool) -> int:
 
 def train_stage(run_dir: Path, task_cls, cfg: Config, progress: bool, title: str) -> Path:
     """Train the stage ``cfg`` of ``task_cls`` in ``run_dir`` unless it is already done; returns ``run_dir``."""
-    state = "cached" if is_done(run_dir) else "running"
-    log.info("%s (%s: %s)", title, state, run_dir)
+    _stage_banner(title, run_dir)
     if not is_done(run_dir):
         info = run_fit(task_cls, cfg.override([f"output_dir={json.dumps(str(run_dir))}"]), progress)
         mark_done(run_dir, info["final"])
@@ -281,6 +286,7 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _stage_banner(index: int, title: str, path: Path, total: int = 4) -> None:
+def _stage_banner(title: str, path: Path) -> None:
+    """``title (cached|running: path)``; a benchmark folder counts as cached once its ``meta.json`` is written."""
     state = "cached" if is_done(path) or (path / "meta.json").is_file() else "running"
-    log.info("[%d/%d] %s (%s: %s)", index, total, title, state, path)
+    log.info("%s (%s: %s)", title, state, path)

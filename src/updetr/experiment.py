@@ -252,8 +252,8 @@ def nominal_seconds(run: Run, budget: DemoBudget) -> float:
     if run.kind == "oneshot":
         train_rate, eval_rate = (_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S) if cached else (_ONESHOT_UNCACHED_IMG_S,
                                                                                      _ONESHOT_EVAL_UNCACHED_IMG_S)
-        cache = (2 * budget.num_train + budget.num_val) / _CACHE_IMG_S if cached else 0.0
-        return run.epochs * budget.num_train / train_rate + evals * budget.num_val / eval_rate + cache
+        # cached: the maps come from the seed's features job (cache_seconds), as for the detection runs
+        return run.epochs * budget.num_train / train_rate + evals * budget.num_val / eval_rate
     if not cached:
         return run.epochs * budget.num_train / _FINETUNE_UNCACHED_IMG_S + evals * budget.num_val / _EVAL_UNCACHED_IMG_S
     # the CNN maps of the labelled images come from the seed's features job (cache_seconds), read from the store here
@@ -267,20 +267,23 @@ def cache_seconds(budget: DemoBudget) -> float:
 
 def experiment_jobs(plans: list[SeedPlan], runs: list[Run], progress: bool) -> list[Job]:
     """The runs not yet done as :class:`~updetr.stages.Job` s, each after the run whose checkpoint it starts from
-    and, for the detection fine-tunings, after its seed's job that computes the labelled images' CNN features."""
+    and, when it trains on cached CNN maps of the labelled images (every run but the pre-trainings, which read the
+    unlabelled ones), after its seed's job that computes those maps."""
     todo = [r for r in runs if not is_done(r.path)]
     names = {str(r.path) for r in todo}
+
+    def reads_labelled_maps(run: Run) -> bool:
+        return run.kind != "pretrain" and run.cfg.data.cache_features
+
     jobs: list[Job] = []
     features: dict[int, str] = {}
     for plan in plans:
-        first = next((r for r in todo if r.seed == plan.seed and r.kind in ("detr", "updetr")), None)
-        if first is not None and first.cfg.data.cache_features:
+        if any(r.seed == plan.seed and reads_labelled_maps(r) for r in todo):
             features[plan.seed] = f"features seed {plan.seed}"
-            detr = plan.finetune["detr_F"].cfg
-            jobs.append(Job(features[plan.seed], cache_labelled_features, (detr, progress)))
+            jobs.append(Job(features[plan.seed], cache_labelled_features, (plan.finetune["detr_F"].cfg, progress)))
     for run in todo:
         after = [str(Path(run.cfg.init_from).parent)] if run.cfg.init_from else []
-        if run.kind in ("detr", "updetr") and run.seed in features:
+        if reads_labelled_maps(run):
             after.append(features[run.seed])
         label = f"seed {run.seed}: {run.label}"
         jobs.append(Job(str(run.path), train_stage, (run.path, run.task, run.cfg, progress, label),

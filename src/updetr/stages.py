@@ -189,18 +189,12 @@ def _job_process(job: Job, threads: int, level: int, answers) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        result = job.fn(*job.args)
+        answer = (job.name, True, job.fn(*job.args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
-        text = "".join(traceback.format_exception(exc))
-        try:
-            answers.put((job.name, False, _picklable(exc, job.name, text)))
-        finally:
-            answers.close()
-            answers.join_thread()
-        return
-    answers.put((job.name, True, result))
+        answer = (job.name, False, _picklable(exc, job.name, "".join(traceback.format_exception(exc))))
+    answers.put(answer)
     answers.close()
-    answers.join_thread()
+    answers.join_thread()  # the answer is in the pipe before the process exits
 
 
 def _picklable(exc: BaseException, name: str, text: str) -> BaseException:

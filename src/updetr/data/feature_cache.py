@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from updetr.config import FEATURE_ENGINES
 from updetr.structures import FeatureBatch, Target
 
 __all__ = [
@@ -92,9 +93,6 @@ class FeatureStore:
         os.replace(tmp, path)
 
 
-FEATURE_ENGINES = ("auto", "torch", "onnxruntime")
-
-
 class _LastMap(torch.nn.Module):
     """The CNN body's last (deepest) map only, as one tensor: what the cache stores, in a form ONNX exports."""
 
@@ -126,7 +124,6 @@ class _OnnxRuntimeBody:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.version = onnxruntime.__version__
 
     def __call__(self, x: Tensor) -> Tensor:
         pixels = x.detach().float().contiguous().numpy()

@@ -38,16 +38,16 @@ def test_cli_end_to_end(embedded, tiny_overrides, tmp_path, capsys, monkeypatch)
     assert set(json.loads(metrics_file.read_text())) == set(evaluated)
 
     # eval resizes as the checkpoint was trained (not as another preset would), and never augments, either split
-    import updetr.data.build as build
+    import updetr.engine.detection as detection  # the task's dataset builder, as evaluation during training uses
 
     seen = []
-    real = build.build_detection_dataset
+    real = detection.build_detection_dataset
 
     def spy(cfg, split, **kwargs):
         seen.append((cfg.val_size, cfg.size_divisibility, split, kwargs.get("augment")))
         return real(cfg, split, **kwargs)
 
-    monkeypatch.setattr(build, "build_detection_dataset", spy)
+    monkeypatch.setattr(detection, "build_detection_dataset", spy)
     trained = json.loads((run / "config.json").read_text())["data"]
     for split in ("val", "train"):
         assert main(["eval", "--checkpoint", str(run / "best.pth"), "--embedded", str(embedded), "--split", split,

@@ -1,7 +1,6 @@
 """`updetr oneshot train / eval / predict` end to end on a tiny embedded benchmark, and bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ from updetr import cli
 from updetr.config import ModelConfig, PretrainConfig, make_config
 from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides)
 from updetr.engine.checkpoint import save_checkpoint
-from updetr.engine.one_shot import OneShotOptions, OneShotTask, evaluate_one_shot
+from updetr.engine.inference import evaluate_one_shot
+from updetr.engine.one_shot import OneShotTask
 from updetr.models import build_updetr
-from updetr.one_shot_predict import parse_exemplar
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -49,7 +48,7 @@ def test_train_then_eval_prints_table3_and_is_deterministic(trained, tmp_path, c
     # the benchmark's split: the 10 other photographed objects are the seen (training) classes
     assert ckpt["oneshot"]["split"]["seen"] == [c for c in EMBEDDED_THING_CLASSES if c not in ONESHOT_UNSEEN]
     assert len(ckpt["oneshot"]["split"]["seen"]) == 10
-    assert ckpt["oneshot"]["options"]["num_draws"] == 2 and ckpt["oneshot"]["init"] == "scratch"
+    assert ckpt["config"]["oneshot"]["num_draws"] == 2 and ckpt["oneshot"]["init"] == "scratch"
     assert "val/AP50_seen" in ckpt["metrics"] and "val/AP50_unseen" in ckpt["metrics"]
     capsys.readouterr()
     assert run("eval", "--no-progress", "--checkpoint", str(trained), "--json", str(tmp_path / "a.json")) == 0
@@ -112,19 +111,13 @@ def test_eval_rejects_other_checkpoints_and_init_from_pretraining_keeps_patch2qu
     assert "not one from `updetr oneshot train`" in capsys.readouterr().err
     overrides = [s for s in TINY if s != "--set"] + [f"init_from={json.dumps(str(tmp_path / 'pre.pth'))}"]
     overrides += embedded_data_overrides(bench)
-    cfg = make_config("small", None, overrides)
-    task = OneShotTask(cfg, OneShotOptions(freeze_backbone=True))
+    cfg = make_config("small", None, overrides + ["oneshot.freeze_backbone=true"])
+    task = OneShotTask(cfg)
     task.train_dataset()
     model = task.build_model()
     assert task.init_kind == "updetr-pretrain"
     assert torch.equal(model.patch2query.weight, pretrained.patch2query.weight)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
-
-
-def test_parse_exemplar():
-    assert parse_exemplar("a/b.jpg") == (Path("a/b.jpg"), None)
-    assert parse_exemplar("a/b.jpg:1,2,30,40.5") == (Path("a/b.jpg"), (1.0, 2.0, 30.0, 40.5))
-    assert parse_exemplar("C:/x/b.jpg") == (Path("C:/x/b.jpg"), None)
 
 
 def test_oracle_predictions_score_100(bench):

@@ -12,12 +12,7 @@ from updetr.config import make_config
 from updetr.data.coco_panoptic import rgb_to_id
 from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from updetr.engine.panoptic import (
-    PanopticOptions,
-    PanopticTask,
-    build_panoptic_model,
-    initialise_panoptic_model,
-)
+from updetr.engine.panoptic import PanopticTask, build_panoptic_model, initialise_panoptic_model
 from updetr.models import build_updetr
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -58,7 +53,7 @@ def test_stage_one_then_stage_two(runs):
     assert {"val/PQ", "val/PQth", "val/PQst", "val/AP_seg", "train/loss_mask", "train/loss_dice"} <= set(s2[-1])
     first, second = load_checkpoint(runs / "s1" / "checkpoint.pth"), load_checkpoint(runs / "s2" / "checkpoint.pth")
     assert first["task"] == second["task"] == "panoptic"
-    assert second["panoptic"]["stage"] == "2" and len(second["classes"]) == 18
+    assert second["config"]["panoptic"]["stage"] == "2" and len(second["classes"]) == 18
     # the stage-1 detector really loaded under the detr. prefix, and stayed frozen in stage 2
     detector = {k: v for k, v in second["model"].items() if k.startswith("detr.")}
     assert detector and set(detector) == {"detr." + k for k in first["model"]}
@@ -128,8 +123,9 @@ def test_bad_categories_fail_with_the_file_name(bench, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ weight transfer
 def _task(bench, stage, init_from=""):
     cfg = make_config("small", overrides=TINY_OVERRIDES + [f"data.root={json.dumps(str(bench))}", "data.train_images=train",
-                                                            "data.val_images=val", f"init_from={json.dumps(init_from)}"])
-    task = PanopticTask(cfg, PanopticOptions(stage=stage))
+                                                            "data.val_images=val", f"init_from={json.dumps(init_from)}",
+                                                            f"panoptic.stage={stage}"])
+    task = PanopticTask(cfg)
     task.train_dataset()
     return task
 

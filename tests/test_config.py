@@ -2,7 +2,7 @@
 
 import pytest
 
-from updetr.config import PRESETS, ConfigError, make_config
+from updetr.config import PRESETS, Config, ConfigError, make_config
 from updetr.engine.distributed import resolve_device
 
 
@@ -53,3 +53,20 @@ def test_devices_this_machine_lacks_are_config_errors(monkeypatch):
 def test_non_finite_values_in_integer_fields_are_config_errors(override):
     with pytest.raises(ConfigError, match="must be an integer"):
         make_config("small", overrides=[override])
+
+
+def test_panoptic_and_oneshot_settings_are_config_sections():
+    cfg = make_config("small", overrides=["panoptic.stage=2", "panoptic.threshold=0.5", "oneshot.num_draws=3"])
+    assert cfg.panoptic.stage == "2" and cfg.panoptic.threshold == 0.5 and cfg.oneshot.num_draws == 3
+    assert Config.from_dict(cfg.to_dict()).panoptic == cfg.panoptic  # saved and read back with the run
+    for bad, message in (("panoptic.stage=3", "panoptic.stage='3' is not one of 1, 2, joint"),
+                         ("panoptic.threshold=1.0", r"panoptic.threshold=1.0 must be in \[0, 1\)"),
+                         ("panoptic.min_area=0", "panoptic.min_area=0 must be > 0"),
+                         ("panoptic.loss_dice=-1", "must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            make_config("small", overrides=[bad])
+
+
+def test_a_text_field_takes_an_override_that_reads_as_a_number():
+    cfg = make_config("small", overrides=["output_dir=2024", "panoptic.stage=joint"])
+    assert cfg.output_dir == "2024" and cfg.panoptic.stage == "joint"

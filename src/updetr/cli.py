@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import re
@@ -46,38 +45,23 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data.build import build_detection_dataset
-    from .data.collate import collate_detection
-    from .engine.detection import evaluate_detection
-    from .engine.distributed import DistInfo, resolve_device
-    from .engine.inference import load_trained_model
-    from .engine.loop import make_loader
+    from .engine.distributed import resolve_device
+    from .engine.inference import evaluate_loaded, load_trained
 
     setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
-    loaded = load_trained_model(args.checkpoint, device)
-    cfg = loaded.config
     # the checkpoint's own data config (its image sizes, padding, ...), pointed elsewhere by the flags
     others = [o for o in args.overrides if not o.strip().startswith("data.")]
     if others:
         raise ConfigError(f"updetr eval: --set {others[0]}: only data.* fields can change; the model is the checkpoint's")
-    data_flags = [o for o in flag_overrides(args) if o.startswith("data.")]
-    if data_flags:
-        cfg = cfg.override(data_flags)
     if args.json and Path(args.json).is_dir():  # before a long evaluation, not after it
         raise ConfigError(f"--json {args.json}: is a folder; name a file, e.g. --json {Path(args.json) / 'metrics.json'}")
+    data_flags = [o for o in flag_overrides(args) if o.startswith("data.")]
+    loaded = load_trained(args.checkpoint, device, tasks=("detection",), overrides=data_flags)
+    loaded.runner.class_agnostic = args.class_agnostic
     split = args.split
-    dataset = build_detection_dataset(cfg.data, split, augment=False)  # the eval resize for either split
-    if list(dataset.classes) != loaded.classes:
-        raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
-    # the same batching as evaluation during training, so the numbers agree
-    collate = functools.partial(collate_detection, size_divisibility=cfg.data.size_divisibility)
-    loader = make_loader(dataset, collate, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device), train=False, seed=0)
-    with torch.inference_mode():
-        metrics = evaluate_detection(loaded.model, loader, device, progress=not args.no_progress,
-                                     class_agnostic=args.class_agnostic)
+    # the dataset, batching and metric of evaluation during training, so the numbers agree
+    metrics, dataset = evaluate_loaded(loaded, split, device, progress=not args.no_progress)
     what = ", every class counted as one" if args.class_agnostic else ""
     _print_metrics(f"{split} ({len(dataset)} images{what})", metrics)
     if args.json:
@@ -91,12 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .engine.distributed import resolve_device
-    from .engine.inference import load_trained_model
+    from .engine.inference import load_trained
     from .predict import predict_images
 
     setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
-    loaded = load_trained_model(args.checkpoint, device)
+    loaded = load_trained(args.checkpoint, device, tasks=("detection", "pretrain"))
     if loaded.task != "detection":
         raise ConfigError(f"{args.checkpoint} is a {loaded.task} checkpoint; use `updetr query` for pre-training checkpoints")
     out = predict_images(loaded, args.images, args.output, threshold=args.threshold, device=device, progress=not args.no_progress)
@@ -138,12 +122,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .engine.distributed import resolve_device
-    from .engine.inference import load_trained_model
+    from .engine.inference import load_trained
     from .query import run_query
 
     setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
-    loaded = load_trained_model(args.checkpoint, device)
+    loaded = load_trained(args.checkpoint, device, tasks=("pretrain", "detection"))
     results = run_query(loaded, args.image, boxes=args.box, exemplars=args.exemplar, output_dir=args.output, device=device)
     for i, r in enumerate(results):
         where = f" (cut from {[round(v) for v in r.query_box_xyxy]})" if r.query_box_xyxy else ""

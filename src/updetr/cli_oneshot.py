@@ -7,23 +7,21 @@ Hooked into ``updetr.cli.build_parser`` with ``add_oneshot_parser(sub)``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from .cli_common import add_config_args, config_from_args, setup_logging
-from .config import Config
+from .config import ConfigError
 from .data.embedded import embedded_data_overrides
 from .engine.distributed import cleanup, init_distributed, resolve_device
-from .engine.one_shot import (
-    OneShotOptions, evaluate_one_shot_result, load_one_shot_model, options_from_config, train_one_shot,
-)  # fmt: skip
+from .engine.inference import evaluate_one_shot_result, load_trained
+from .engine.one_shot import train_one_shot
 from .evaluation.one_shot import AP_METHODS, format_table3
-from .one_shot_predict import parse_exemplar, predict_one_shot
-from .serialization import load_checkpoint
+from .data.io import parse_image_box
+from .one_shot_predict import predict_one_shot
 
-__all__ = ["add_oneshot_parser", "cmd_oneshot_eval", "cmd_oneshot_predict", "cmd_oneshot_train"]
+__all__ = ["add_oneshot_parser", "cmd_oneshot_eval", "cmd_oneshot_predict", "cmd_oneshot_train", "oneshot_overrides"]
 
 
 def _add_option_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -43,11 +41,12 @@ def _add_option_args(p: argparse.ArgumentParser, train: bool) -> None:
                        help="skip training images showing any unseen object (default: they train on their seen classes)")  # fmt: skip
 
 
-def _options_from_args(base: OneShotOptions, args: argparse.Namespace) -> OneShotOptions:
-    names = {"split": "split", "draws": "num_draws", "ap_method": "ap_method", "min_exemplar_size": "min_exemplar_size",
-             "freeze_backbone": "freeze_backbone", "exclude_unseen_images": "exclude_unseen_images"}  # fmt: skip
-    changes = {field: getattr(args, attr) for attr, field in names.items() if getattr(args, attr, None) is not None}
-    return dataclasses.replace(base, **changes).validate()
+def oneshot_overrides(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> list[str]:
+    """The one-shot flags given, as ``oneshot.field=value`` overrides (the ``--set`` grammar)."""
+    fields = {"split": "split", "draws": "num_draws", "ap_method": "ap_method", "min_exemplar_size": "min_exemplar_size",
+              "freeze_backbone": "freeze_backbone", "exclude_unseen_images": "exclude_unseen_images"}  # fmt: skip
+    return [f"oneshot.{field}={json.dumps(getattr(args, attr))}" for attr, field in fields.items()
+            if (names is None or attr in names) and getattr(args, attr, None) is not None]
 
 
 def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -100,11 +99,13 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_oneshot_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    options = _options_from_args(options_from_config(cfg), args)
+    flags = oneshot_overrides(args)
+    if flags:
+        cfg = cfg.override(flags)
     dist_info = init_distributed(cfg.device)
     setup_logging(dist_info.rank, getattr(args, "verbose", False))
     try:
-        result = train_one_shot(cfg, options, resume=args.resume, progress=not getattr(args, "no_progress", False),
+        result = train_one_shot(cfg, resume=args.resume, progress=not getattr(args, "no_progress", False),
                                 dist_info=dist_info)  # fmt: skip
     finally:
         cleanup()
@@ -119,7 +120,10 @@ def cmd_oneshot_train(args: argparse.Namespace) -> int:
 
 def cmd_oneshot_eval(args: argparse.Namespace) -> int:
     setup_logging(0, getattr(args, "verbose", False))
-    data = None
+    others = [o for o in args.overrides if not o.strip().startswith(("data.", "oneshot."))]
+    if others:
+        raise ConfigError(f"updetr oneshot eval: --set {others[0]}: only data.* and oneshot.* fields can change; "
+                          "the model is the checkpoint's")  # fmt: skip
     overrides = []
     if args.embedded:
         overrides += embedded_data_overrides(args.embedded)
@@ -127,14 +131,11 @@ def cmd_oneshot_eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={json.dumps(args.data_root)}")
     if args.format:
         overrides.append(f"data.format={json.dumps(args.format)}")
-    overrides += list(args.overrides)
-    if overrides:
-        data = Config.from_dict(load_checkpoint(args.checkpoint)["config"], args.checkpoint).override(overrides).data
+    overrides += list(args.overrides) + oneshot_overrides(args, ("draws", "ap_method"))
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     result = evaluate_one_shot_result(
-        args.checkpoint, data=data, data_split=args.data_split, split=args.split, classes=classes,
-        num_draws=args.draws, ap_method=args.ap_method, device=args.device or "auto", batch_size=args.batch_size,
-        progress=not getattr(args, "no_progress", False),
+        args.checkpoint, overrides=overrides, data_split=args.data_split, split=args.split, classes=classes,
+        device=args.device or "auto", batch_size=args.batch_size, progress=not getattr(args, "no_progress", False),
     )  # fmt: skip
     title = (f"One-shot detection, AP50 (%): {result.extra['dataset']}, {result.num_draws} query draws per "
              f"(image, class), {result.method} AP, {result.extra['num_episodes']} episodes")  # fmt: skip
@@ -146,9 +147,9 @@ def cmd_oneshot_eval(args: argparse.Namespace) -> int:
 
 def cmd_oneshot_predict(args: argparse.Namespace) -> int:
     setup_logging(0, getattr(args, "verbose", False))
-    exemplar, box = parse_exemplar(args.exemplar)
+    exemplar, box = parse_image_box(args.exemplar)
     device = resolve_device(args.device or "auto")
-    loaded = load_one_shot_model(args.checkpoint, device)
+    loaded = load_trained(args.checkpoint, device, tasks=("oneshot",))
     out = predict_one_shot(loaded, exemplar, box, args.images, args.output, threshold=args.threshold, label=args.label,
                            device=device, progress=not getattr(args, "no_progress", False))  # fmt: skip
     print(f"wrote {out / 'detections.json'} and drawn images to {out}")

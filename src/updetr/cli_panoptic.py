@@ -16,16 +16,14 @@ import torch
 
 from .cli_common import add_config_args, config_from_args, setup_logging
 from .config import ConfigError
-from .data.collate import collate_detection
 from .data.embedded import embedded_data_overrides
-from .engine.distributed import DistInfo, cleanup, init_distributed, resolve_device
-from .engine.loop import fit, make_loader
-from .engine.panoptic import (
-    PanopticOptions, PanopticTask, build_panoptic_dataset, load_panoptic_model, run_panoptic_evaluation,
-)  # fmt: skip
+from .engine.distributed import cleanup, init_distributed, resolve_device
+from .engine.inference import evaluation_loader, load_trained
+from .engine.loop import fit
+from .engine.panoptic import PanopticTask, run_panoptic_evaluation
 from .panoptic_predict import predict_panoptic
 
-__all__ = ["add_panoptic_parser", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train"]
+__all__ = ["add_panoptic_parser", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train", "panoptic_overrides"]
 
 _TABLE = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
 
@@ -93,18 +91,13 @@ def add_panoptic_parser(subparsers: Any) -> None:
     q.set_defaults(func=cmd_panoptic_predict)
 
 
-def _options_from_args(args: argparse.Namespace, base: Any = None) -> Any:
-    options = base or PanopticOptions()
-    updates = {
-        "stage": getattr(args, "stage", None), "loss_mask": getattr(args, "mask_loss_coef", None),
-        "loss_dice": getattr(args, "dice_loss_coef", None), "threshold": args.threshold, "min_area": args.min_area,
-        "train_annotations": args.train_json, "train_segmentations": args.train_png,
-        "val_annotations": args.val_json, "val_segmentations": args.val_png,
-    } if hasattr(args, "train_json") else {"threshold": args.threshold, "min_area": args.min_area}
-    for key, value in updates.items():
-        if value is not None:
-            setattr(options, key, value)
-    return options.validate()
+def panoptic_overrides(args: argparse.Namespace) -> list[str]:
+    """The panoptic flags given, as ``panoptic.field=value`` overrides (the ``--set`` grammar)."""
+    fields = {"stage": "stage", "mask_loss_coef": "loss_mask", "dice_loss_coef": "loss_dice", "threshold": "threshold",
+              "min_area": "min_area", "train_json": "train_annotations", "train_png": "train_segmentations",
+              "val_json": "val_annotations", "val_png": "val_segmentations"}  # fmt: skip
+    return [f"panoptic.{field}={json.dumps(getattr(args, attr))}" for attr, field in fields.items()
+            if getattr(args, attr, None) is not None]
 
 
 def _print_table(title: str, metrics: dict[str, float]) -> None:
@@ -118,18 +111,16 @@ def _print_table(title: str, metrics: dict[str, float]) -> None:
 
 
 def cmd_panoptic_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    options = _options_from_args(args)
+    cfg = config_from_args(args).override(panoptic_overrides(args))
     dist_info = init_distributed(cfg.device)
     setup_logging(dist_info.rank, getattr(args, "verbose", False))
     try:
-        result = fit(PanopticTask(cfg, options), cfg, dist_info, resume=args.resume,
-                     progress=not getattr(args, "no_progress", False))
+        result = fit(PanopticTask(cfg), cfg, dist_info, resume=args.resume, progress=not getattr(args, "no_progress", False))
     finally:
         cleanup()
     if dist_info.is_main:
         if result.final_metrics:
-            _print_table(f"final validation (stage {options.stage})", result.final_metrics)
+            _print_table(f"final validation (stage {cfg.panoptic.stage})", result.final_metrics)
         print(f"run folder: {result.output_dir}")
     return 0
 
@@ -137,32 +128,34 @@ def cmd_panoptic_train(args: argparse.Namespace) -> int:
 def cmd_panoptic_eval(args: argparse.Namespace) -> int:
     setup_logging(0, getattr(args, "verbose", False))
     device = resolve_device(args.device or "auto")
-    loaded = load_panoptic_model(args.checkpoint, device)
-    if loaded.options.stage == "1":
-        raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint; train the mask head first: "
-                          "updetr panoptic train --stage 2 --init-from CHECKPOINT")
-    cfg = loaded.config
-    options = loaded.options
-    if args.data_root or args.embedded:
-        for key in ("train_annotations", "train_segmentations", "val_annotations", "val_segmentations"):
-            setattr(options, key, "")  # the new root's default layout
-    # the checkpoint's config (its eval resize included) with only the data location changed
+    others = [o for o in args.overrides if not o.strip().startswith(("data.", "panoptic."))]
+    if others:
+        raise ConfigError(f"updetr panoptic eval: --set {others[0]}: only data.* and panoptic.* fields can change; "
+                          "the model is the checkpoint's")  # fmt: skip
+    # the checkpoint's config (its eval resize included) with only the data location and post-processing changed
     location = []
+    if args.data_root or args.embedded:  # the new root's default file layout
+        location += [f'panoptic.{k}=""' for k in ("train_annotations", "train_segmentations", "val_annotations",
+                                                  "val_segmentations")]  # fmt: skip
     if args.embedded:
         location += embedded_data_overrides(args.embedded)
     if args.data_root:
         location.append(f"data.root={json.dumps(str(args.data_root))}")
-    if location or args.overrides:
-        cfg = cfg.override(location + list(args.overrides))
-    options = _options_from_args(args, options)
-    dataset = build_panoptic_dataset(cfg, options, args.split, return_masks=False)
-    if list(dataset.classes) != loaded.classes:
-        raise ConfigError(f"{args.checkpoint} was trained on classes {loaded.classes}, the dataset has {list(dataset.classes)}")
-    loader = make_loader(dataset, collate_detection, cfg.data.batch_size, cfg.data.num_workers, DistInfo(device=device),
-                         train=False, seed=0)
+    stage = [o for o in panoptic_overrides(args) if o.startswith("panoptic.stage=")]
+    if stage:
+        raise ConfigError("updetr panoptic eval: the stage is the checkpoint's")
+    loaded = load_trained(args.checkpoint, device, tasks=("panoptic",),
+                          overrides=location + list(args.overrides) + panoptic_overrides(args))
+    options = loaded.config.panoptic
+    if options.stage == "1":
+        raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint; train the mask head first: "
+                          "updetr panoptic train --stage 2 --init-from CHECKPOINT")
+    # the dataset and batching of evaluation during training (PanopticTask), so the numbers agree
+    dataset = loaded.runner.eval_dataset(args.split)
     with torch.inference_mode():
-        pq, ap = run_panoptic_evaluation(loaded.model, loader, device, threshold=options.threshold,
-                                         min_area=options.min_area, progress=not getattr(args, "no_progress", False))
+        pq, ap = run_panoptic_evaluation(loaded.model, evaluation_loader(loaded, dataset, device), device,
+                                         threshold=options.threshold, min_area=options.min_area,
+                                         progress=not getattr(args, "no_progress", False))  # fmt: skip
     metrics = {**pq.summarize(), **ap.summarize()}
     _print_table(f"{args.split} ({len(dataset)} images, threshold {options.threshold})", metrics)
     if args.per_class:
@@ -182,10 +175,10 @@ def _print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
 def cmd_panoptic_predict(args: argparse.Namespace) -> int:
     setup_logging(0, getattr(args, "verbose", False))
     device = resolve_device(args.device or "auto")
-    loaded = load_panoptic_model(args.checkpoint, device)
-    if loaded.options.stage == "1":
+    loaded = load_trained(args.checkpoint, device, tasks=("panoptic",), overrides=panoptic_overrides(args))
+    options = loaded.config.panoptic
+    if options.stage == "1":
         raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint and has no mask head")
-    options = _options_from_args(args, loaded.options)
     out = predict_panoptic(loaded, args.images, args.output, threshold=options.threshold, min_area=options.min_area,
                            device=device, progress=not getattr(args, "no_progress", False))
     print(f"wrote {out / 'panoptic.json'}, panoptic PNGs and overlays to {out}")

@@ -70,6 +70,24 @@ class OneShotConfig:
     ap_method: str = "voc07"  # voc07 (11-point, as CoAE) | voc (all-point)
 
 
+PANOPTIC_STAGES = ("1", "2", "joint")
+
+
+@dataclass
+class PanopticConfig:
+    """Panoptic segmentation (paper §4.4; docs/method.md §4): DETR's two stages and the post-processing."""
+
+    stage: str = "1"  # 1 (detector on the segments' boxes) | 2 (frozen detector, mask head) | joint
+    train_annotations: str = ""  # panoptic JSON; "" = annotations/panoptic_<train images folder name>.json
+    train_segmentations: str = ""  # PNG folder; "" = the JSON's path without .json
+    val_annotations: str = ""  # as train_annotations, for the val images
+    val_segmentations: str = ""  # as train_segmentations, for the val images
+    loss_mask: float = 1.0  # weight of the sigmoid focal mask loss (DETR: 1)
+    loss_dice: float = 1.0  # weight of the dice loss (DETR: 1)
+    threshold: float = 0.85  # post-processing: minimum class probability of a kept query
+    min_area: int = 5  # post-processing: smaller segments are dropped (DETR: area <= 4)
+
+
 @dataclass
 class LossConfig:
     cost_class: float = 1.0
@@ -136,6 +154,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     oneshot: OneShotConfig = field(default_factory=OneShotConfig)
+    panoptic: PanopticConfig = field(default_factory=PanopticConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -175,6 +194,13 @@ class Config:
         _positive("oneshot.num_draws", self.oneshot.num_draws)
         _positive("oneshot.min_exemplar_size", self.oneshot.min_exemplar_size)
         _choice("oneshot.ap_method", self.oneshot.ap_method, ("voc07", "voc"))
+        pan = self.panoptic
+        _choice("panoptic.stage", pan.stage, PANOPTIC_STAGES)
+        if not 0.0 <= pan.threshold < 1.0:
+            raise ConfigError(f"panoptic.threshold={pan.threshold} must be in [0, 1)")
+        _positive("panoptic.min_area", pan.min_area)
+        if pan.loss_mask < 0 or pan.loss_dice < 0:
+            raise ConfigError(f"panoptic.loss_mask={pan.loss_mask} and panoptic.loss_dice={pan.loss_dice} must be >= 0")
         _positive("data.batch_size", d.batch_size)
         _positive("data.size_divisibility", d.size_divisibility)
         _positive("data.max_size", d.max_size)
@@ -283,6 +309,8 @@ class Config:
                 value = raw
             if isinstance(node[parts[-1]], list) and isinstance(value, (int, float)):
                 value = [value]
+            elif isinstance(node[parts[-1]], str) and isinstance(value, (int, float)):
+                value = raw.strip()  # a text field that reads as a number: panoptic.stage=2, output_dir=2024
             node[parts[-1]] = value
         return Config.from_dict(data, "overrides")
 

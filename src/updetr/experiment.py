@@ -191,10 +191,11 @@ def plan_seed(root: Path, budget: DemoBudget, data_dir: Path, device: str) -> Se
         cfg = finetune_config(budget, common, f, init)
         oneshot[name] = Run(name, budget.seed, "oneshot", f"one-shot training ({f} ep) {label}", cfg,
                             stage_dir(root, "oneshot", cfg.to_dict()), f)
-        stage1 = Run(f"{name}_1", budget.seed, "panoptic1", f"panoptic stage 1 ({f} ep, boxes) {label}", cfg,
-                     stage_dir(root, "panoptic1", cfg.to_dict()), f)
+        stage1_cfg = cfg.override(["panoptic.stage=1"])
+        stage1 = Run(f"{name}_1", budget.seed, "panoptic1", f"panoptic stage 1 ({f} ep, boxes) {label}", stage1_cfg,
+                     stage_dir(root, "panoptic1", stage1_cfg.to_dict()), f)
         mask_cfg = finetune_config(budget, common, mask_epochs, str(stage1.path / "checkpoint.pth")).override(
-            ["data.cache_features=false", f"eval_every={mask_epochs}"])
+            ["data.cache_features=false", f"eval_every={mask_epochs}", "panoptic.stage=2"])
         panoptic[f"{name}_1"] = stage1
         panoptic[f"{name}_2"] = Run(f"{name}_2", budget.seed, "panoptic2",
                                     f"panoptic stage 2 ({mask_epochs} ep, mask head) {label}", mask_cfg,

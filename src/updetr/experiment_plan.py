@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .engine.tasks import TASKS
 
 __all__ = ["LENGTH_FRACTIONS", "Run", "SeedPlan", "length_points"]
 
@@ -26,18 +27,11 @@ class Run:
     epochs: int
 
     @property
-    def task(self):
-        from .engine.detection import DetectionTask
-        from .engine.one_shot import OneShotTask
-        from .engine.pretrain import PretrainTask
-
+    def task(self) -> type:
+        """The Task class that trains this run (its config says everything else, panoptic stage included)."""
         if self.kind.startswith("panoptic"):  # stage 1 (detector on boxes) or 2 (frozen detector, mask head)
-            from functools import partial
-
-            from .engine.panoptic import PanopticOptions, PanopticTask
-
-            return partial(PanopticTask, options=PanopticOptions(stage=self.kind[-1]))
-        return {"pretrain": PretrainTask, "oneshot": OneShotTask}.get(self.kind, DetectionTask)
+            return TASKS["panoptic"]
+        return TASKS.get(self.kind, TASKS["detection"])  # "detr" and "updetr" are detection runs
 
 
 @dataclass

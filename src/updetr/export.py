@@ -156,19 +156,11 @@ class ExportedModel:
 
 def load_for_export(checkpoint: str | Path) -> ExportedModel:
     """Read a detection, pre-training or one-shot checkpoint (safe loading, strict weights), on CPU in eval mode."""
-    from .engine.checkpoint import load_checkpoint
+    from .engine.inference import load_trained
 
-    ckpt = load_checkpoint(checkpoint)  # one-line errors for missing / unreadable / unsafe files
-    task = ckpt.get("task", "detection")
-    if task == "oneshot":
-        from .engine.one_shot import load_one_shot_model
-
-        loaded = load_one_shot_model(checkpoint, "cpu")
-        return ExportedModel(loaded.model, "oneshot", loaded.config, ["match"])
-    from .engine.inference import load_trained_model
-
-    loaded = load_trained_model(checkpoint, "cpu")
-    return ExportedModel(loaded.model, loaded.task, loaded.config, list(loaded.classes))
+    loaded = load_trained(checkpoint, "cpu", tasks=("detection", "pretrain", "oneshot"))
+    classes = ["match"] if loaded.task == "oneshot" else list(loaded.classes)
+    return ExportedModel(loaded.model, loaded.task, loaded.config, classes)
 
 
 def export_onnx(checkpoint: str | Path | ExportedModel, out: str | Path, *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -12,36 +11,19 @@ from tqdm.auto import tqdm
 
 from .box_ops import normalized_cxcywh_to_xyxy_px
 from .data.folder import ImageFolder, finish_skipped
-from .data.io import DataError, load_image
+from .data.io import load_image
 from .data.one_shot import check_exemplar_box, crop_query_patch
 from .data.transforms import build_transforms
-from .engine.one_shot import LoadedOneShot
+from .engine.inference import LoadedModel
 from .models.one_shot import MATCH_LABEL
 from .structures import ImageBatch
 from .visualize import draw_detections, save_image
 
-__all__ = ["parse_exemplar", "predict_one_shot"]
-
-_BOX = re.compile(r"^\s*[-+0-9.eE]+(\s*,\s*[-+0-9.eE]+)*\s*$")
-
-
-def parse_exemplar(spec: str) -> tuple[Path, tuple[float, float, float, float] | None]:
-    """``IMG`` or ``IMG:x,y,w,h`` (pixels) -> (path, box xywh or None = the whole image)."""
-    path, sep, box = spec.rpartition(":")
-    if not sep or not _BOX.match(box) or "," not in box:
-        return Path(spec), None
-    try:
-        values = tuple(float(v) for v in box.split(","))
-    except ValueError:
-        raise DataError(f"--exemplar {spec!r}: the box must be x,y,w,h in pixels") from None
-    if len(values) != 4:
-        raise DataError(f"--exemplar {spec!r}: the box must be 4 numbers x,y,w,h in pixels, got {len(values)}")
-    return Path(path), values  # type: ignore[return-value]
-
+__all__ = ["predict_one_shot"]
 
 @torch.inference_mode()
 def predict_one_shot(
-    loaded: LoadedOneShot, exemplar: str | Path, box_xywh: tuple[float, float, float, float] | None,
+    loaded: LoadedModel, exemplar: str | Path, box_xywh: tuple[float, float, float, float] | None,
     images: list[str], output_dir: str | Path, *, threshold: float = 0.5, label: str = "match",
     device: torch.device | str = "cpu", progress: bool = True,
 ) -> Path:
@@ -58,7 +40,7 @@ def predict_one_shot(
     box_xywh = box_xywh or (0.0, 0.0, float(picture.width), float(picture.height))
     x, y, w, h = box_xywh
     box_xyxy = (x, y, x + w, y + h)
-    check_exemplar_box(box_xyxy, hw, loaded.options.min_exemplar_size, f"--exemplar {exemplar}")
+    check_exemplar_box(box_xyxy, hw, loaded.config.oneshot.min_exemplar_size, f"--exemplar {exemplar}")
     patch = crop_query_patch(F.pil_to_tensor(picture), box_xyxy, loaded.config.pretrain.query_size)[None].to(device)
     out = Path(output_dir)
     save_image(draw_detections(picture, torch.tensor([box_xyxy]), ["exemplar"]), out / "exemplar.png")

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from .box_ops import normalized_cxcywh_to_xyxy_px
-from .data.io import DataError, load_image
+from .data.io import DataError, load_image, parse_box, parse_image_box
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 from .engine.inference import LoadedModel
 from .structures import ImageBatch
@@ -28,15 +28,6 @@ class QueryResult:
     box_xyxy: list[float]  # where the model finds the patch, pixels of the target image
     score: float  # probability of "patch" for the chosen query
     query_box_xyxy: list[float] | None  # where the patch was cut from, when it is a crop of the target
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """``x,y,w,h`` in pixels -> a tuple; a clear error otherwise."""
-    try:
-        x, y, w, h = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"box {text!r} must be x,y,w,h in pixels (four numbers)") from None
-    return x, y, w, h
 
 
 def crop_patch(image: Image.Image, box_xywh: tuple[float, float, float, float], size: int, source: str, min_size: int = 8) -> torch.Tensor:
@@ -102,14 +93,14 @@ def run_query(
     min_side = loaded.config.pretrain.min_patch_size
     patches, sources = [], []
     for text in boxes or []:
-        box = parse_box(text)
+        box = parse_box(text, "--box")
         patches.append(crop_patch(image, box, q, str(image_path), min_side))
         sources.append([box[0], box[1], box[0] + box[2], box[1] + box[3]])
     for text in exemplars or []:
-        path, _, box_text = text.partition(":")
+        path, given = parse_image_box(text)
         exemplar = load_image(path)
-        box = parse_box(box_text) if box_text else (0.0, 0.0, float(exemplar.width), float(exemplar.height))
-        patches.append(crop_patch(exemplar, box, q, path, min_side))
+        box = given or (0.0, 0.0, float(exemplar.width), float(exemplar.height))
+        patches.append(crop_patch(exemplar, box, q, str(path), min_side))
         sources.append(None)
     found = query_image(loaded, image, torch.stack(patches), device)
     results = [QueryResult(box, score, src) for (box, score), src in zip(found, sources)]

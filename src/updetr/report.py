@@ -88,13 +88,13 @@ def detection_sheet(arms: dict[str, Path], val_images: list[Path], path: Path, d
     from .data.folder import ImageFolder
     from .data.io import load_image
     from .data.transforms import build_transforms
-    from .engine.inference import load_trained_model
+    from .engine.inference import load_trained
     from .evaluation.postprocess import postprocess_detections
     from .structures import ImageBatch
 
     columns = []
     for run_dir in arms.values():
-        loaded = load_trained_model(run_dir / "checkpoint.pth", device)
+        loaded = load_trained(run_dir / "checkpoint.pth", device, tasks=("detection",))
         dataset = ImageFolder([str(p) for p in val_images], transforms=build_transforms(loaded.config.data, train=False))
         column = []
         for i in range(len(dataset)):
@@ -121,10 +121,10 @@ def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = 
 
     from .data.io import load_image
     from .data.unlabeled import sample_patch_boxes
-    from .engine.inference import load_trained_model
+    from .engine.inference import load_trained
     from .query import crop_patch, query_image
 
-    loaded = load_trained_model(pretrained, device)
+    loaded = load_trained(pretrained, device, tasks=("pretrain",))
     rng = np.random.default_rng(seed)
     m, q, min_side = loaded.model.num_patches, loaded.config.pretrain.query_size, loaded.config.pretrain.min_patch_size
     row, hits, total = [], 0, 0

@@ -197,7 +197,8 @@ def test_one_shot_pairs_and_episodes_on_cached_features_match_the_pixel_path(emb
 
 @pytest.mark.slow
 def test_one_shot_training_on_cached_features_evaluates_like_the_pixel_path(embedded, tmp_path):
-    from updetr.engine.one_shot import OneShotTask, evaluate_one_shot
+    from updetr.engine.inference import evaluate_one_shot
+    from updetr.engine.one_shot import OneShotTask
 
     cfg = detection_config(embedded, tmp_path / "os", "data.cache_features=true", "pretrain.query_size=32",
                            "optim.epochs=1")

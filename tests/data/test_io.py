@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from updetr.data.io import IMAGE_EXTENSIONS, DataError, is_image_file, load_annotated_image, load_image
+from updetr.data.io import (
+    IMAGE_EXTENSIONS, DataError, is_image_file, load_annotated_image, load_image, parse_box, parse_image_box,
+)
 
 
 def _save(tmp_path, image, name, **kwargs):
@@ -168,3 +172,17 @@ def test_find_unusable_images_reports_every_bad_file(tmp_path):
     problems = find_unusable_images(items, workers=2)
     assert [p.split(":")[0].rsplit("/", 1)[-1] for p in problems] == ["text.jpg", "absent.png", "cut.jpg", "good.png"]
     assert "annotation says 8x6" in problems[-1]
+
+
+def test_one_parser_for_img_and_box():
+    assert parse_image_box("a/b.jpg") == (Path("a/b.jpg"), None)
+    assert parse_image_box("a/b.jpg:1,2,30,40.5") == (Path("a/b.jpg"), (1.0, 2.0, 30.0, 40.5))
+    assert parse_image_box("C:/x/b.jpg") == (Path("C:/x/b.jpg"), None)  # a drive letter is not a box
+    assert parse_image_box("C:/x/b.jpg:0,0,8,8") == (Path("C:/x/b.jpg"), (0.0, 0.0, 8.0, 8.0))
+    assert parse_image_box("odd:name.png") == (Path("odd:name.png"), None)
+    with pytest.raises(DataError, match=r"--exemplar 'a.jpg:1,2,3': must be 4 numbers x,y,w,h in pixels, got 3"):
+        parse_image_box("a.jpg:1,2,3")
+    assert parse_box(" 1, 2,3 ,4") == (1.0, 2.0, 3.0, 4.0)
+    with pytest.raises(DataError, match=r"--box '1,2,w,4': must be x,y,w,h in pixels"):
+        parse_box("1,2,w,4", "--box")
+

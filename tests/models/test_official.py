@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from updetr.engine.checkpoint import CheckpointError
-from updetr.engine.inference import load_trained_model
+from updetr.engine.inference import load_trained
 from updetr.config import ConfigError
 from updetr.models import DETR, UPDETR
 from updetr.models.official import (
@@ -531,7 +531,7 @@ def test_convert_coco_detector_round_trip(tmp_path):
     path, sd = save_official(tmp_path, arch, prefix="module.")  # DataParallel-style keys are accepted
     dst = convert_official_checkpoint(path, tmp_path / "ours" / "detr.pth")
     assert dst.is_file() and not list(dst.parent.glob("*.tmp"))
-    loaded = load_trained_model(dst)
+    loaded = load_trained(dst)
     assert loaded.task == "detection" and not loaded.model.training
     assert loaded.config.model.num_classes == 91 and loaded.config.model.pre_norm
     assert len(loaded.classes) == 91 and loaded.category_ids == list(range(91))
@@ -549,12 +549,12 @@ def test_convert_coco_detector_round_trip(tmp_path):
 def test_convert_other_detector_and_pretrain(tmp_path):
     arch = Arch("resnet18", rows=6, queries=8)
     path, _ = save_official(tmp_path, arch)
-    loaded = load_trained_model(convert_official_checkpoint(path, tmp_path / "six.pth"))
+    loaded = load_trained(convert_official_checkpoint(path, tmp_path / "six.pth"))
     assert loaded.classes == [f"class_{i}" for i in range(5)] and loaded.category_ids == list(range(5))
 
     arch = Arch("resnet18", pre_norm=True, pretrain=True, feature_align=True, rows=3, queries=12, patches=3)
     path, sd = save_official(tmp_path, arch, name="pre.pth", args=argparse.Namespace(num_patches=3))
-    loaded = load_trained_model(convert_official_checkpoint(path, tmp_path / "pre_ours.pth"))
+    loaded = load_trained(convert_official_checkpoint(path, tmp_path / "pre_ours.pth"))
     assert loaded.task == "pretrain" and loaded.classes == ["patch"]
     assert loaded.config.pretrain.num_patches == 3 and loaded.config.pretrain.feature_reconstruction
     check_pretrain(loaded.model, sd, arch, torch.randn(1, 3, 64, 64), torch.randn(1, 3, 3, 32, 32))
@@ -621,8 +621,8 @@ def test_convert_keeps_an_updetr_checkpoints_own_config_and_classes(tmp_path):
     save_checkpoint(trained, {"model": model.state_dict(), "config": cfg.to_dict(), "task": "detection",
                               "classes": ["cat", "dog", "owl"], "category_ids": [3, 7, 9], "epoch": 4,
                               "optimizer": {}, "lr_scheduler": {}})
-    converted = load_trained_model(convert_official_checkpoint(trained, tmp_path / "slim.pth"))
-    original = load_trained_model(trained)
+    converted = load_trained(convert_official_checkpoint(trained, tmp_path / "slim.pth"))
+    original = load_trained(trained)
     assert converted.config.model.num_heads == 4 and converted.classes == ["cat", "dog", "owl"]
     assert converted.category_ids == [3, 7, 9] and converted.task == "detection"
     images = torch.randn(1, 3, 64, 64)

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "DataError", "IMAGE_EXTENSIONS", "load_image", "load_annotated_image", "is_image_file", "pixel_limit",
     "check_pixel_limit", "image_size_from_bytes", "image_problem", "walk_tree", "path_inside", "find_unusable_images",
-    "cache_folder", "open_image",
+    "cache_folder", "open_image", "parse_box", "parse_image_box",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ CACHE_ENV = "UPDETR_CACHE_DIR"
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
 )
+
+# the text after an image path's last colon that makes it IMG:x,y,w,h (numbers and commas only)
+_BOX_TEXT = re.compile(r"^\s*[-+0-9.eE]+(\s*,\s*[-+0-9.eE]+)+\s*$")
 
 # Background that transparent pixels are composited onto (white, as an image viewer shows
 # them); opaque pixels are unchanged.
@@ -320,3 +323,36 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, _BACKGROUND_RGB + (255,))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def _box_problem(text: str) -> tuple[tuple[float, float, float, float] | None, str]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        return None, "must be x,y,w,h in pixels (four numbers)"
+    if len(values) != 4:
+        return None, f"must be 4 numbers x,y,w,h in pixels, got {len(values)}"
+    return values, ""  # type: ignore[return-value]
+
+
+def parse_box(text: str, what: str = "box") -> tuple[float, float, float, float]:
+    """``x,y,w,h`` in pixels -> four floats; anything else is a :class:`DataError` naming ``what``."""
+    box, problem = _box_problem(text)
+    if box is None:
+        raise DataError(f"{what} {text!r}: {problem}")
+    return box
+
+
+def parse_image_box(spec: str, what: str = "--exemplar") -> tuple[Path, tuple[float, float, float, float] | None]:
+    """``IMG`` or ``IMG:x,y,w,h`` (pixels) -> (path, box xywh or None for the whole image).
+
+    The box is what follows the *last* colon, and only when it reads as comma-separated numbers, so paths with
+    colons of their own (``C:/photos/cat.jpg``, ``a:b.png``) stay whole.
+    """
+    path, sep, text = spec.rpartition(":")
+    if not sep or not _BOX_TEXT.match(text):
+        return Path(spec), None
+    box, problem = _box_problem(text)
+    if box is None:
+        raise DataError(f"{what} {spec!r}: {problem}")
+    return Path(path), box

@@ -14,12 +14,13 @@ from ..config import Config
 from ..data.build import build_detection_dataset
 from ..data.collate import collate_detection
 from ..data.feature_cache import cache_train_val, collate_features
+from ..data.io import DataError
 from ..evaluation.coco_eval import CocoEvaluator
 from ..evaluation.postprocess import postprocess_detections
 from ..losses.criterion import build_criterion
 from ..models import build_detr
 from ..structures import DetectionOutput
-from .checkpoint import TASK_SPECIFIC_PREFIXES, init_from_checkpoint, load_checkpoint
+from .checkpoint import TASK_SPECIFIC_PREFIXES, CheckpointError, init_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class DetectionTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.class_agnostic = False  # evaluate with every class counted as one (``updetr eval --class-agnostic``)
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self.classes: list[str] = []
@@ -50,14 +52,17 @@ class DetectionTask:
 
     def val_dataset(self) -> Dataset | None:
         if self._val is None:
-            self._val = build_detection_dataset(self.cfg.data, "val")
-            if self.classes and list(self._val.classes) != self.classes:
-                raise ValueError(
-                    f"train and val datasets disagree on classes: {self.classes} vs {list(self._val.classes)}"
-                )
-            if not self.classes:
-                self.classes, self.category_ids = list(self._val.classes), list(self._val.category_ids)
+            self._val = self.eval_dataset("val")
         return self._val
+
+    def eval_dataset(self, split: str) -> Dataset:
+        dataset = build_detection_dataset(self.cfg.data, split, augment=False)  # the eval resize for either split
+        if self.classes and list(dataset.classes) != self.classes:
+            raise DataError(f"{getattr(dataset, 'source', split)}: classes {list(dataset.classes)} differ from the "
+                            f"model's {self.classes}")  # fmt: skip
+        if not self.classes:
+            self.classes, self.category_ids = list(dataset.classes), list(dataset.category_ids)
+        return dataset
 
     def collate(self, batch: list) -> Any:
         if self.cfg.data.cache_features:
@@ -78,9 +83,11 @@ class DetectionTask:
             raise ValueError(f"model.num_classes={n} but the dataset has {len(self.classes)} classes")
         return n if n is not None else len(self.classes)
 
+    def build_architecture(self) -> nn.Module:
+        return build_detr(self.cfg.model, self.num_classes, train_backbone=self.cfg.optim.lr_backbone > 0)
+
     def build_model(self) -> nn.Module:
-        train_backbone = self.cfg.optim.lr_backbone > 0
-        model = build_detr(self.cfg.model, self.num_classes, train_backbone=train_backbone)
+        model = self.build_architecture()
         if self.cfg.init_from:
             drop = TASK_SPECIFIC_PREFIXES
             ckpt = load_checkpoint(self.cfg.init_from)
@@ -102,10 +109,18 @@ class DetectionTask:
         return model(images.to(device)), targets_to_device(targets, device)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True) -> dict[str, float]:
-        return evaluate_detection(model, loader, device, progress=progress)
+        return evaluate_detection(model, loader, device, progress=progress, class_agnostic=self.class_agnostic)
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"classes": self.classes, "category_ids": self.category_ids}
+
+    def restore(self, ckpt: dict[str, Any], source: str) -> None:
+        self.classes = list(ckpt.get("classes") or [])
+        if not self.classes:
+            if not self.cfg.model.num_classes:
+                raise CheckpointError(f"{source}: stores neither model.num_classes nor the class names")
+            self.classes = [f"class_{i}" for i in range(self.cfg.model.num_classes)]
+        self.category_ids = list(ckpt.get("category_ids") or range(1, len(self.classes) + 1))
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ authors' ``--masks --pretrain`` loaded nothing, docs/method.md §7.4).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, DataConfig
+from ..config import Config, ConfigError, DataConfig, PanopticConfig
 from ..data.coco_panoptic import CocoPanoptic
 from ..data.collate import collate_detection
 from ..data.feature_cache import cache_train_val, collate_features
@@ -47,55 +46,18 @@ from .checkpoint import (
     CheckpointError,
     init_from_checkpoint,
     load_checkpoint,
-    load_state_dict_strict,
 )
 from .detection import evaluate_detection, targets_to_device
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PanopticOptions", "PanopticTask", "LoadedPanopticModel", "build_panoptic_dataset", "evaluate_panoptic",
-    "initialise_panoptic_model", "load_panoptic_model", "panoptic_paths", "run_panoptic_evaluation",
+    "PanopticTask", "build_panoptic_dataset", "build_panoptic_model", "evaluate_panoptic", "initialise_panoptic_model",
+    "panoptic_paths", "run_panoptic_evaluation",
 ]
 
-STAGES = ("1", "2", "joint")
 
-
-@dataclass
-class PanopticOptions:
-    """Panoptic settings (candidates for a ``panoptic`` section of :class:`~updetr.config.Config`)."""
-
-    stage: str = "1"  # 1 (detector on boxes) | 2 (frozen detector, mask head) | joint
-    train_annotations: str = ""  # panoptic JSON; "" = annotations/panoptic_<train images folder name>.json
-    train_segmentations: str = ""  # PNG folder; "" = the JSON's path without .json
-    val_annotations: str = ""
-    val_segmentations: str = ""
-    loss_mask: float = 1.0  # weight of the sigmoid focal mask loss (DETR: 1)
-    loss_dice: float = 1.0  # weight of the dice loss (DETR: 1)
-    threshold: float = 0.85  # post-processing: minimum class probability of a kept query
-    min_area: int = 5  # post-processing: smaller segments are dropped (DETR: area <= 4)
-
-    def validate(self) -> "PanopticOptions":
-        if self.stage not in STAGES:
-            raise ConfigError(f"panoptic stage={self.stage!r} is not one of {', '.join(STAGES)}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ConfigError(f"panoptic threshold={self.threshold} must be in [0, 1)")
-        if self.min_area < 1:
-            raise ConfigError(f"panoptic min_area={self.min_area} must be >= 1")
-        if self.loss_mask < 0 or self.loss_dice < 0:
-            raise ConfigError("panoptic loss_mask and loss_dice must be >= 0")
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str) -> "PanopticOptions":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CheckpointError(f"{source}: unknown panoptic options {unknown}")
-        return cls(**data).validate()
-
-
-def panoptic_paths(data: DataConfig, options: PanopticOptions, split: str) -> tuple[Path, Path, Path]:
+def panoptic_paths(data: DataConfig, options: PanopticConfig, split: str) -> tuple[Path, Path, Path]:
     """(images folder, panoptic JSON, PNG folder) of ``split``, relative paths resolved against ``data.root``.
 
     Defaults follow both the official layout (``train2017`` -> ``annotations/panoptic_train2017.json`` +
@@ -119,12 +81,12 @@ def panoptic_paths(data: DataConfig, options: PanopticOptions, split: str) -> tu
     return resolve(images), resolve(annotations), resolve(segmentations)
 
 
-def build_panoptic_dataset(cfg: Config, options: PanopticOptions, split: str, *, return_masks: bool,
-                           augment: bool | None = None) -> CocoPanoptic:
-    """The ``train`` (augmenting transforms unless ``augment=False``) or ``val`` (eval resize) panoptic dataset."""
+def build_panoptic_dataset(cfg: Config, split: str, *, return_masks: bool, augment: bool | None = None) -> CocoPanoptic:
+    """The ``train`` (augmenting transforms unless ``augment=False``) or ``val`` (eval resize) panoptic dataset
+    of ``cfg.data`` with the files of ``cfg.panoptic``."""
     if cfg.data.root and not Path(cfg.data.root).is_dir():
         raise DataError(f"data.root={cfg.data.root!r}: folder not found")
-    images, annotations, segmentations = panoptic_paths(cfg.data, options, split)
+    images, annotations, segmentations = panoptic_paths(cfg.data, cfg.panoptic, split)
     transforms = build_transforms(cfg.data, train=split == "train" if augment is None else augment)
     return CocoPanoptic(images, annotations, segmentations, transforms, return_masks=return_masks)
 
@@ -134,10 +96,9 @@ class PanopticTask:
 
     name = "panoptic"
 
-    def __init__(self, cfg: Config, options: PanopticOptions):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.options = options.validate()
-        self.primary_metric = "AP" if options.stage == "1" else "PQ"
+        self.primary_metric = "AP" if self.cfg.panoptic.stage == "1" else "PQ"
         self._train: CocoPanoptic | None = None
         self._val: CocoPanoptic | None = None
         self.classes: list[str] = []
@@ -146,7 +107,7 @@ class PanopticTask:
 
     @property
     def with_masks(self) -> bool:
-        return self.options.stage != "1"
+        return self.cfg.panoptic.stage != "1"
 
     def _adopt(self, dataset: CocoPanoptic) -> None:
         if self.classes and list(dataset.classes) != self.classes:
@@ -160,26 +121,31 @@ class PanopticTask:
     def train_dataset(self) -> Dataset:
         if self._train is None:
             # with cached CNN features (stage 1) the images take the eval transform; flips come from the cache
-            self._train = build_panoptic_dataset(self.cfg, self.options, "train", return_masks=self.with_masks,
+            self._train = build_panoptic_dataset(self.cfg, "train", return_masks=self.with_masks,
                                                  augment=not self.cfg.data.cache_features)
             self._adopt(self._train)
         return self._train
 
     def val_dataset(self) -> Dataset | None:
         if self._val is None:
-            self._val = build_panoptic_dataset(self.cfg, self.options, "val", return_masks=False)
-            self._adopt(self._val)
+            self._val = self.eval_dataset("val")
         return self._val
+
+    def eval_dataset(self, split: str) -> CocoPanoptic:
+        """A split at the eval resize, without masks: PQ compares with the PNG segments at the original size."""
+        dataset = build_panoptic_dataset(self.cfg, split, return_masks=False, augment=False)
+        self._adopt(dataset)
+        return dataset
 
     def collate(self, batch: list) -> Any:
         if self.cfg.data.cache_features:
             return collate_features(batch)
-        return collate_detection(batch)
+        return collate_detection(batch, self.cfg.data.size_divisibility)
 
     def cache_features(self, model: nn.Module, device: torch.device, progress: bool = True) -> tuple[Dataset, Dataset]:
         """Stage 1 only (a DETR on the segments' boxes): the frozen CNN run once per image and its mirror."""
         if self.with_masks:
-            raise ConfigError(f"data.cache_features: panoptic stage {self.options.stage} feeds the CNN's intermediate "
+            raise ConfigError(f"data.cache_features: panoptic stage {self.cfg.panoptic.stage} feeds the CNN's intermediate "
                               "layers to the mask head, which are not cached; use it for stage 1 only")
         data = self.cfg.data
         return cache_train_val(self.train_dataset(), self.val_dataset(), model, device, hflip=data.hflip,
@@ -199,22 +165,32 @@ class PanopticTask:
     def isthing(self) -> list[bool]:
         return [bool(c["isthing"]) for c in self.categories]
 
+    def build_architecture(self) -> nn.Module:
+        return build_panoptic_model(self.cfg, self.num_classes, self.cfg.panoptic.stage)
+
     def build_model(self) -> nn.Module:
-        stage = self.options.stage
+        stage = self.cfg.panoptic.stage
         if stage == "2" and not self.cfg.init_from:
             raise ConfigError(
                 "panoptic stage 2 freezes the detector: pass the stage-1 checkpoint as init_from (--init-from)"
             )
-        model = build_panoptic_model(self.cfg, self.num_classes, stage)
+        model = self.build_architecture()
         if self.cfg.init_from:
             initialise_panoptic_model(model, self.cfg.init_from, self.classes, require_class_head=stage == "2")
         return model
+
+    def restore(self, ckpt: dict[str, Any], source: str) -> None:
+        self.classes = list(ckpt.get("classes") or [])
+        self.categories = list(ckpt.get("categories") or [])
+        if not self.classes or len(self.categories) != len(self.classes):
+            raise CheckpointError(f"{source}: lacks its class list or categories")
+        self.category_ids = list(ckpt.get("category_ids") or [c["id"] for c in self.categories])
 
     def build_criterion(self) -> nn.Module:
         criterion = build_criterion(self.cfg.loss, self.num_classes)
         if not self.with_masks:
             return criterion
-        return SegmentationCriterion(criterion, loss_mask=self.options.loss_mask, loss_dice=self.options.loss_dice)
+        return SegmentationCriterion(criterion, loss_mask=self.cfg.panoptic.loss_mask, loss_dice=self.cfg.panoptic.loss_dice)
 
     def forward(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[DetectionOutput, list[dict]]:
         images, targets = batch
@@ -226,14 +202,11 @@ class PanopticTask:
         if not self.with_masks:
             return evaluate_detection(model, loader, device, progress=progress)
         return evaluate_panoptic(
-            model, loader, device, threshold=self.options.threshold, min_area=self.options.min_area, progress=progress
+            model, loader, device, threshold=self.cfg.panoptic.threshold, min_area=self.cfg.panoptic.min_area, progress=progress
         )
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {
-            "classes": self.classes, "category_ids": self.category_ids, "categories": self.categories,
-            "panoptic": asdict(self.options),
-        }
+        return {"classes": self.classes, "category_ids": self.category_ids, "categories": self.categories}
 
 
 def build_panoptic_model(cfg: Config, num_classes: int, stage: str) -> nn.Module:
@@ -356,41 +329,3 @@ def run_panoptic_evaluation(
     pq.synchronize()
     ap.synchronize()
     return pq, ap
-
-
-@dataclass
-class LoadedPanopticModel:
-    model: nn.Module
-    config: Config
-    options: PanopticOptions
-    classes: list[str]
-    category_ids: list[int]
-    categories: list[dict[str, Any]]
-
-    @property
-    def isthing(self) -> list[bool]:
-        return [bool(c["isthing"]) for c in self.categories]
-
-
-def load_panoptic_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedPanopticModel:
-    """Rebuild the model of a panoptic checkpoint (any stage) and load it strictly, in eval mode."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("task") != "panoptic" or "config" not in ckpt or "panoptic" not in ckpt:
-        raise CheckpointError(
-            f"{path}: not a panoptic checkpoint (task {ckpt.get('task')!r}); train one with `updetr panoptic train`"
-        )
-    try:
-        cfg = Config.from_dict(ckpt["config"], str(path))
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: stored config is invalid: {err}") from None
-    cfg.model.backbone_weights = "none"  # the weights come from the checkpoint
-    options = PanopticOptions.from_dict(ckpt["panoptic"], str(path))
-    classes = list(ckpt.get("classes") or [])
-    categories = list(ckpt.get("categories") or [])
-    if not classes or len(categories) != len(classes):
-        raise CheckpointError(f"{path}: lacks its class list or categories")
-    model = build_panoptic_model(cfg, cfg.model.num_classes or len(classes), options.stage)
-    load_state_dict_strict(model, ckpt["model"], str(path))
-    model.to(device).eval()
-    return LoadedPanopticModel(model, cfg, options, classes, list(ckpt["category_ids"]), categories)
-

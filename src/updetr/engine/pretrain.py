@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,12 @@ class PretrainTask:
         return self._train
 
     def val_dataset(self) -> Subset:
-        """A fixed subset of the same folder, un-augmented patches, fixed crops (seed + 1)."""
+        return self.eval_dataset("val")
+
+    def eval_dataset(self, split: str) -> Subset:
+        """A fixed subset of the folder, un-augmented patches, fixed crops (seed + 1); the folder has no splits."""
+        if split != "val":
+            raise ValueError(f"split={split!r}: pre-training measures its pretext on a fixed subset of its folder ('val')")
         full = self._dataset(augment=False, seed=self.cfg.seed + 1)
         return Subset(full, list(range(min(EVAL_IMAGES, len(full)))))
 
@@ -91,18 +97,19 @@ class PretrainTask:
             return self.cfg.loss.eos_coef
         return self.cfg.pretrain.num_patches / self.cfg.model.num_queries
 
+    def build_architecture(self) -> nn.Module:
+        return build_updetr(self.cfg.model, self.cfg.pretrain)
+
     def build_model(self) -> nn.Module:
         if self.cfg.init_from:
             raise ValueError("init_from is for fine-tuning; to continue a pre-training run use --resume")
-        return build_updetr(self.cfg.model, self.cfg.pretrain)
+        return self.build_architecture()
 
     def build_criterion(self) -> nn.Module:
         p = self.cfg.pretrain
         group = self.cfg.model.num_queries // p.num_patches if p.group_matching else None
         loss_cfg = self.cfg.loss
         if not p.feature_reconstruction:
-            from dataclasses import replace
-
             loss_cfg = replace(loss_cfg, loss_feature=0.0)
         return build_criterion(loss_cfg, num_classes=1, group_size=group, eos_coef_override=self.eos_coef)
 
@@ -115,8 +122,14 @@ class PretrainTask:
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True) -> dict[str, float]:
         return evaluate_pretext(model, loader, device)
 
+    classes = ["patch"]  # the one class of the pretext: "this query found its patch"
+    category_ids = [1]
+
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"classes": ["patch"], "category_ids": [1]}
+        return {"classes": self.classes, "category_ids": self.category_ids}
+
+    def restore(self, ckpt: dict[str, Any], source: str) -> None:
+        """Nothing to read back: the pretext has one class and no split."""
 
 
 @torch.no_grad()

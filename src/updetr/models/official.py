@@ -114,7 +114,7 @@ def load_official_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
 def convert_official_checkpoint(src: str | Path, dst: str | Path, **overrides: Any) -> Path:
     """Write ``src`` (official DETR/UP-DETR) as one of our checkpoints at ``dst`` (atomically).
 
-    The result loads with :func:`updetr.engine.inference.load_trained_model`. An updetr
+    The result loads with :func:`updetr.engine.inference.load_trained`. An updetr
     checkpoint (a training or converted one) keeps its stored config, task, class names and ids
     (``overrides`` still win), so its predictions are unchanged; the result holds the weights
     only (no optimizer: it cannot be resumed). A COCO

@@ -18,6 +18,7 @@ from PIL import Image
 from ..box_ops import normalized_cxcywh_to_xyxy_px
 from ..data.io import DataError
 from ..data.transforms import build_transforms
+from ..engine.inference import load_trained
 from ..query import patch_pixels
 from ..structures import ImageBatch
 
@@ -66,23 +67,19 @@ class ServeModels:
 
     def __init__(self, checkpoint: str | Path | None = None, oneshot: str | Path | None = None,
                  detector: str | Path | None = None, device: str = "cpu"):
-        from ..engine.inference import load_trained_model
-
         self.device = torch.device(device)
         self.lock = threading.Lock()
         self.paths = {"pretrain": checkpoint, "oneshot": oneshot, "detector": detector}
         self.pretrain = self.oneshot = self.detector = None
         if checkpoint:
-            self.pretrain = load_trained_model(checkpoint, self.device)
+            self.pretrain = load_trained(checkpoint, self.device)
             if self.pretrain.task != "pretrain":
                 raise DataError(f"{checkpoint}: is a {self.pretrain.task} checkpoint; --checkpoint takes a pre-training "
                                 "one (updetr pretrain); a detector goes to --detector")
         if oneshot:
-            from ..engine.one_shot import load_one_shot_model
-
-            self.oneshot = load_one_shot_model(oneshot, self.device)
+            self.oneshot = load_trained(oneshot, self.device, tasks=("oneshot",))
         if detector:
-            self.detector = load_trained_model(detector, self.device)
+            self.detector = load_trained(detector, self.device)
             if self.detector.task != "detection":
                 raise DataError(f"{detector}: is a {self.detector.task} checkpoint; --detector takes a detection one "
                                 "(updetr train, or the demo's fine-tuned UP-DETR)")
@@ -101,7 +98,7 @@ class ServeModels:
     @property
     def min_side(self) -> int:
         sides = [m.config.pretrain.min_patch_size for m in (self.pretrain,) if m is not None]
-        sides += [m.options.min_exemplar_size for m in (self.oneshot,) if m is not None]
+        sides += [m.config.oneshot.min_exemplar_size for m in (self.oneshot,) if m is not None]
         return max(sides or [1])
 
     def _pixels(self, config, image: Image.Image) -> ImageBatch:

@@ -256,3 +256,44 @@ def test_every_config_file_is_listed_and_loads_through_the_cli():
             assert arch == {k: v for k, v in pre.to_dict()["model"].items() if k not in ("backbone_weights", "num_classes")}
         else:
             assert cfg.init_from == "" and cfg.model.backbone_weights == "swav"
+
+
+def test_the_time_left_estimate_reads_its_rates_from_the_measurement_file(tmp_path):
+    from updetr.experiment import RATE_NAMES, RATES_FILE, stage_rates
+
+    rates = stage_rates()
+    assert set(rates) == set(RATE_NAMES) and all(v > 0 for v in rates.values())
+    stored = json.loads(RATES_FILE.read_text())["rates"]
+    assert all(stored[name]["source"] for name in RATE_NAMES)  # every rate says where it was measured
+    broken = tmp_path / "rates.json"
+    broken.write_text(json.dumps({"rates": {**stored, "cache": {"images_per_s": 0}}}))
+    with pytest.raises(ConfigError, match="rates must be > 0 images/s: cache"):
+        stage_rates(broken)
+    broken.write_text("{}")
+    with pytest.raises(ConfigError, match="not a stage-rates file"):
+        stage_rates(broken)
+
+
+def test_stage_rates_measures_each_finished_run_by_its_kind(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_rates", Path(__file__).parents[1] / "benchmarks" / "stage_rates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def stage(name, speeds, cache, frozen=True, done=True):
+        folder = tmp_path / "exp" / "stages" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"data": {"cache_features": cache},
+                                                        "pretrain": {"freeze_backbone": frozen}}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"train/images_per_s": v}) + "\n" for v in speeds))
+        if done:
+            (folder / "DONE").write_text("")
+
+    stage("detr-aa", [10, 30, 20], True)
+    stage("updetr-bb", [40, 40, 40], True)
+    stage("pretrain-cc", [5, 7], True, frozen=False)
+    stage("oneshot-dd", [9], False)
+    stage("detr-ee", [1000], True, done=False)  # unfinished: not counted
+    measured = module.measure(tmp_path / "exp")
+    assert measured == {"finetune": [20, 40], "pretrain_trained_cnn": [6], "oneshot_uncached": [9]}

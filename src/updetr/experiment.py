@@ -49,19 +49,24 @@ from .stages import Job, is_done, parallel_slots, run_jobs, stage_dir
 
 log = logging.getLogger(__name__)
 
-# throughput of one stage process (one thread, two side by side on 2 idle CPU cores, as the protocol runs them): the
-# time-left estimate weighs the remaining runs with these and scales them by the measured time of the runs finished
-# so far. Measured with cached CNN features (`updetr demo --budget seed=1`, its metrics.jsonl and log): fine-tuning
-# ~80 img/s, pre-training ~35 img/s, the CNN pass for the cache (ONNX Runtime, mirrors counted) ~40 views/s, val
-# evaluation ~150 img/s. The others are the two-thread rates of one process measured before, times 0.45 (the ratio
-# the fine-tuning and pre-training rates changed by).
-_FINETUNE_IMG_S, _PRETRAIN_IMG_S, _EVAL_IMG_S, _CACHE_IMG_S = 80.0, 35.0, 150.0, 40.0
-_FINETUNE_UNCACHED_IMG_S, _PRETRAIN_UNCACHED_IMG_S, _PRETRAIN_TRAINED_CNN_IMG_S, _EVAL_UNCACHED_IMG_S = 15.0, 13.0, 6.3, 22.0
-# one-shot training (a query patch through the CNN per image) and its evaluation (5 query draws per (image,
-# class)), in images per second, with and without cached features
-_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S, _ONESHOT_UNCACHED_IMG_S, _ONESHOT_EVAL_UNCACHED_IMG_S = 50.0, 13.5, 12.0, 2.3
-# panoptic stage 2 (frozen detector, mask head, on pixels) and its PQ evaluation, images per second
-_PANOPTIC_MASK_IMG_S, _PANOPTIC_EVAL_IMG_S = 7.7, 6.3
+# images per second of one stage process, measured (src/updetr/stage_rates.json names each rate's source)
+RATES_FILE = Path(__file__).with_name("stage_rates.json")
+RATE_NAMES = ("finetune", "pretrain", "eval", "cache", "finetune_uncached", "pretrain_uncached", "pretrain_trained_cnn",
+              "eval_uncached", "oneshot", "oneshot_eval", "oneshot_uncached", "oneshot_eval_uncached", "panoptic_mask",
+              "panoptic_eval")
+
+
+def stage_rates(path: Path = RATES_FILE) -> dict[str, float]:
+    """The measured stage rates (images per second) the time-left estimate weighs runs with."""
+    try:
+        rates = json.loads(path.read_text())["rates"]
+        out = {name: float(rates[name]["images_per_s"]) for name in RATE_NAMES}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a stage-rates file with {', '.join(RATE_NAMES)} ({err!r})") from None
+    bad = [name for name, value in out.items() if not value > 0]
+    if bad:
+        raise ConfigError(f"{path}: rates must be > 0 images/s: {', '.join(bad)}")
+    return out
 
 
 def quick_budget() -> DemoBudget:
@@ -237,33 +242,34 @@ def execution_order(plans: list[SeedPlan]) -> list[Run]:
     return ordered
 
 
-def nominal_seconds(run: Run, budget: DemoBudget) -> float:
-    """A run's cost at the demo's measured rates; only its ratio to other runs' costs matters."""
+def nominal_seconds(run: Run, budget: DemoBudget, rates: dict[str, float] | None = None) -> float:
+    """A run's cost at the measured stage rates (:func:`stage_rates`); only its ratio to other runs' costs matters."""
+    r = rates or stage_rates()
     cached = run.cfg.data.cache_features
     if run.kind == "pretrain":
         if not run.cfg.pretrain.freeze_backbone:
-            return run.epochs * budget.num_unlabeled / _PRETRAIN_TRAINED_CNN_IMG_S
+            return run.epochs * budget.num_unlabeled / r["pretrain_trained_cnn"]
         if not cached:
-            return run.epochs * budget.num_unlabeled / _PRETRAIN_UNCACHED_IMG_S
-        return run.epochs * budget.num_unlabeled / _PRETRAIN_IMG_S + budget.num_unlabeled / _CACHE_IMG_S
+            return run.epochs * budget.num_unlabeled / r["pretrain_uncached"]
+        return run.epochs * budget.num_unlabeled / r["pretrain"] + budget.num_unlabeled / r["cache"]
     every = max(1, run.cfg.eval_every)
     evals = run.epochs // every + (1 if run.epochs % every else 0)
     if run.kind == "panoptic2":  # on pixels, the CNN's intermediate layers and the mask head at 1/4 resolution
-        return run.epochs * budget.num_train / _PANOPTIC_MASK_IMG_S + evals * budget.num_val / _PANOPTIC_EVAL_IMG_S
+        return run.epochs * budget.num_train / r["panoptic_mask"] + evals * budget.num_val / r["panoptic_eval"]
     if run.kind == "oneshot":
-        train_rate, eval_rate = (_ONESHOT_IMG_S, _ONESHOT_EVAL_IMG_S) if cached else (_ONESHOT_UNCACHED_IMG_S,
-                                                                                     _ONESHOT_EVAL_UNCACHED_IMG_S)
+        train_rate, eval_rate = ((r["oneshot"], r["oneshot_eval"]) if cached
+                                 else (r["oneshot_uncached"], r["oneshot_eval_uncached"]))
         # cached: the maps come from the seed's features job (cache_seconds), as for the detection runs
         return run.epochs * budget.num_train / train_rate + evals * budget.num_val / eval_rate
     if not cached:
-        return run.epochs * budget.num_train / _FINETUNE_UNCACHED_IMG_S + evals * budget.num_val / _EVAL_UNCACHED_IMG_S
+        return run.epochs * budget.num_train / r["finetune_uncached"] + evals * budget.num_val / r["eval_uncached"]
     # the CNN maps of the labelled images come from the seed's features job (cache_seconds), read from the store here
-    return run.epochs * budget.num_train / _FINETUNE_IMG_S + evals * budget.num_val / _EVAL_IMG_S
+    return run.epochs * budget.num_train / r["finetune"] + evals * budget.num_val / r["eval"]
 
 
-def cache_seconds(budget: DemoBudget) -> float:
+def cache_seconds(budget: DemoBudget, rates: dict[str, float] | None = None) -> float:
     """The features job of one seed: the CNN pass over the train images, their mirrors and the val images."""
-    return (2 * budget.num_train + budget.num_val) / _CACHE_IMG_S
+    return (2 * budget.num_train + budget.num_val) / (rates or stage_rates())["cache"]
 
 
 def experiment_jobs(plans: list[SeedPlan], runs: list[Run], progress: bool) -> list[Job]:
@@ -326,7 +332,8 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
              "output %s", seeds, budget.finetune_epochs, 2 * budget.finetune_epochs, budget.pretrain_epochs,
              ", ".join(map(str, length_points(budget.pretrain_epochs))), root)
     processes, threads = parallel_slots(device, budget.workers)
-    nominal = seeds * (sum(nominal_seconds(r, budget) for r in execution_order([dry])) + cache_seconds(budget))
+    rates = stage_rates()
+    nominal = seeds * (sum(nominal_seconds(r, budget, rates) for r in execution_order([dry])) + cache_seconds(budget, rates))
     log.info("experiment: %d runs; about %s from scratch on 2 idle CPU cores (%d at a time)", n,
              _duration(nominal / processes), processes)
     plans = []
@@ -345,9 +352,9 @@ def run_experiment(output: str | Path = "experiment", *, budget: DemoBudget | No
     jobs = experiment_jobs(plans, runs, progress and processes == 1)
     # nominal cost of every job still to run (the seeds' CNN-feature jobs too), so that the time left is the
     # measured time so far scaled by the share of the nominal work done
-    left = {str(r.path): nominal_seconds(r, budget) for r in runs if not is_done(r.path)}
+    left = {str(r.path): nominal_seconds(r, budget, rates) for r in runs if not is_done(r.path)}
     run_names = set(left)
-    left.update({job.name: cache_seconds(budget) for job in jobs if job.name not in run_names})  # features jobs
+    left.update({job.name: cache_seconds(budget, rates) for job in jobs if job.name not in run_names})  # features jobs
     clock = {"nominal": 0.0, "start": time.perf_counter()}
 
     def finished(name: str, result) -> None:

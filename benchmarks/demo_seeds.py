@@ -6,7 +6,7 @@ Each seed runs ``updetr demo --budget seed=S --output OUT/seed-S`` (its own benc
 a finished seed is reused) in its own process, timed by wall clock. Then, from each seed's
 ``report/results.json`` and stage logs: AP / AP50 / AP75 of both arms at the end and at every evaluation point,
 the gap, whether UP-DETR is ahead at every point, and the pretext hit rate of the pre-training next to the
-no-patch control of ``benchmarks/patch_swap.py`` (the same model and evaluation patches, every patch feature
+no-patch control of ``studies/patch_swap.py`` (the same model and evaluation patches, every patch feature
 replaced by zeros). Writes ``OUT/seeds.md`` and ``OUT/seeds.json`` and prints the markdown.
 """
 
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import patch_swap  # noqa: E402  (the no-patch control)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+import patch_swap  # noqa: E402  (the no-patch control, studies/patch_swap.py)
 
 METRICS = ("AP", "AP50", "AP75")
 

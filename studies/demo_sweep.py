@@ -1,6 +1,6 @@
 """Run several ``updetr demo`` budgets side by side (one process each) and collect their tables.
 
-    python benchmarks/demo_sweep.py --output sweep --device cuda --deadline 360 \\
+    python studies/demo_sweep.py --output sweep --device cuda --deadline 360 \\
         --variant base: "--variant long:finetune_epochs=18;pretrain_epochs=6"
 
 Each variant is ``NAME:FIELD=VALUE;FIELD=VALUE`` (``--budget`` items of ``updetr demo``).

@@ -1,6 +1,6 @@
 """Does a pre-trained UP-DETR find *its* query patch, or just where patches tend to be? Swap the patches and see.
 
-    python benchmarks/patch_swap.py PRETRAIN_RUN [--images 64]
+    python studies/patch_swap.py PRETRAIN_RUN [--images 64]
 
 PRETRAIN_RUN is a pre-training run folder (``config.json`` + ``checkpoint.pth``, e.g. a demo stage
 ``stages/pretrain-*``). The pretext hit rate (IoU >= 0.5 between the box of each patch's group's most confident

@@ -1,6 +1,6 @@
 """Which parts of an UP-DETR pre-training help or hurt fine-tuning? Start from some of them only.
 
-    python benchmarks/partial_init.py PRETRAIN_CKPT FINETUNE_RUN OUT.pth --fresh PREFIX [PREFIX ...]
+    python studies/partial_init.py PRETRAIN_CKPT FINETUNE_RUN OUT.pth --fresh PREFIX [PREFIX ...]
 
 Writes OUT.pth: the pre-training checkpoint PRETRAIN_CKPT with every tensor whose name starts with one of the
 ``--fresh`` prefixes replaced by the fresh initialisation a from-scratch DETR of FINETUNE_RUN's configuration gets

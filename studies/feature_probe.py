@@ -1,7 +1,7 @@
 """Does a frozen CNN's feature map say what is where in a scene? A linear probe on benchmark objects.
 
-    python benchmarks/feature_probe.py --data DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
-                                       [--stage 4] [--size 160]
+    python studies/feature_probe.py --data DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
+                                    [--stage 4] [--size 160]
 
 For every object of the first ``--train-images`` training images of an embedded benchmark (``updetr data embedded
 DIR``), the CNN's feature vector at the cell that holds the object's centre is taken from the image's map at the

@@ -1,6 +1,6 @@
 """Can a CNN's features tell where a query patch came from? The precondition of UP-DETR's pretext.
 
-    python benchmarks/patch_probe.py --images DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
+    python studies/patch_probe.py --images DIR [--backbone efficientnet_lite0] [--backbone-weights imagenet]
         [--preset pretrain-embedded] [--config FILE] [--set section.field=value ...] [--images-used 64]
 
 For random query patches drawn exactly as pre-training draws them (validation crops, no augmentation), the

@@ -1,6 +1,6 @@
 """Does the pretext fail for want of good query-patch features? Pre-train with 'oracle' ones and compare losses.
 
-    python benchmarks/oracle_patches.py PRETRAIN_RUN OUT
+    python studies/oracle_patches.py PRETRAIN_RUN OUT
 
 PRETRAIN_RUN is a pre-training run folder (for example a demo stage ``stages/pretrain-*``) whose ``config.json`` has
 ``data.cache_features=true``. The same run is repeated into OUT with each query patch's feature taken from the

@@ -7,7 +7,7 @@
 #   E  A after 5 epochs of UP-DETR pre-training           F  D after 5 epochs of UP-DETR pre-training
 # 24 epochs of 100 steps, evaluated every 4; runs still going at DEADLINE seconds are stopped.
 #
-#   benchmarks/recipe_diag.sh OUT DEADLINE [BACKBONE]     (package importable)
+#   studies/recipe_diag.sh OUT DEADLINE [BACKBONE]     (package importable)
 set -u
 OUT=${1:?usage: recipe_diag.sh OUT DEADLINE [BACKBONE]}; DEADLINE=${2:?}; BACKBONE=${3:-efficientnet_lite0}
 CNN="--set model.backbone=$BACKBONE --backbone-weights imagenet"

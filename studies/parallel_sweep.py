@@ -1,10 +1,10 @@
 """Demo stages as parallel 2-thread jobs on a many-core machine: DETR and UP-DETR arms over seeds and variants.
 
-    python benchmarks/parallel_sweep.py run OUT --seeds 1 2 --deadline 505 \\
+    python studies/parallel_sweep.py run OUT --seeds 1 2 --deadline 505 \\
         --job detr:0:cpu --job up5:5:cpu --job up10:10:cpu \\
         --job "upG30b32:30:cuda:data.batch_size=32;data.num_workers=3" \\
         [--budget num_train=200 --budget finetune_epochs=84]
-    python benchmarks/parallel_sweep.py report OUT
+    python studies/parallel_sweep.py report OUT
 
 A job is ``NAME:PRE_EPOCHS:PRE_DEVICE[:OVERRIDES]``: PRE_EPOCHS of UP-DETR pre-training (the demo's
 ``pretrain_config``, on PRE_DEVICE, with the ``;``-separated config overrides) followed by the demo's fine-tuning

@@ -1,6 +1,6 @@
 """A control dataset for DETR's slow start: one white square on black, one class, COCO layout.
 
-    python benchmarks/single_square.py OUT [--num-train 400 --num-val 100 --size 128]
+    python studies/single_square.py OUT [--num-train 400 --num-val 100 --size 128]
     updetr train --preset embedded --data-root OUT --set data.train_images='"train"' \\
         --set data.val_images='"val"' --set data.train_annotations='"annotations/instances_train.json"' \\
         --set data.val_annotations='"annotations/instances_val.json"' --set model.backbone=efficientnet_lite0 \\

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from updetr import cli
+import updetr.cli.root as cli_root
 from updetr.cli import main
 from updetr.config import make_config
 from updetr.data.coco import CocoStyleDataset
@@ -53,7 +53,7 @@ def test_ctrl_c_during_start_up_is_an_interruption_not_a_traceback(monkeypatch, 
     def interrupted():
         raise KeyboardInterrupt  # e.g. while build_parser imports torch
 
-    monkeypatch.setattr(cli, "build_parser", interrupted)
+    monkeypatch.setattr(cli_root, "build_parser", interrupted)
     assert main(["train"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err

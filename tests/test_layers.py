@@ -20,7 +20,7 @@ engine         ``engine.*`` (the tasks, the training loop, run folders, inferenc
 applications   ``demo``, ``experiment``, ``experiment_plan``, ``experiment_report``, ``stages``, ``report``,
                ``predict``, ``one_shot_predict``, ``panoptic_predict``, ``query``, ``visualize``, ``export``,
                ``serve.*``
-cli            ``cli``, ``cli_common``, ``cli_oneshot``, ``cli_panoptic``, ``__main__``, and the package root
+cli            ``cli.*`` (one module per subcommand), ``__main__``, and the package root
                ``updetr`` (``updetr/__init__.py``)
 =============  ==============================================================================================
 
@@ -59,7 +59,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engine", ["engine.*"]),
     ("applications", ["demo", "experiment", "experiment_plan", "experiment_report", "stages", "report", "predict",
                       "one_shot_predict", "panoptic_predict", "query", "visualize", "export", "serve.*"]),
-    ("cli", ["cli", "cli_common", "cli_oneshot", "cli_panoptic", "__main__", ""]),
+    ("cli", ["cli.*", "__main__", ""]),
 ]
 
 

@@ -2,8 +2,8 @@
 
 A run is described by one :class:`Config`. It is built from a preset (``PRESETS``),
 optionally a JSON file, then ``section.field=value`` overrides, and saved resolved
-next to the run's checkpoints (``config.json``). ``argparse`` stays in the cli layer (``cli``,
-``cli_common``, ``cli_oneshot``, ``cli_panoptic``).
+next to the run's checkpoints (``config.json``). ``argparse`` stays in the cli layer
+(the modules of ``updetr.cli``).
 """
 
 from __future__ import annotations

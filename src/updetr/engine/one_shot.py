@@ -9,7 +9,7 @@ Python entry points (the ``updetr experiment`` report calls these):
   per (test image, class), AP50 per class, means over seen and unseen classes).
 
 Prediction with drawing is :func:`updetr.one_shot_predict.predict_one_shot`; the ``updetr oneshot``
-command line is :mod:`updetr.cli_oneshot`.
+command line is :mod:`updetr.cli.oneshot`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """``updetr oneshot {train,eval,predict}``: parsing and printing only; the work is in the library
-(:mod:`updetr.engine.one_shot`, :mod:`updetr.one_shot_predict`).
-
-Hooked into ``updetr.cli.build_parser`` with ``add_oneshot_parser(sub)``.
+(:mod:`updetr.engine.one_shot`, :mod:`updetr.engine.inference`, :mod:`updetr.one_shot_predict`).
 """
 
 from __future__ import annotations
@@ -9,19 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-from .cli_common import add_config_args, config_from_args, setup_logging
-from .config import ConfigError
-from .data.embedded import embedded_data_overrides
-from .engine.distributed import cleanup, init_distributed, resolve_device
-from .engine.inference import evaluate_one_shot_result, load_trained
-from .engine.one_shot import train_one_shot
-from .evaluation.one_shot import AP_METHODS, format_table3
-from .data.io import parse_image_box
-from .one_shot_predict import predict_one_shot
+from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging
+from ..config import ConfigError
+from ..data.embedded import embedded_data_overrides
+from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.inference import evaluate_one_shot_result, load_trained
+from ..engine.one_shot import train_one_shot
+from ..evaluation.one_shot import AP_METHODS, format_table3
+from ..data.io import parse_image_box
+from ..one_shot_predict import predict_one_shot
 
-__all__ = ["add_oneshot_parser", "cmd_oneshot_eval", "cmd_oneshot_predict", "cmd_oneshot_train", "oneshot_overrides"]
+__all__ = ["register", "cmd_oneshot_eval", "cmd_oneshot_predict", "cmd_oneshot_train", "oneshot_overrides"]
 
 
 def _add_option_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -49,18 +46,11 @@ def oneshot_overrides(args: argparse.Namespace, names: tuple[str, ...] | None = 
             if (names is None or attr in names) and getattr(args, attr, None) is not None]
 
 
-def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``oneshot {train,eval,predict}`` on the top-level subparsers of ``updetr``."""
-    p = subparsers.add_parser("oneshot", help="one-shot detection: find every object of a class from one exemplar")
-    action = p.add_subparsers(dest="oneshot_command", required=True)
-    common = getattr(subparsers, "common", None)  # cli.py's shared --verbose / --no-progress
-    if common is None:
-        common = argparse.ArgumentParser(add_help=False)
-        common.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
-        common.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    def leaf(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return action.add_parser(name, parents=[common], **kwargs)
+def register(sub: CommonSubparsers) -> None:
+    """Add ``oneshot {train,eval,predict}`` to ``updetr``'s subcommands."""
+    p = sub.add_parser("oneshot", help="one-shot detection: find every object of a class from one exemplar")
+    action = sub.nested(p.add_subparsers(dest="oneshot_command", required=True))
+    leaf = action.add_parser
 
     t = leaf("train", help="train one-shot detection on the seen classes (CoAE protocol)")
     add_config_args(t)
@@ -94,7 +84,6 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--label", default="match", help="caption of the drawn boxes")
     q.add_argument("--device")
     q.set_defaults(func=cmd_oneshot_predict)
-    return p
 
 
 def cmd_oneshot_train(args: argparse.Namespace) -> int:
@@ -103,9 +92,9 @@ def cmd_oneshot_train(args: argparse.Namespace) -> int:
     if flags:
         cfg = cfg.override(flags)
     dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, getattr(args, "verbose", False))
+    setup_logging(dist_info.rank, args.verbose)
     try:
-        result = train_one_shot(cfg, resume=args.resume, progress=not getattr(args, "no_progress", False),
+        result = train_one_shot(cfg, resume=args.resume, progress=not args.no_progress,
                                 dist_info=dist_info)  # fmt: skip
     finally:
         cleanup()
@@ -119,7 +108,7 @@ def cmd_oneshot_train(args: argparse.Namespace) -> int:
 
 
 def cmd_oneshot_eval(args: argparse.Namespace) -> int:
-    setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, args.verbose)
     others = [o for o in args.overrides if not o.strip().startswith(("data.", "oneshot."))]
     if others:
         raise ConfigError(f"updetr oneshot eval: --set {others[0]}: only data.* and oneshot.* fields can change; "
@@ -135,7 +124,7 @@ def cmd_oneshot_eval(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     result = evaluate_one_shot_result(
         args.checkpoint, overrides=overrides, data_split=args.data_split, split=args.split, classes=classes,
-        device=args.device or "auto", batch_size=args.batch_size, progress=not getattr(args, "no_progress", False),
+        device=args.device or "auto", batch_size=args.batch_size, progress=not args.no_progress,
     )  # fmt: skip
     title = (f"One-shot detection, AP50 (%): {result.extra['dataset']}, {result.num_draws} query draws per "
              f"(image, class), {result.method} AP, {result.extra['num_episodes']} episodes")  # fmt: skip
@@ -146,11 +135,11 @@ def cmd_oneshot_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_oneshot_predict(args: argparse.Namespace) -> int:
-    setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, args.verbose)
     exemplar, box = parse_image_box(args.exemplar)
     device = resolve_device(args.device or "auto")
     loaded = load_trained(args.checkpoint, device, tasks=("oneshot",))
     out = predict_one_shot(loaded, exemplar, box, args.images, args.output, threshold=args.threshold, label=args.label,
-                           device=device, progress=not getattr(args, "no_progress", False))  # fmt: skip
+                           device=device, progress=not args.no_progress)  # fmt: skip
     print(f"wrote {out / 'detections.json'} and drawn images to {out}")
     return 0

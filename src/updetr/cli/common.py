@@ -1,7 +1,5 @@
-"""What every ``updetr`` subcommand shares: logging set-up and the configuration flags of training commands.
-
-``updetr.cli`` (the top-level parser) and the subcommand modules (``updetr.cli_oneshot``,
-``updetr.cli_panoptic``) import these; nothing below the command line does.
+"""What every ``updetr`` subcommand shares: the shared flags, logging set-up and the configuration flags of training
+commands. The modules of :mod:`updetr.cli` import these; nothing below the command line does.
 """
 
 from __future__ import annotations
@@ -12,9 +10,24 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, Config, make_config
+from ..config import PRESETS, Config, make_config
+from ..data.embedded import embedded_data_overrides
 
-__all__ = ["add_config_args", "config_from_args", "flag_overrides", "setup_logging"]
+__all__ = ["CommonSubparsers", "add_config_args", "config_from_args", "flag_overrides", "setup_logging"]
+
+
+class CommonSubparsers:
+    """A subparsers action that gives every subcommand the shared options (``--verbose``, ``--no-progress``)."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
+
+    def nested(self, action) -> "CommonSubparsers":
+        """The same for the subcommands of a subcommand (``updetr data embedded``, ``updetr oneshot train``)."""
+        return CommonSubparsers(action, self.common)
 
 
 def setup_logging(rank: int = 0, verbose: bool = False) -> None:
@@ -49,8 +62,6 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str = "small") -
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     """The config overrides a command's flags stand for (``--embedded``, ``--data-root``, ...), then ``--set``."""
-    from .data.embedded import embedded_data_overrides
-
     overrides: list[str] = []
     if getattr(args, "embedded", None):
         overrides += embedded_data_overrides(args.embedded)

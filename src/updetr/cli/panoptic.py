@@ -1,7 +1,5 @@
 """``updetr panoptic {train,eval,predict}``: parsing and printing only; the work is in the library
 (:mod:`updetr.engine.panoptic`, :mod:`updetr.panoptic_predict`).
-
-Hooked into ``updetr.cli.build_parser`` with ``add_panoptic_parser(sub)``.
 """
 
 from __future__ import annotations
@@ -14,26 +12,18 @@ from typing import Any
 
 import torch
 
-from .cli_common import add_config_args, config_from_args, setup_logging
-from .config import ConfigError
-from .data.embedded import embedded_data_overrides
-from .engine.distributed import cleanup, init_distributed, resolve_device
-from .engine.inference import evaluation_loader, load_trained
-from .engine.loop import fit
-from .engine.panoptic import PanopticTask, run_panoptic_evaluation
-from .panoptic_predict import predict_panoptic
+from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging
+from ..config import ConfigError
+from ..data.embedded import embedded_data_overrides
+from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.inference import evaluation_loader, load_trained
+from ..engine.loop import fit
+from ..engine.panoptic import PanopticTask, run_panoptic_evaluation
+from ..panoptic_predict import predict_panoptic
 
-__all__ = ["add_panoptic_parser", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train", "panoptic_overrides"]
+__all__ = ["register", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train", "panoptic_overrides"]
 
 _TABLE = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
-
-
-def _leaf(psub: Any, common: argparse.ArgumentParser | None, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    p = psub.add_parser(name, parents=[common] if common is not None else [], **kwargs)
-    if common is None:  # an older cli.py with only top-level --verbose/--no-progress: keep theirs
-        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-        p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-    return p
 
 
 def _add_path_args(p: argparse.ArgumentParser) -> None:
@@ -51,13 +41,12 @@ def _add_postprocess_args(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="drop segments with fewer pixels (default 5, DETR's area <= 4)")
 
 
-def add_panoptic_parser(subparsers: Any) -> None:
+def register(sub: CommonSubparsers) -> None:
     """Add ``panoptic`` with ``train``, ``eval`` and ``predict`` to ``updetr``'s subcommands."""
-    common = getattr(subparsers, "common", None)
-    p = subparsers.add_parser("panoptic", help="panoptic segmentation: DETR's mask head, PQ / SQ / RQ")
-    psub = p.add_subparsers(dest="panoptic_command", required=True)
+    p = sub.add_parser("panoptic", help="panoptic segmentation: DETR's mask head, PQ / SQ / RQ")
+    psub = sub.nested(p.add_subparsers(dest="panoptic_command", required=True))
 
-    q = _leaf(psub, common, "train", help="train stage 1 (detector on boxes), stage 2 (frozen detector + mask head) or jointly")
+    q = psub.add_parser("train", help="train stage 1 (detector on boxes), stage 2 (frozen detector + mask head) or jointly")
     add_config_args(q)
     q.add_argument("--stage", choices=["1", "2", "joint"], default="1",
                    help="1: detector on the segments' boxes; 2: frozen detector, mask head (needs --init-from); joint")
@@ -69,7 +58,7 @@ def add_panoptic_parser(subparsers: Any) -> None:
     _add_path_args(q)
     q.set_defaults(func=cmd_panoptic_train)
 
-    q = _leaf(psub, common, "eval", help="PQ / SQ / RQ (all, things, stuff) and segmentation AP of a checkpoint")
+    q = psub.add_parser("eval", help="PQ / SQ / RQ (all, things, stuff) and segmentation AP of a checkpoint")
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--split", default="val", choices=["train", "val"])
     q.add_argument("--data-root")
@@ -82,7 +71,7 @@ def add_panoptic_parser(subparsers: Any) -> None:
     _add_path_args(q)
     q.set_defaults(func=cmd_panoptic_eval)
 
-    q = _leaf(psub, common, "predict", help="panoptic PNG + JSON and a colour overlay for each image")
+    q = psub.add_parser("predict", help="panoptic PNG + JSON and a colour overlay for each image")
     q.add_argument("images", nargs="+", help="image files or folders")
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--output", default="panoptic_predictions")
@@ -113,9 +102,9 @@ def _print_table(title: str, metrics: dict[str, float]) -> None:
 def cmd_panoptic_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args).override(panoptic_overrides(args))
     dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, getattr(args, "verbose", False))
+    setup_logging(dist_info.rank, args.verbose)
     try:
-        result = fit(PanopticTask(cfg), cfg, dist_info, resume=args.resume, progress=not getattr(args, "no_progress", False))
+        result = fit(PanopticTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
     finally:
         cleanup()
     if dist_info.is_main:
@@ -126,7 +115,7 @@ def cmd_panoptic_train(args: argparse.Namespace) -> int:
 
 
 def cmd_panoptic_eval(args: argparse.Namespace) -> int:
-    setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
     others = [o for o in args.overrides if not o.strip().startswith(("data.", "panoptic."))]
     if others:
@@ -155,7 +144,7 @@ def cmd_panoptic_eval(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         pq, ap = run_panoptic_evaluation(loaded.model, evaluation_loader(loaded, dataset, device), device,
                                          threshold=options.threshold, min_area=options.min_area,
-                                         progress=not getattr(args, "no_progress", False))  # fmt: skip
+                                         progress=not args.no_progress)  # fmt: skip
     metrics = {**pq.summarize(), **ap.summarize()}
     _print_table(f"{args.split} ({len(dataset)} images, threshold {options.threshold})", metrics)
     if args.per_class:
@@ -173,13 +162,13 @@ def _print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
 
 
 def cmd_panoptic_predict(args: argparse.Namespace) -> int:
-    setup_logging(0, getattr(args, "verbose", False))
+    setup_logging(0, args.verbose)
     device = resolve_device(args.device or "auto")
     loaded = load_trained(args.checkpoint, device, tasks=("panoptic",), overrides=panoptic_overrides(args))
     options = loaded.config.panoptic
     if options.stage == "1":
         raise ConfigError(f"{args.checkpoint} is a stage-1 (boxes only) checkpoint and has no mask head")
     out = predict_panoptic(loaded, args.images, args.output, threshold=options.threshold, min_area=options.min_area,
-                           device=device, progress=not getattr(args, "no_progress", False))
+                           device=device, progress=not args.no_progress)
     print(f"wrote {out / 'panoptic.json'}, panoptic PNGs and overlays to {out}")
     return 0

@@ -320,6 +320,17 @@ def test_no_import_cycle():
     assert not found, _listing("import cycles", [describe_cycle(c, imports) for c in found])
 
 
+# the only imports of updetr modules inside functions, each for a reason: the package root stays light
+# (``import updetr.config`` does not build the model zoo), and the page's app needs the optional `serve` extra
+LAZY_IMPORTS = {("updetr", "updetr.models.official"), ("updetr.serve", "updetr.serve.app")}
+
+
+def test_updetr_modules_are_imported_at_module_level():
+    _, imports, _ = collect()
+    inside = [i for i in imports if i.in_function and (i.module, i.target) not in LAZY_IMPORTS]
+    assert not inside, _listing("imports of updetr modules inside functions", inside)
+
+
 def _calls(path: Path, names: set[str]) -> list[tuple[int, str]]:
     """(line, name) of each call of a function or method named in ``names``, and each use of those names."""
     found = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,9 +168,6 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every field's range and the fields' agreement; returns ``self`` or raises ConfigError."""
-        import math
-        import re
-
         m, p, o, d = self.model, self.pretrain, self.optim, self.data
         _choice("model.backbone", m.backbone, ("resnet18", "resnet34", "resnet50", "resnet101",
                                                "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))

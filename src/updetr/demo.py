@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, make_config
-from .data.embedded import FORMAT_VERSION
+from .config import Config, ConfigError, make_config
+from .data.embedded import FORMAT_VERSION, embedded_data_overrides, generate_embedded
 from .engine.detection import DetectionTask
 from .engine.distributed import init_distributed
 from .engine.one_shot import OneShotTask
@@ -98,10 +98,6 @@ def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
     ``finetune=optim.lr=5e-4``); every other field takes a JSON value (``finetune_epochs=12``,
     ``image_size=[96,128]``).
     """
-    from dataclasses import fields, replace
-
-    from .config import ConfigError
-
     known = {f.name: f for f in fields(DemoBudget)}
     changes: dict[str, Any] = {}
     for item in items:
@@ -140,8 +136,6 @@ class DemoResult:
 
 def prepare_data(root: Path, budget: DemoBudget, progress: bool = True) -> Path:
     """Stage 1 (cached): the embedded benchmark of ``budget``."""
-    from .data.embedded import generate_embedded
-
     data_key = dict(seed=budget.seed, num_train=budget.num_train, num_val=budget.num_val,
                     num_unlabeled=budget.num_unlabeled, image_size=list(budget.image_size),
                     object_size=list(budget.object_size), max_objects=budget.max_objects, format=FORMAT_VERSION)
@@ -159,8 +153,6 @@ def common_overrides(data_dir: Path, budget: DemoBudget, device: str) -> list[st
     The frozen CNN's maps are stored in ``stages/features`` next to the benchmark (``data.feature_cache_dir``),
     so every stage of every seed encodes each image once.
     """
-    from .data.embedded import embedded_data_overrides
-
     return embedded_data_overrides(data_dir) + [
         f"model.backbone={budget.backbone}", "model.backbone_weights=imagenet", f"seed={budget.seed}",
         f"device={json.dumps(device)}", f"data.feature_cache_dir={json.dumps(str(data_dir.parent / 'features'))}"]

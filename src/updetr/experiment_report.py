@@ -14,6 +14,8 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any, Callable
 
+import numpy as np
+
 from .demo import DemoBudget
 from .experiment_plan import Run, SeedPlan, length_points
 
@@ -344,7 +346,6 @@ def _plot_curves(curves: dict, path: Path, xlabel: str, ylabel: str, title: str)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)

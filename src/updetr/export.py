@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .structures import IMAGENET_MEAN, IMAGENET_STD
+from .engine.inference import load_trained
+from .models.updetr import group_attention_mask
+from .structures import IMAGENET_MEAN, IMAGENET_STD, ImageBatch
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,6 @@ class QueryPatchGraph(_Graph):
         extra = model.patch2query(features).repeat_interleave(model.queries_per_patch, dim=1)  # (B, Q, D)
         mask = None
         if model.attention_mask:
-            from .models.updetr import group_attention_mask
-
             mask = group_attention_mask(model.num_queries, k, pixels.device)
         return self._heads(self._hidden(pixels, extra, mask, model.num_queries))
 
@@ -133,8 +133,6 @@ class ExportedModel:
 
     def reference(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """The PyTorch model's own forward (not the export graph) on ``inputs``: what the ONNX file must match."""
-        from .structures import ImageBatch
-
         pixels = inputs[0]
         batch = ImageBatch(pixels, torch.zeros(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool))
         with torch.inference_mode():
@@ -156,8 +154,6 @@ class ExportedModel:
 
 def load_for_export(checkpoint: str | Path) -> ExportedModel:
     """Read a detection, pre-training or one-shot checkpoint (safe loading, strict weights), on CPU in eval mode."""
-    from .engine.inference import load_trained
-
     loaded = load_trained(checkpoint, "cpu", tasks=("detection", "pretrain", "oneshot"))
     classes = ["match"] if loaded.task == "oneshot" else list(loaded.classes)
     return ExportedModel(loaded.model, loaded.task, loaded.config, classes)

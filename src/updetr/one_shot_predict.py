@@ -21,6 +21,7 @@ from .visualize import draw_detections, save_image
 
 __all__ = ["predict_one_shot"]
 
+
 @torch.inference_mode()
 def predict_one_shot(
     loaded: LoadedModel, exemplar: str | Path, box_xywh: tuple[float, float, float, float] | None,

@@ -9,7 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
+from .data.embedded import bundled_picture
+from .data.folder import ImageFolder
+from .data.io import load_image
+from .data.transforms import build_transforms
+from .data.unlabeled import sample_patch_boxes
+from .engine.distributed import resolve_device
+from .engine.inference import load_trained
+from .evaluation.postprocess import postprocess_detections
+from .query import crop_patch, query_image
+from .structures import ImageBatch
 from .visualize import draw_detections, save_image
 
 METRICS = ("AP", "AP50", "AP75")
@@ -85,13 +96,6 @@ def _grid(rows: list[list[Image.Image]], pad: int = 4) -> Image.Image:
 def detection_sheet(arms: dict[str, Path], val_images: list[Path], path: Path, device: str = "cpu",
                     threshold: float = 0.5, upscale: int = 2) -> None:
     """Rows = images; columns = each arm's detections above ``threshold``."""
-    from .data.folder import ImageFolder
-    from .data.io import load_image
-    from .data.transforms import build_transforms
-    from .engine.inference import load_trained
-    from .evaluation.postprocess import postprocess_detections
-    from .structures import ImageBatch
-
     columns = []
     for run_dir in arms.values():
         loaded = load_trained(run_dir / "checkpoint.pth", device, tasks=("detection",))
@@ -117,13 +121,6 @@ def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = 
 
     Returns ``(hits, patches)``: how many of the drawn patches are found at IoU ≥ 0.5.
     """
-    from torchvision.ops import box_iou
-
-    from .data.io import load_image
-    from .data.unlabeled import sample_patch_boxes
-    from .engine.inference import load_trained
-    from .query import crop_patch, query_image
-
     loaded = load_trained(pretrained, device, tasks=("pretrain",))
     rng = np.random.default_rng(seed)
     m, q, min_side = loaded.model.num_patches, loaded.config.pretrain.query_size, loaded.config.pretrain.min_patch_size
@@ -154,8 +151,6 @@ PHOTOGRAPHS = ("skimage:astronaut", "skimage:coffee", "skimage:chelsea", "skimag
 
 def photographs(longer_side: int = 256) -> list[tuple[str, Image.Image]]:
     """``(name, RGB image)`` of each of the bundled :data:`PHOTOGRAPHS`, longer side ``longer_side``."""
-    from .data.embedded import bundled_picture
-
     out = []
     for spec in PHOTOGRAPHS:
         array = bundled_picture(spec)
@@ -196,8 +191,6 @@ def write_demo_report(report_dir: Path, arms: dict[str, Path], pretrained: Path,
                       oneshot: dict[str, Path] | None = None) -> str:
     """Write ``report.md``, ``convergence.png``, ``detections.png``, ``query_patches.png``, ``results.json``
     (and the one-shot table when ``oneshot`` names the one-shot runs)."""
-    from .engine.distributed import resolve_device
-
     dev = str(resolve_device(device))
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

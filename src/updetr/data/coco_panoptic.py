@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from updetr.data.coco import image_paths_inside, read_annotation_json
-from updetr.data.io import DataError, load_annotated_image, open_image
-from updetr.structures import Target
+from ..coco_json import coco_from_dict
+from ..structures import Target
+from .coco import image_paths_inside, read_annotation_json
+from .io import DataError, load_annotated_image, open_image
 
 __all__ = ["CocoPanoptic", "PanopticGroundTruth", "rgb_to_id", "id_to_rgb", "read_panoptic_png"]
 
@@ -188,8 +189,6 @@ class CocoPanoptic(Dataset):
         """``pycocotools`` COCO of the segments as boxes (JSON ``bbox``/``area``/``iscrowd``,
         things and stuff), the ground truth of box AP; built on first use."""
         if self._coco is None:
-            from updetr.coco_json import coco_from_dict
-
             annotations = []
             for image_id, segments in zip(self.image_ids, self._segments):
                 for s in segments:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from updetr.structures import ImageBatch, Target
@@ -39,7 +40,5 @@ def collate_with_patches(
     Returns the padded :class:`ImageBatch` (``padding_mask`` True on padding), the targets,
     and the query patches stacked: (B, M, 3, q, q) or (B, 3, q, q), as each sample holds them.
     """
-    import torch
-
     images, targets, patches = zip(*batch)
     return ImageBatch.from_tensors(list(images), size_divisibility=size_divisibility), list(targets), torch.stack(patches)

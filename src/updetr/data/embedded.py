@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -393,8 +395,6 @@ def _write_labelled(
     composite: _Composite, image_id: int, stem: str, png_dir: Path, next_ann_id: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Write the panoptic PNG; return (COCO instance annotations, panoptic annotation)."""
-    from pycocotools import mask as mask_utils
-
     height, width = composite.stuff.shape
     segment_ids = np.zeros((height, width), dtype=np.int32)  # 0 = void
     instances, segments = [], []
@@ -545,8 +545,6 @@ def generate_embedded(
                 held = "something other than an embedded benchmark (no readable meta.json)"
             raise FileExistsError(f"{out_dir} holds {held}, not the requested {arguments} (format {FORMAT_VERSION});"
                                   " pass overwrite=True or choose another folder")  # fmt: skip
-
-    from tqdm import tqdm
 
     assets = _load_assets()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

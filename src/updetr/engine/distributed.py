@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +40,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         ConfigError: the name is not a device, or names one this machine does not have (CUDA
             without a GPU or a CUDA build, a GPU index past the last one, MPS off a Mac).
     """
-    from ..config import ConfigError
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

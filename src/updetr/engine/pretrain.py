@@ -21,6 +21,7 @@ from ..losses.criterion import build_criterion
 from ..models import build_updetr
 from ..structures import DetectionOutput
 from .detection import targets_to_device
+from .distributed import all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ class PretrainTask:
 @torch.no_grad()
 def evaluate_pretext(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Hit rate at IoU 0.5: for each patch, the most confident query of its group finds its box."""
-    from .distributed import all_reduce_mean
-
     model.eval()
     hits, total, iou_sum = 0, 0, 0.0
     for images, targets, patches in loader:

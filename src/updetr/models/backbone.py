@@ -85,6 +85,7 @@ class Backbone(CNNBackbone):
         self.num_channels = channels[-1]
         self.last_stage = last_stage
 
+
 def _conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
     """``bn(conv(x))`` with the frozen affine folded into the convolution's weights.
 

@@ -16,7 +16,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from ..config import ConfigError
 from ..stages import is_done
+from .images import PictureStore
+from .models import ServeModels
 
 __all__ = ["DemoCheckpoints", "address_note", "find_demo_checkpoints", "build_app", "serve"]
 
@@ -74,9 +79,7 @@ def address_note(host: str, port: int) -> str:
 
 def build_app(checkpoint=None, oneshot=None, detector=None, *, device: str = "cpu", benchmark_images=None):
     """The Starlette application for these checkpoints (what :func:`serve` runs; tests drive it directly)."""
-    from .app import create_app
-    from .images import PictureStore
-    from .models import ServeModels
+    from .app import create_app  # starlette: the optional `serve` extra
 
     models = ServeModels(checkpoint, oneshot, detector, device=device)
     return create_app(models, PictureStore(benchmark_images))
@@ -85,10 +88,6 @@ def build_app(checkpoint=None, oneshot=None, detector=None, *, device: str = "cp
 def serve(*, checkpoint=None, oneshot=None, detector=None, demo: str | Path = "demo", host: str = "127.0.0.1",
           port: int = 8000, device: str = "cpu", threads: int | None = None) -> int:
     """Load the models, print what is used and where the page is, and serve until Ctrl-C."""
-    import torch
-
-    from ..config import ConfigError
-
     try:
         import starlette  # noqa: F401
         import uvicorn

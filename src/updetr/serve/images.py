@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data.io import DataError, load_image, open_image
+from ..report import photographs
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # 8 MiB of encoded image
 MAX_UPLOAD_PIXELS = 16_000_000  # 16 megapixels decoded (a 4000 x 4000 photograph); a bomb is refused from its header
@@ -57,8 +58,6 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def bundled_photographs(side: int = PHOTO_SIDE) -> list[tuple[str, Image.Image]]:
     """``(name, RGB image)`` of every photograph of :data:`updetr.report.PHOTOGRAPHS`, longer side ``side``."""
-    from ..report import photographs
-
     return photographs(side)
 
 

@@ -109,6 +109,15 @@ class Target(TypedDict, total=False):
     - ``iscrowd``: int64 (N,), 1 for crowd regions (ignored by the loss).
     - ``masks``: bool (N, H, W), instance masks at ``size`` (panoptic/segmentation only).
 
+    Task-specific keys:
+
+    - ``patch_index``: int64 (N,), pre-training: target ``n`` is the box of query patch ``patch_index[n]`` (its
+      query group); the matcher and the feature-reconstruction loss read it.
+    - ``query_label``: int64 scalar, one-shot: the class index of the episode's query patch (its targets are
+      that class's boxes, labelled 0, "matches the query").
+    - ``query_image_id``: int64 scalar, one-shot training: the image the query patch was cut from.
+    - ``episode``: int64 scalar, one-shot evaluation: the index of the (image, class) episode.
+
     Before the transforms (raw dataset output) ``boxes`` are ``xyxy`` pixels of the
     original image; the transforms convert them.
     """
@@ -121,6 +130,10 @@ class Target(TypedDict, total=False):
     area: Tensor
     iscrowd: Tensor
     masks: Tensor
+    patch_index: Tensor
+    query_label: Tensor
+    query_image_id: Tensor
+    episode: Tensor
 
 
 @dataclass

@@ -42,7 +42,7 @@ def predict_images(
         output = loaded.model(batch)
         det = postprocess_detections(output, info["orig_size"].view(1, 2).to(device))[0]
         keep = det["scores"] >= threshold
-        scores, labels, boxes = det["scores"][keep].cpu(), det["labels"][keep].cpu(), det["boxes"][keep].cpu()
+        scores, labels, boxes = det["scores"][keep].cpu(), det["labels"][keep].cpu(), det["boxes_xyxy"][keep].cpu()
         order = scores.argsort(descending=True)
         scores, labels, boxes = scores[order], labels[order], boxes[order]
         names = [loaded.classes[int(lab)] for lab in labels]

@@ -108,7 +108,7 @@ def detection_sheet(arms: dict[str, Path], val_images: list[Path], path: Path, d
             image = load_image(info["path"])
             big = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
             names = [loaded.classes[int(lab)] for lab in det["labels"][keep]]
-            column.append(draw_detections(big, det["boxes"][keep].cpu() * upscale, names, det["scores"][keep].cpu(),
+            column.append(draw_detections(big, det["boxes_xyxy"][keep].cpu() * upscale, names, det["scores"][keep].cpu(),
                                           color_ids=[int(lab) for lab in det["labels"][keep]]))
         columns.append(column)
     save_image(_grid([list(row) for row in zip(*columns)]), path)

@@ -215,7 +215,7 @@ def test_duplicate_and_zero_annotation_ids_are_renumbered_so_perfect_detections_
     evaluator = CocoEvaluator(ds.coco, ds.category_ids)
     for i in range(len(ds)):
         t = ds.raw_target(i)
-        evaluator.update([int(t["image_id"])], [{"boxes": t["boxes"], "labels": t["labels"],
+        evaluator.update([int(t["image_id"])], [{"boxes_xyxy": t["boxes"], "labels": t["labels"],
                                                  "scores": torch.ones(len(t["labels"]))}])
     evaluator.synchronize()
     assert evaluator.summarize()["AP"] == pytest.approx(100.0)  # 88.8-like before: boxes shared an id

@@ -39,7 +39,7 @@ def make_coco(images: dict[int, list[tuple[list[float], int]]], size=(200, 300))
 def detection(boxes_xywh: list[list[float]], scores: list[float], labels: list[int]) -> dict:
     boxes = torch.tensor(boxes_xywh, dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    return {"boxes": boxes, "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.int64)}
+    return {"boxes_xyxy": boxes, "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
 # one small (< 32^2), one medium and one large object per image

@@ -21,7 +21,7 @@ def test_boxes_are_converted_to_original_pixels():
         [[100.0, 12.5, 300.0, 37.5], [0.0, 0.0, 80.0, 20.0]],
     ]
     for result, boxes_px in zip(results, expected):
-        assert torch.allclose(result["boxes"], torch.tensor(boxes_px), atol=1e-4)
+        assert torch.allclose(result["boxes_xyxy"], torch.tensor(boxes_px), atol=1e-4)
 
 
 def test_scores_and_labels_ignore_the_no_object_column():
@@ -47,7 +47,7 @@ def test_score_threshold_and_top_k():
 
     (thresholded,) = postprocess_detections(output, sizes, score_threshold=0.5)
     assert thresholded["scores"].tolist() == pytest.approx([0.9, 0.6])
-    assert torch.equal(thresholded["boxes"], all_queries["boxes"][:2])
+    assert torch.equal(thresholded["boxes_xyxy"], all_queries["boxes_xyxy"][:2])
 
     (top,) = postprocess_detections(output, sizes, top_k=3)
     assert top["scores"].tolist() == pytest.approx([0.9, 0.6, 0.3])

@@ -57,14 +57,14 @@ class CocoEvaluator:
 
     def update(self, image_ids: list[int], detections: list[dict[str, Tensor]]) -> None:
         """Add the detections of some images (``postprocess_detections`` output: ``scores``
-        (K,), ``labels`` (K,) contiguous index, ``boxes`` (K, 4) xyxy pixels of the
+        (K,), ``labels`` (K,) contiguous index, ``boxes_xyxy`` (K, 4) xyxy pixels of the
         original image). An image seen again replaces its earlier detections."""
         if len(image_ids) != len(detections):
             raise ValueError(f"{len(image_ids)} image ids for {len(detections)} detection dicts")
         lookup = np.asarray(self.category_ids, dtype=np.float64)
         for image_id, det in zip(image_ids, detections):
             image_id = int(image_id.item() if isinstance(image_id, Tensor) else image_id)
-            boxes = det["boxes"].detach().cpu().double().numpy().reshape(-1, 4)  # xyxy
+            boxes = det["boxes_xyxy"].detach().cpu().double().numpy().reshape(-1, 4)  # pixels
             scores = det["scores"].detach().cpu().double().numpy().reshape(-1)
             labels = det["labels"].detach().cpu().numpy().reshape(-1).astype(np.int64)
             if labels.size and (labels.min() < 0 or labels.max() >= len(lookup)):

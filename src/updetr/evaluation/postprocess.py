@@ -34,7 +34,7 @@ def postprocess_detections(
 
     Returns:
         B dicts with ``scores`` float (K,), ``labels`` int64 (K,) contiguous class index
-        in [0, C) and ``boxes`` float (K, 4) xyxy pixels of the original image (not
+        in [0, C) and ``boxes_xyxy`` float (K, 4), xyxy pixels of the original image (not
         clipped). Without ``score_threshold`` and ``top_k``, K = Q in query order;
         with ``top_k`` the detections are sorted by decreasing score.
     """
@@ -53,5 +53,5 @@ def postprocess_detections(
         if top_k is not None:
             order = image_scores.argsort(descending=True)[:top_k]
             image_scores, image_labels, image_boxes = image_scores[order], image_labels[order], image_boxes[order]
-        results.append({"scores": image_scores, "labels": image_labels, "boxes": image_boxes})
+        results.append({"scores": image_scores, "labels": image_labels, "boxes_xyxy": image_boxes})
     return results

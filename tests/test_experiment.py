@@ -151,7 +151,7 @@ def test_verdict_follows_the_numbers():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("finetune_epochs=two", "'two' is not a JSON value"),
+    ("finetune_epochs=two", "must be an integer, got 'two'"),
     ("epochs=3", "expected FIELD=VALUE with FIELD one of"),
     ("seed=3", "use --seeds N"),
     ("finetune_epochs=0", "finetune_epochs, pretrain_epochs and eval_points must be >= 1"),

@@ -290,10 +290,8 @@ class Config:
         """Apply ``section.field=value`` strings; values are parsed as JSON when they can be."""
         data = self.to_dict()
         for item in assignments:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.field=value")
-            key, raw = item.split("=", 1)
-            parts = key.strip().split(".")
+            key, raw = parse_assignment(item, "override", "section.field=value")
+            parts = key.split(".")
             node = data
             for part in parts[:-1]:
                 if not isinstance(node.get(part), dict):
@@ -301,16 +299,36 @@ class Config:
                 node = node[part]
             if parts[-1] not in node:
                 raise ConfigError(f"override {item!r}: unknown field {key!r}")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            if isinstance(node[parts[-1]], list) and isinstance(value, (int, float)):
-                value = [value]
-            elif isinstance(node[parts[-1]], str) and isinstance(value, (int, float)):
-                value = raw.strip()  # a text field that reads as a number: panoptic.stage=2, output_dir=2024
-            node[parts[-1]] = value
+            node[parts[-1]] = parse_value(raw, node[parts[-1]])
         return Config.from_dict(data, "overrides")
+
+
+def parse_assignment(item: str, where: str = "override", form: str = "FIELD=VALUE") -> tuple[str, str]:
+    """``FIELD=VALUE`` -> (field, raw value text): the one override grammar (``--set``, ``--budget``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{where} {item!r} must look like {form}")
+    return key.strip(), raw
+
+
+def parse_value(raw: str, current: Any) -> Any:
+    """An override's value: JSON when it parses, else the text itself; a number given to a text field stays text
+    (``panoptic.stage=2``), a single number given to a list field is a one-element list. The field's type is
+    checked afterwards (:func:`coerce_value`)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(current, (list, tuple)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    elif isinstance(current, str) and isinstance(value, (int, float)):
+        value = raw.strip()
+    return value
+
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` of a config field (a ConfigError naming ``where`` when it is not one)."""
+    return _coerce(value, hint, where)
 
 
 def _choice(name: str, value, options: tuple) -> None:
@@ -370,6 +388,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], where) for v in value]
+    if origin is tuple:  # fixed length, e.g. tuple[int, int]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if hint is bool:
         if isinstance(value, bool):
             return value

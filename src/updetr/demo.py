@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, make_config
+from .config import Config, ConfigError, coerce_value, make_config, parse_assignment, parse_value
 from .data.embedded import FORMAT_VERSION, embedded_data_overrides, generate_embedded
 from .engine.detection import DetectionTask
 from .engine.distributed import init_distributed
@@ -92,36 +93,24 @@ BUDGET_LIST_FIELDS = ("model", "finetune", "pretrain")  # --budget fields that a
 
 
 def apply_budget_overrides(budget: DemoBudget, items: list[str]) -> DemoBudget:
-    """``FIELD=VALUE`` items (``--budget`` on the command line) applied to a copy of ``budget``.
+    """``FIELD=VALUE`` items (``--budget`` on the command line) applied to a copy of ``budget``, in the grammar of
+    ``--set`` (:func:`updetr.config.parse_value`: JSON, else the text; ``finetune_epochs=12``,
+    ``image_size=[96,128]``, ``backbone=efficientnet_lite1``), each value checked against the field's type.
 
     ``model`` / ``finetune`` / ``pretrain`` take a config override and append it (for example
-    ``finetune=optim.lr=5e-4``); every other field takes a JSON value (``finetune_epochs=12``,
-    ``image_size=[96,128]``).
+    ``finetune=optim.lr=5e-4``).
     """
     known = {f.name: f for f in fields(DemoBudget)}
+    hints = typing.get_type_hints(DemoBudget)
     changes: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
+        key, raw = parse_assignment(item, "--budget", "FIELD=VALUE")
+        if key not in known:
             raise ConfigError(f"--budget {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
         if key in BUDGET_LIST_FIELDS:
             changes[key] = list(changes.get(key, getattr(budget, key))) + [raw]
             continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--budget {item!r}: {raw!r} is not a JSON value") from None
-        current = getattr(budget, key)
-        if isinstance(current, tuple):
-            if not (isinstance(value, list) and len(value) == len(current)):
-                raise ConfigError(f"--budget {key} needs a list of {len(current)} numbers, got {raw}")
-            value = tuple(value)
-        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif type(value) is not type(current):
-            raise ConfigError(f"--budget {key} must be {type(current).__name__}, got {raw}")
-        changes[key] = value
+        changes[key] = coerce_value(parse_value(raw, getattr(budget, key)), hints[key], f"--budget {key}")
     return replace(budget, **changes)
 
 

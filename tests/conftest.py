@@ -57,3 +57,22 @@ def embedded(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("embedded") / "bench"
     return generate_embedded(root, num_train=8, num_val=4, num_unlabeled=8, image_size=(64, 96), progress=False)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("studies/patch_swap.py")``: a script of the repository (not a package module) imported by path."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relative: str):
+        path = root / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+

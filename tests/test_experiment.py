@@ -274,12 +274,8 @@ def test_the_time_left_estimate_reads_its_rates_from_the_measurement_file(tmp_pa
         stage_rates(broken)
 
 
-def test_stage_rates_measures_each_finished_run_by_its_kind(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_rates", Path(__file__).parents[1] / "benchmarks" / "stage_rates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_stage_rates_measures_each_finished_run_by_its_kind(tmp_path, load_script):
+    module = load_script("benchmarks/stage_rates.py")
 
     def stage(name, speeds, cache, frozen=True, done=True):
         folder = tmp_path / "exp" / "stages" / name

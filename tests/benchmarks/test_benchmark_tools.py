@@ -1,6 +1,5 @@
 """The speed and robustness scripts under benchmarks/ that the README and docs/ quote numbers from."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,9 @@ from updetr.config import make_config
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_train_step_counts_the_flops_of_a_pretraining_step(tiny_overrides, monkeypatch):
-    module = _load("train_step")
+def test_train_step_counts_the_flops_of_a_pretraining_step(tiny_overrides, monkeypatch, load_script):
+    module = load_script("benchmarks/train_step.py")
     tiny = [o for o in tiny_overrides if o.startswith(("model.", "pretrain."))]
     monkeypatch.setitem(module.RECIPES, "tiny-pretrain", ("pretrain-small", tiny + ["pretrain.group_matching=true"], 2, 64))
     monkeypatch.setitem(module.RECIPES, "tiny-detr", ("small", tiny, 2, 64))

@@ -1,6 +1,5 @@
 """The research probes under studies/ that docs/findings.md quotes numbers from."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,8 @@ from updetr.engine.pretrain import PretrainTask
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, STUDIES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_single_square_writes_a_coco_dataset_the_loader_reads(tmp_path):
-    module = _load("single_square")
+def test_single_square_writes_a_coco_dataset_the_loader_reads(tmp_path, load_script):
+    module = load_script("studies/single_square.py")
     for split, count, seed in (("train", 6, 1), ("val", 3, 2)):
         module.write_split(tmp_path, split, count, size=64, seed=seed)
     data = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
@@ -37,8 +29,8 @@ def test_single_square_writes_a_coco_dataset_the_loader_reads(tmp_path):
 
 
 @pytest.mark.slow
-def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overrides):
-    module = _load("patch_probe")
+def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overrides, load_script):
+    module = load_script("studies/patch_probe.py")
     cfg = make_config("pretrain-small", overrides=tiny_overrides + [f'data.images="{embedded / "unlabeled"}"'])
     result = module.probe(PretrainTask(cfg), num_images=4)
     assert result["patches"] == 4 * cfg.pretrain.num_patches
@@ -49,8 +41,8 @@ def test_patch_probe_reports_rates_and_its_reference_points(embedded, tiny_overr
 
 
 @pytest.mark.slow
-def test_patch_probe_defaults_to_the_packaged_imagenet_efficientnet(embedded, monkeypatch, capsys):
-    module = _load("patch_probe")
+def test_patch_probe_defaults_to_the_packaged_imagenet_efficientnet(embedded, monkeypatch, capsys, load_script):
+    module = load_script("studies/patch_probe.py")
     monkeypatch.setattr("sys.argv", ["patch_probe.py", "--images", str(embedded / "unlabeled"), "--images-used", "2",
                                      "--set", "data.val_size=64", "--set", "data.max_size=96"])
     module.main()
@@ -59,10 +51,10 @@ def test_patch_probe_defaults_to_the_packaged_imagenet_efficientnet(embedded, mo
     assert "  crop " in out and "  pooled in place " in out
 
 
-def test_parallel_sweep_parses_jobs_and_reports_the_logs(tmp_path, capsys):
+def test_parallel_sweep_parses_jobs_and_reports_the_logs(tmp_path, capsys, load_script):
     import pytest
 
-    module = _load("parallel_sweep")
+    module = load_script("studies/parallel_sweep.py")
     assert module.parse_job("upG:30:cuda:data.batch_size=32;data.num_workers=3") == (
         "upG", 30, "cuda", ["data.batch_size=32", "data.num_workers=3"])
     assert module.parse_job("detr:0:cpu") == ("detr", 0, "cpu", [])
@@ -85,7 +77,7 @@ def test_parallel_sweep_parses_jobs_and_reports_the_logs(tmp_path, capsys):
     assert "7:0.21/1.01 21:0.92/3.10 (trained 21 ep)" in line
 
 
-def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_path, monkeypatch, capsys):
+def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_path, monkeypatch, capsys, load_script):
     import json as _json
 
     import pytest
@@ -94,7 +86,7 @@ def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_pa
     import updetr.stages
     from updetr.demo import prepare_data
 
-    module = _load("parallel_sweep")
+    module = load_script("studies/parallel_sweep.py")
     budget = module.budget_for(2, ["num_train=200", "finetune_epochs=84"])
     assert (budget.num_train, budget.finetune_epochs, budget.seed) == (200, 84, 2)
     # the prep and job processes read the sweep's --budget items from the environment
@@ -139,14 +131,14 @@ def test_parallel_sweep_budget_reaches_the_benchmark_and_every_job_config(tmp_pa
 
 
 @pytest.mark.slow
-def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys):
+def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_run(tmp_path, capsys, load_script):
     import subprocess
     import sys
 
     import pytest
     import torch
 
-    module = _load("patch_swap")
+    module = load_script("studies/patch_swap.py")
     patches = torch.arange(2 * 3, dtype=torch.float32).view(2, 3, 1, 1, 1).expand(2, 3, 3, 2, 2)  # (B, M, 3, q, q)
     assert torch.equal(module.swap(patches, "own"), patches)
     groups = module.swap(patches, "other groups")[:, :, 0, 0, 0]
@@ -161,11 +153,11 @@ def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_r
 
 
 @pytest.mark.slow
-def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overrides, tmp_path):
+def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overrides, tmp_path, load_script):
     from updetr.engine.distributed import DistInfo
     from updetr.engine.loop import fit
 
-    module = _load("patch_swap")
+    module = load_script("studies/patch_swap.py")
     cfg = make_config("pretrain-small", overrides=tiny_overrides + [
         f'data.images="{embedded / "unlabeled"}"', f'output_dir="{tmp_path}"', "optim.epochs=1"])
     result = fit(PretrainTask(cfg), cfg, DistInfo(), progress=False)
@@ -176,7 +168,7 @@ def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overr
 
 @pytest.mark.slow
 def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(embedded, tiny_overrides, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, load_script):
     import sys
 
     import pytest
@@ -187,7 +179,7 @@ def test_partial_init_starts_the_named_parts_fresh_and_fine_tuning_accepts_it(em
     from updetr.engine.distributed import DistInfo
     from updetr.engine.loop import fit
 
-    module = _load("partial_init")
+    module = load_script("studies/partial_init.py")
     pre_cfg = make_config("pretrain-small", overrides=tiny_overrides + [
         f'data.images="{embedded / "unlabeled"}"', f'output_dir="{tmp_path / "pre"}"', "optim.epochs=1", "eval_every=0"])
     fit(PretrainTask(pre_cfg), pre_cfg, DistInfo(), progress=False)

@@ -293,3 +293,27 @@ def test_stage_rates_measures_each_finished_run_by_its_kind(tmp_path, load_scrip
     stage("detr-ee", [1000], True, done=False)  # unfinished: not counted
     measured = module.measure(tmp_path / "exp")
     assert measured == {"finetune": [20, 40], "pretrain_trained_cnn": [6], "oneshot_uncached": [9]}
+
+
+def test_experiment_runs_lists_each_finished_run_with_its_start_and_last_evaluation(tmp_path, load_script, capsys):
+    module = load_script("benchmarks/experiment_runs.py")
+    for name, cfg, records, done in (
+        ("detr-aa", {"seed": 1, "optim": {"epochs": 6}, "init_from": ""},
+         [{"val/AP": 5.0}, {"train/loss": 1.0}, {"val/AP": 12.5, "val/AP50": 40.0}], True),
+        ("updetr-bb", {"seed": 1, "optim": {"epochs": 6}, "init_from": "/x/stages/pretrain-cc/checkpoint.pth"},
+         [{"val/AP": 13.0}], True),
+        ("detr-dd", {"seed": 2, "optim": {"epochs": 6}, "init_from": ""}, [{"val/AP": 99.0}], False),  # running
+    ):
+        folder = tmp_path / "exp" / "stages" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if done:
+            (folder / "DONE").write_text("")
+    rows = {r["name"]: r for r in module.finished_runs(tmp_path / "exp")}
+    assert set(rows) == {"detr-aa", "updetr-bb"}
+    assert rows["detr-aa"]["metrics"] == {"AP": 12.5, "AP50": 40.0} and rows["detr-aa"]["init"] == "scratch"
+    assert rows["updetr-bb"]["init"] == "pretrain-cc"
+    assert module.main([str(tmp_path / "exp"), "--kind", "updetr"]) == 0
+    out = capsys.readouterr().out
+    assert "| updetr-bb | 1 | 6 | pretrain-cc | AP 13.0 |" in out and "detr-aa" not in out

@@ -12,8 +12,11 @@ from pathlib import Path
 
 from ..config import PRESETS, Config, make_config
 from ..data.embedded import embedded_data_overrides
+from ..engine.distributed import cleanup, init_distributed
+from ..engine.loop import FitResult, fit
+from ..engine.tasks import build_task
 
-__all__ = ["CommonSubparsers", "add_config_args", "config_from_args", "flag_overrides", "setup_logging"]
+__all__ = ["CommonSubparsers", "add_config_args", "config_from_args", "flag_overrides", "setup_logging", "train"]
 
 
 class CommonSubparsers:
@@ -108,3 +111,16 @@ def _resolve_run_folder(cfg: Config, args: argparse.Namespace) -> Config:
         print(f"updetr: {default} holds an earlier run; this run writes to {folder} (--output DIR names the folder)",
               file=sys.stderr)
     return cfg.override([f"output_dir={json.dumps(str(folder))}"])
+
+
+def train(task: str, cfg: Config, args: argparse.Namespace) -> tuple[FitResult, bool]:
+    """Train the task named ``task`` with ``cfg`` in this process (alone, or one rank under torchrun): logging for
+    this rank, the process group around ``fit``. Returns the result and whether this is the process that prints."""
+    dist_info = init_distributed(cfg.device)
+    setup_logging(dist_info.rank, args.verbose)
+    try:
+        result = fit(build_task(task, cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
+    finally:
+        cleanup()
+    return result, dist_info.is_main
+

@@ -7,25 +7,17 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
-from ..engine.detection import DetectionTask
-from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.distributed import resolve_device
 from ..engine.inference import evaluate_loaded, load_trained
-from ..engine.loop import fit
 from ..predict import predict_images
-from .common import CommonSubparsers, add_config_args, config_from_args, flag_overrides, setup_logging
+from .common import CommonSubparsers, add_config_args, config_from_args, flag_overrides, setup_logging, train
 
 __all__ = ["cmd_eval", "cmd_predict", "cmd_train", "register"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, args.verbose)
-    try:
-        result = fit(DetectionTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
-    finally:
-        cleanup()
-    if dist_info.is_main:
+    result, main = train("detection", config_from_args(args), args)
+    if main:
         _print_metrics("final validation", result.final_metrics)
         print(f"run folder: {result.output_dir}")
     return 0

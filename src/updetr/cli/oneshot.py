@@ -8,15 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging
 from ..config import ConfigError
 from ..data.embedded import embedded_data_overrides
-from ..engine.distributed import cleanup, init_distributed, resolve_device
-from ..engine.inference import evaluate_one_shot_result, load_trained
-from ..engine.one_shot import train_one_shot
-from ..evaluation.one_shot import AP_METHODS, format_table3
 from ..data.io import parse_image_box
+from ..engine.distributed import resolve_device
+from ..engine.inference import evaluate_one_shot_result, load_trained
+from ..evaluation.one_shot import AP_METHODS, format_table3
 from ..one_shot_predict import predict_one_shot
+from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging, train
 
 __all__ = ["register", "cmd_oneshot_eval", "cmd_oneshot_predict", "cmd_oneshot_train", "oneshot_overrides"]
 
@@ -91,14 +90,8 @@ def cmd_oneshot_train(args: argparse.Namespace) -> int:
     flags = oneshot_overrides(args)
     if flags:
         cfg = cfg.override(flags)
-    dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, args.verbose)
-    try:
-        result = train_one_shot(cfg, resume=args.resume, progress=not args.no_progress,
-                                dist_info=dist_info)  # fmt: skip
-    finally:
-        cleanup()
-    if dist_info.is_main:
+    result, main = train("oneshot", cfg, args)
+    if main:
         m = result.final_metrics
         if m:
             print(f"\nfinal validation: AP50 seen {m.get('AP50_seen', float('nan')):.1f}, "

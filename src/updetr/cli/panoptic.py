@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
-from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging
 from ..config import ConfigError
 from ..data.embedded import embedded_data_overrides
-from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.distributed import resolve_device
 from ..engine.inference import evaluation_loader, load_trained
-from ..engine.loop import fit
-from ..engine.panoptic import PanopticTask, run_panoptic_evaluation
+from ..engine.panoptic import run_panoptic_evaluation
 from ..panoptic_predict import predict_panoptic
+from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging, train
 
 __all__ = ["register", "cmd_panoptic_eval", "cmd_panoptic_predict", "cmd_panoptic_train", "panoptic_overrides"]
 
@@ -101,13 +100,8 @@ def _print_table(title: str, metrics: dict[str, float]) -> None:
 
 def cmd_panoptic_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args).override(panoptic_overrides(args))
-    dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, args.verbose)
-    try:
-        result = fit(PanopticTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
-    finally:
-        cleanup()
-    if dist_info.is_main:
+    result, main = train("panoptic", cfg, args)
+    if main:
         if result.final_metrics:
             _print_table(f"final validation (stage {cfg.panoptic.stage})", result.final_metrics)
         print(f"run folder: {result.output_dir}")

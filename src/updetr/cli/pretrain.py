@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.distributed import resolve_device
 from ..engine.inference import load_trained
-from ..engine.loop import fit
-from ..engine.pretrain import PretrainTask
 from ..query import run_query
-from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging
+from .common import CommonSubparsers, add_config_args, config_from_args, setup_logging, train
 
 __all__ = ["cmd_pretrain", "cmd_query", "register"]
 
@@ -19,13 +17,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.images:
         cfg = cfg.override([f"data.images={json.dumps(str(args.images))}"])
-    dist_info = init_distributed(cfg.device)
-    setup_logging(dist_info.rank, args.verbose)
-    try:
-        result = fit(PretrainTask(cfg), cfg, dist_info, resume=args.resume, progress=not args.no_progress)
-    finally:
-        cleanup()
-    if dist_info.is_main:
+    result, main = train("pretrain", cfg, args)
+    if main:
         if result.final_metrics:
             print(f"pretext hit rate (IoU >= 0.5): {result.final_metrics['hit_rate']:.1f}%  "
                   f"mean IoU: {result.final_metrics['mean_iou']:.3f}")

@@ -326,11 +326,6 @@ def parse_value(raw: str, current: Any) -> Any:
     return value
 
 
-def coerce_value(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as the type ``hint`` of a config field (a ConfigError naming ``where`` when it is not one)."""
-    return _coerce(value, hint, where)
-
-
 def _choice(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, options))}")
@@ -373,25 +368,26 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
                 raise ConfigError(f"{source}: {prefix + f.name!r} must be an object")
             kwargs[f.name] = _build(hint, value, source, prefix + f.name + ".")
         else:
-            kwargs[f.name] = _coerce(value, hint, f"{source}: {prefix + f.name}")
+            kwargs[f.name] = coerce_value(value, hint, f"{source}: {prefix + f.name}")
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` of a config field (a ConfigError naming ``where`` when it is not one)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return coerce_value(value, inner[0], where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
+        return [coerce_value(v, args[0], where) for v in value]
     if origin is tuple:  # fixed length, e.g. tuple[int, int]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        return tuple(coerce_value(v, a, where) for v, a in zip(value, args))
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -122,8 +122,11 @@ def test_overrides_reach_the_config_but_not_the_weights(tmp_path, tiny_overrides
     _tiny_detr_checkpoint(tmp_path / "det.pth", tiny_overrides)
     loaded = load_trained(tmp_path / "det.pth", overrides=["data.val_size=80"])
     assert loaded.config.data.val_size == 80 and loaded.classes == ["a", "b", "c"]
-    with pytest.raises(ConfigError, match=r"model.hidden_dim=64: the architecture \(model.\*, pretrain.\*\) is the checkpoint's"):
+    with pytest.raises(ConfigError, match=r"model.hidden_dim=64: the architecture \(model.\*, pretrain.\*, panoptic.stage\) "
+                                          r"is the checkpoint's"):
         load_trained(tmp_path / "det.pth", overrides=["model.hidden_dim=64"])
+    with pytest.raises(ConfigError, match=r"panoptic.stage=2: the architecture"):  # DETR or DETRsegm
+        load_trained(tmp_path / "det.pth", overrides=["panoptic.stage=2"])
 
 
 def test_checkpoints_that_kept_their_settings_beside_the_config_still_load(tmp_path, tiny_overrides):

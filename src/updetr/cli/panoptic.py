@@ -124,9 +124,6 @@ def cmd_panoptic_eval(args: argparse.Namespace) -> int:
         location += embedded_data_overrides(args.embedded)
     if args.data_root:
         location.append(f"data.root={json.dumps(str(args.data_root))}")
-    stage = [o for o in panoptic_overrides(args) if o.startswith("panoptic.stage=")]
-    if stage:
-        raise ConfigError("updetr panoptic eval: the stage is the checkpoint's")
     loaded = load_trained(args.checkpoint, device, tasks=("panoptic",),
                           overrides=location + list(args.overrides) + panoptic_overrides(args))
     options = loaded.config.panoptic

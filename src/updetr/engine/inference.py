@@ -34,6 +34,9 @@ __all__ = [
     "evaluation_loader", "load_trained",
 ]
 
+# overrides that would change the model a checkpoint's weights were trained as
+ARCHITECTURE_FIELDS = ("model.", "pretrain.", "panoptic.stage=")
+
 # the command that trains each task, named when a checkpoint of another task is given
 TRAINED_BY = {"detection": "updetr train", "pretrain": "updetr pretrain", "oneshot": "updetr oneshot train",
               "panoptic": "updetr panoptic train"}
@@ -75,6 +78,7 @@ def _config(ckpt: dict[str, Any], path: str | Path) -> Config:
         cfg = cfg.override([f"oneshot.{k}={json.dumps(v)}" for k, v in options.items() if k in cfg.oneshot.__dataclass_fields__])
     cfg.model.backbone_weights = "none"  # the weights come from the checkpoint
     cfg.init_from = ""
+    cfg.data.cache_features = False  # inference reads pixels: cached CNN maps are a training-time shortcut
     return cfg.validate()
 
 
@@ -101,9 +105,10 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", *, tasks:
         raise CheckpointError(f"{path}: task {name!r} is not one of {', '.join(TASKS)}")
     cfg = _config(ckpt, path)
     if overrides:
-        fixed = [o for o in overrides if o.strip().startswith(("model.", "pretrain."))]
+        fixed = [o for o in overrides if o.strip().startswith(ARCHITECTURE_FIELDS)]
         if fixed:
-            raise ConfigError(f"{path}: {fixed[0]}: the architecture (model.*, pretrain.*) is the checkpoint's")
+            raise ConfigError(f"{path}: {fixed[0]}: the architecture (model.*, pretrain.*, panoptic.stage) is the "
+                              "checkpoint's")
         cfg = cfg.override(list(overrides))
     runner = build_task(name, cfg)
     runner.restore(ckpt, str(path))
@@ -135,12 +140,9 @@ def evaluation_loader(loaded: LoadedModel, dataset: Dataset, device: torch.devic
 @torch.inference_mode()
 def evaluate_loaded(loaded: LoadedModel, split: str = "val", device: str | torch.device = "cpu", *,
                     progress: bool = False) -> tuple[dict[str, float], Dataset]:
-    """(metrics, dataset) of a loaded model on ``split``, with the task's dataset, batching and metric.
-
-    On pixels: cached CNN features are a training-time shortcut (``data.cache_features`` is ignored here).
-    """
+    """(metrics, dataset) of a loaded model on ``split``, with the task's dataset, batching and metric, on pixels
+    (:func:`load_trained` turns ``data.cache_features`` off)."""
     device = _resolve(device)
-    loaded.config.data.cache_features = False
     dataset = loaded.runner.eval_dataset(split)
     metrics = loaded.runner.evaluate(loaded.model, evaluation_loader(loaded, dataset, device), device, progress)
     return metrics, dataset
@@ -165,7 +167,6 @@ def evaluate_one_shot_result(
     device = _resolve(device)
     loaded = load_trained(checkpoint, device, tasks=("oneshot",), overrides=overrides)
     runner: OneShotTask = loaded.runner  # type: ignore[assignment]
-    loaded.config.data.cache_features = False  # on pixels, as evaluate_loaded
     data = loaded.config.data
     if split is not None:
         runner.split = load_oneshot_split(split, runner.classes, data_root=data.root, data_format=data.format)

@@ -1,12 +1,10 @@
 """One-shot detection: the training task and its evaluation.
 
-Python entry points (the ``updetr experiment`` report calls these):
-
-- :func:`train_one_shot` ``(cfg) -> FitResult``: train from ``cfg.init_from`` (an
-  UP-DETR pre-training checkpoint, a DETR / UP-DETR detection checkpoint) or from scratch;
-  checkpoints land in ``cfg.output_dir`` (``checkpoint.pth``, ``best.pth`` by seen AP50).
-- :func:`updetr.engine.inference.evaluate_one_shot` ``(checkpoint) -> dict``: the CoAE protocol (5 query draws
-  per (test image, class), AP50 per class, means over seen and unseen classes).
+:class:`OneShotTask` trains with ``fit`` from ``cfg.init_from`` (an UP-DETR pre-training checkpoint, a
+DETR / UP-DETR detection checkpoint) or from scratch; checkpoints land in ``cfg.output_dir``
+(``checkpoint.pth``, ``best.pth`` by seen AP50). :func:`updetr.engine.inference.evaluate_one_shot`
+``(checkpoint) -> dict`` evaluates a checkpoint under the CoAE protocol (5 query draws per (test image,
+class), AP50 per class, means over seen and unseen classes).
 
 Prediction with drawing is :func:`updetr.one_shot_predict.predict_one_shot`; the ``updetr oneshot``
 command line is :mod:`updetr.cli.oneshot`.
@@ -37,8 +35,6 @@ from ..models.one_shot import MATCH_LABEL, build_one_shot, init_one_shot_from_ch
 from ..structures import DetectionOutput
 from .checkpoint import CheckpointError
 from .detection import targets_to_device
-from .distributed import DistInfo, resolve_device
-from .loop import FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +200,3 @@ def run_one_shot_evaluation(
                 evaluator.update(int(t["query_label"]), draw, int(t["image_id"]), s, b)
     evaluator.synchronize()
     return evaluator.summarize()
-
-
-def train_one_shot(
-    cfg: Config, *, resume: str | None = None, progress: bool = True, dist_info: DistInfo | None = None,
-) -> FitResult:
-    """Train one-shot detection with ``cfg`` (``cfg.init_from``: pre-training / detection checkpoint or "";
-    the one-shot settings are ``cfg.oneshot``)."""
-    dist_info = dist_info or DistInfo(device=resolve_device(cfg.device))
-    return fit(OneShotTask(cfg), cfg, dist_info, resume=resume, progress=progress)

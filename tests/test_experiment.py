@@ -7,6 +7,7 @@ from pathlib import Path
 from statistics import fmean
 
 import pytest
+import torch
 
 from updetr.cli import build_parser, config_from_args, main
 from updetr.config import ConfigError
@@ -27,10 +28,46 @@ def _close(a, b) -> bool:
     return a is None and b is None or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def quick_experiment(tmp_path_factory):
+    """The quick protocol for seeds 0 and 1, its runs one after another in this process (one thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("quick") / "exp"
+        yield out, run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(n)
+
+
+SEED_SET_KEYS = ("run", "mean", "std", "agrees", "clear", "verdict")  # what depends on the other seeds (or the path)
+
+
+def _per_seed(obj, seed: int):
+    """Every per-seed number of a results table for one seed, keyed by where it sits (what a whole seed set decides
+    left out, and the run folders, whose names hash the output folder's path)."""
+    if isinstance(obj, dict):
+        if "per_seed" in obj:
+            return [e["value"] for e in obj["per_seed"] if e["seed"] == seed]
+        return {k: _per_seed(v, seed) for k, v in obj.items() if k not in SEED_SET_KEYS}
+    return [_per_seed(v, seed) for v in obj] if isinstance(obj, list) else obj
+
+
+def _stats(obj):
+    """The per-seed lists of every statistic in a results table."""
+    if isinstance(obj, dict):
+        if "per_seed" in obj:
+            yield obj["per_seed"]
+            return
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            yield from _stats(v)
+
+
 @pytest.mark.slow
-def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_path, one_thread):
-    out = tmp_path / "exp"
-    first = run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
+def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(quick_experiment, one_thread):
+    out, first = quick_experiment
     report = out / "reports"
     for name in ARTEFACTS:
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
@@ -117,26 +154,24 @@ def test_quick_experiment_reports_the_logged_numbers_and_reuses_every_stage(tmp_
 
 
 @pytest.mark.slow
-def test_runs_in_parallel_processes_give_the_tables_of_runs_one_after_another(tmp_path, one_thread, monkeypatch):
+def test_runs_in_parallel_processes_give_the_tables_of_runs_one_after_another(quick_experiment, tmp_path, one_thread,
+                                                                              monkeypatch):
     """Two one-thread processes (pre-trainings before the fine-tunings that start from them, the CNN features of
-    each seed first) train exactly what one process trains, so every table is the same."""
+    each seed first) train exactly what one process trains, so every number of seed 0 is the same."""
     from dataclasses import replace
 
     import updetr.experiment
 
     monkeypatch.setattr(updetr.experiment, "parallel_slots", lambda device, workers: (workers, 1) if workers > 1 else (1, 0))
-    def numbers(obj):  # a table without its run folders, whose names hash the output folder's path
-        if isinstance(obj, dict):
-            return {k: numbers(v) for k, v in obj.items() if k != "run"}
-        return [numbers(v) for v in obj] if isinstance(obj, list) else obj
-
-    tables = {}
-    for workers in (1, 2):
-        budget = replace(experiment_budget(quick=True), workers=workers)
-        result = run_experiment(tmp_path / f"w{workers}", budget=budget, seeds=1, device="cpu", progress=False)
-        tables[workers] = numbers(result.results["tables"])
-    assert tables[1] == tables[2]
-    assert tables[1]["table3"]["rows"] and tables[1]["table4"]["rows"]
+    _, serial = quick_experiment
+    assert experiment_budget(quick=True).workers == 1  # the fixture's runs went one after another
+    budget = replace(experiment_budget(quick=True), workers=2)
+    parallel = run_experiment(tmp_path / "w2", budget=budget, seeds=1, device="cpu", progress=False)
+    expected, got = _per_seed(serial.results["tables"], 0), _per_seed(parallel.results["tables"], 0)
+    assert got == expected
+    assert got["table3"]["rows"] and got["table4"]["rows"]
+    stats = list(_stats(parallel.results["tables"]))
+    assert len(stats) >= 30 and all([e["seed"] for e in st] == [0] for st in stats)  # one number of seed 0 in each
 
 
 def test_verdict_follows_the_numbers():

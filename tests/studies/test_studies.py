@@ -164,6 +164,11 @@ def test_patch_swap_own_patches_reproduce_the_runs_hit_rate(embedded, tiny_overr
     rates = module.hit_rates(tmp_path, num_images=64)
     assert set(rates) == set(module.MODES) and all(0.0 <= v <= 100.0 for v in rates.values())
     assert rates["own"] == result.final_metrics["hit_rate"]  # same images, patches and model as the run's evaluation
+    # the same evaluation split by patch area: the buckets hold every patch once and add up to the run's hit rate
+    rows = load_script("studies/patch_sizes.py").hit_rates_by_size(str(tmp_path / "checkpoint.pth"))
+    total, hits = sum(r["patches"] for r in rows), sum(r["hits"] for r in rows)
+    assert len(rows) == 5 and total > 0 and all(0 <= r["hits"] <= r["patches"] for r in rows)
+    assert abs(100.0 * hits / total - result.final_metrics["hit_rate"]) < 1e-6
 
 
 @pytest.mark.slow

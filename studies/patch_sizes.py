@@ -14,12 +14,11 @@ import argparse
 import sys
 
 import torch
-from torchvision.ops import box_iou
 
-from updetr.box_ops import cxcywh_to_xyxy
 from updetr.config import ConfigError
 from updetr.engine.checkpoint import CheckpointError
 from updetr.engine.inference import evaluation_loader, load_trained
+from updetr.engine.pretrain import pretext_ious
 
 # patch area / image area; the square roots (sides of a square patch) are 0.05, 0.1, 0.2, 0.4
 AREA_EDGES = (0.0, 0.0025, 0.01, 0.04, 0.16, float("inf"))
@@ -34,12 +33,7 @@ def hit_rates_by_size(checkpoint: str) -> list[dict]:
     with torch.no_grad():
         for images, targets, patches in evaluation_loader(loaded, dataset, torch.device("cpu"), num_workers=0):
             out = model(images, patches)
-            b, k = patches.shape[:2]
-            best = out.logits.softmax(-1)[..., 0].view(b, k, -1).argmax(-1)  # (B, M): each group's best query
-            boxes = out.boxes.view(b, k, -1, 4)
-            chosen = boxes.gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
-            for i, t in enumerate(targets):
-                ious = box_iou(cxcywh_to_xyxy(chosen[i]), cxcywh_to_xyxy(t["boxes"])).diagonal()
+            for t, ious in zip(targets, pretext_ious(out, targets, patches.shape[1])):  # the run's own evaluation
                 for area, iou in zip((t["boxes"][:, 2] * t["boxes"][:, 3]).tolist(), ious.tolist()):
                     row = next(r for r in rows if r["area_from"] <= area < r["area_to"])
                     row["patches"] += 1

@@ -133,6 +133,17 @@ class PretrainTask:
         """Nothing to read back: the pretext has one class and no split."""
 
 
+def pretext_ious(out: DetectionOutput, targets: list[dict], num_patches: int) -> list[torch.Tensor]:
+    """Per image, the (M,) IoU between each patch's box and the box of its group's most confident query."""
+    b, k = len(targets), num_patches
+    scores = out.logits.softmax(-1)[..., 0].view(b, k, -1)  # (B, M, Q/M) "patch" probability
+    best = scores.argmax(-1)  # (B, M)
+    boxes = out.boxes.view(b, k, -1, 4)  # (B, M, Q/M, 4)
+    chosen = boxes.gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)  # (B, M, 4)
+    return [box_iou(cxcywh_to_xyxy(chosen[i]), cxcywh_to_xyxy(t["boxes"].to(chosen.device))).diagonal()
+            for i, t in enumerate(targets)]
+
+
 @torch.no_grad()
 def evaluate_pretext(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Hit rate at IoU 0.5: for each patch, the most confident query of its group finds its box."""
@@ -140,13 +151,7 @@ def evaluate_pretext(model: nn.Module, loader: DataLoader, device: torch.device)
     hits, total, iou_sum = 0, 0, 0.0
     for images, targets, patches in loader:
         out = model(images.to(device), patches.to(device))
-        b, k = patches.shape[:2]
-        scores = out.logits.softmax(-1)[..., 0].view(b, k, -1)  # (B, M, Q/M) "patch" probability
-        best = scores.argmax(-1)  # (B, M)
-        boxes = out.boxes.view(b, k, -1, 4)  # (B, M, Q/M, 4)
-        chosen = boxes.gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)  # (B, M, 4)
-        for i, t in enumerate(targets):
-            ious = box_iou(cxcywh_to_xyxy(chosen[i]), cxcywh_to_xyxy(t["boxes"].to(device))).diagonal()  # (M,)
+        for ious in pretext_ious(out, targets, patches.shape[1]):
             hits += int((ious >= 0.5).sum())
             iou_sum += float(ious.sum())
             total += len(ious)

@@ -2,6 +2,7 @@
 pyproject.toml) and runs the rest in about a minute; ``python -m pytest`` runs them all."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -36,13 +37,28 @@ def _cache_folder(tmp_path_factory):
         os.environ[CACHE_ENV] = previous
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def threads():
+    """:func:`torch_threads`, for fixtures wider than one test (``one_thread`` is per test)."""
+    return torch_threads
+
+
 @pytest.fixture
 def one_thread():
     # tiny models: one thread is as fast, and much faster when other processes keep both cores busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

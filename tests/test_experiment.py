@@ -7,7 +7,6 @@ from pathlib import Path
 from statistics import fmean
 
 import pytest
-import torch
 
 from updetr.cli import build_parser, config_from_args, main
 from updetr.config import ConfigError
@@ -29,15 +28,11 @@ def _close(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_experiment(tmp_path_factory):
+def quick_experiment(tmp_path_factory, threads):
     """The quick protocol for seeds 0 and 1, its runs one after another in this process (one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         out = tmp_path_factory.mktemp("quick") / "exp"
         yield out, run_experiment(out, quick=True, seeds=2, device="cpu", progress=False)
-    finally:
-        torch.set_num_threads(n)
 
 
 SEED_SET_KEYS = ("run", "mean", "std", "agrees", "clear", "verdict")  # what depends on the other seeds (or the path)

@@ -115,7 +115,7 @@ class PaperPipeline:
         image = TF.normalize(TF.to_tensor(image), MEAN, STD)
         x0, y0, x1, y1 = boxes_px.unbind(-1)
         cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
-        target = {"boxes": cxcywh / torch.tensor([size[1], size[0], size[1], size[0]]),
+        target = {"boxes_cxcywh": cxcywh / torch.tensor([size[1], size[0], size[1], size[0]]),
                   "labels": torch.ones(len(boxes), dtype=torch.int64)}
         return image, target, torch.stack(patches)
 

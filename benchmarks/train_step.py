@@ -71,7 +71,7 @@ def fake_targets(batch: int, num_classes: int, gen: torch.Generator, num_boxes: 
         n = num_boxes if num_boxes is not None else int(torch.randint(1, 9, (1,), generator=gen))
         centre = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
         size = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
-        targets.append({"boxes": torch.cat([centre, size], 1), "labels": torch.randint(num_classes, (n,), generator=gen),
+        targets.append({"boxes_cxcywh": torch.cat([centre, size], 1), "labels": torch.randint(num_classes, (n,), generator=gen),
                         "iscrowd": torch.zeros(n, dtype=torch.int64)})
     return targets
 

@@ -34,8 +34,8 @@ def centre_features(task: DetectionTask, dataset, limit: int) -> tuple[np.ndarra
         with torch.no_grad():
             fmap = backbone(ImageBatch.from_tensors([pixels]))[0][0][0]  # (C, h, w) of the one image
         _, h, w = fmap.shape
-        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-            row, col = min(int(box[1] * h), h - 1), min(int(box[0] * w), w - 1)  # boxes: normalised cxcywh
+        for box, label in zip(target["boxes_cxcywh"].tolist(), target["labels"].tolist()):
+            row, col = min(int(box[1] * h), h - 1), min(int(box[0] * w), w - 1)  # the normalised centre
             features.append(fmap[:, row, col].numpy())
             labels.append(label)
     return np.stack(features), np.array(labels)

@@ -37,9 +37,9 @@ def in_place_forward(self, model, batch, device):
     fmap, mask = images.features, images.padding_mask
     valid_h, valid_w = (~mask).any(2).sum(1).float(), (~mask).any(1).sum(1).float()  # image extent in cells
     rois = []
-    for i, target in enumerate(targets):  # boxes: normalised cxcywh of the image -> feature cells
+    for i, target in enumerate(targets):  # normalised to the image -> feature cells
         scale = torch.stack([valid_w[i], valid_h[i], valid_w[i], valid_h[i]])
-        boxes = cxcywh_to_xyxy(target["boxes"].to(device)) * scale
+        boxes = cxcywh_to_xyxy(target["boxes_cxcywh"].to(device)) * scale
         rois.append(torch.cat([torch.full((len(boxes), 1), float(i), device=device), boxes], 1))
     features = roi_align(fmap, torch.cat(rois), output_size=2, spatial_scale=1.0, sampling_ratio=2, aligned=True)
     pooled = features.mean((2, 3))  # (B*M, C), in the order the model flattens its patches

@@ -59,7 +59,7 @@ def probe(task: PretrainTask, num_images: int, seed: int = 0) -> dict[str, float
                 xs = (torch.arange(cells_w).repeat(cells_h) + 0.5) * stride / valid_w
                 tol_y, tol_x = stride / 2 / valid_h, stride / 2 / valid_w
                 for p in range(k):
-                    box = targets[i]["boxes"][p]
+                    box = targets[i]["boxes_cxcywh"][p]
                     best = int((F.normalize(pooled[i, p], dim=0) @ fmap).argmax())
                     counts["crop"] += _inside(ys[best], xs[best], box, tol_y, tol_x)
                     r = int(torch.randint(len(ys), (1,), generator=gen))

@@ -34,7 +34,7 @@ def hit_rates_by_size(checkpoint: str) -> list[dict]:
         for images, targets, patches in evaluation_loader(loaded, dataset, torch.device("cpu"), num_workers=0):
             out = model(images, patches)
             for t, ious in zip(targets, pretext_ious(out, targets, patches.shape[1])):  # the run's own evaluation
-                for area, iou in zip((t["boxes"][:, 2] * t["boxes"][:, 3]).tolist(), ious.tolist()):
+                for area, iou in zip((t["boxes_cxcywh"][:, 2] * t["boxes_cxcywh"][:, 3]).tolist(), ious.tolist()):
                     row = next(r for r in rows if r["area_from"] <= area < r["area_to"])
                     row["patches"] += 1
                     row["hits"] += int(iou >= 0.5)

@@ -142,10 +142,10 @@ def test_oracle_predictions_score_100(bench):
             logits = torch.tensor([-5.0, 5.0]).repeat(len(targets), 6, 1)  # (B, Q, 2): no object
             boxes = torch.full((len(targets), 6, 4), 0.5)
             for b, t in enumerate(targets):
-                n = len(t["boxes"])
+                n = len(t["boxes_cxcywh"])
                 logits[b, :n] = torch.tensor([5.0, -5.0])
-                boxes[b, :n] = t["boxes"]  # normalised cxcywh of the eval-resized image
-            return DetectionOutput(logits=logits, boxes=boxes)
+                boxes[b, :n] = t["boxes_cxcywh"]  # normalised cxcywh of the eval-resized image
+            return DetectionOutput(logits=logits, boxes_cxcywh=boxes)
 
     result = run_one_shot_evaluation(Oracle(), loader, torch.device("cpu"), list(range(len(test.classes))), [])
     evaluated = {test.classes[label] for _, label in episodes.episodes}

@@ -26,4 +26,4 @@ def test_every_target_key_is_declared(name, embedded, tmp_path, tiny_overrides):
     for dataset in (task.train_dataset(), task.val_dataset()):
         target = dataset[0][1]
         assert set(target) <= declared, f"{name}: undeclared target keys {sorted(set(target) - declared)}"
-        assert {"boxes", "labels"} <= set(target)
+        assert {"boxes_cxcywh", "labels"} <= set(target) and "boxes_xyxy" not in target  # transformed: one format

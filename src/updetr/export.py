@@ -36,6 +36,9 @@ from .structures import IMAGENET_MEAN, IMAGENET_STD, ImageBatch
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is a single ONNX op from opset 17 on
+# The graph's output names: part of the file's format (callers fetch them by name), so ``boxes`` stays ``boxes``
+# although in Python the tensor is ``DetectionOutput.boxes_cxcywh``.
+OUTPUT_NAMES = ("logits", "boxes")
 
 
 class ExportError(ValueError):
@@ -137,7 +140,7 @@ class ExportedModel:
         batch = ImageBatch(pixels, torch.zeros(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool))
         with torch.inference_mode():
             out = self.model(batch) if self.task == "detection" else self.model(batch, inputs[1])
-        return out.logits, out.boxes
+        return out.logits, out.boxes_cxcywh
 
     def metadata(self) -> dict[str, str]:
         data = self.config.data
@@ -181,7 +184,7 @@ def export_onnx(checkpoint: str | Path | ExportedModel, out: str | Path, *,
     inputs = exported.example_inputs(*size, batch=2)
     names = exported.input_names()
     axes: dict[str, dict[int, str]] = {"pixels": {0: "batch", 2: "height", 3: "width"},
-                                       "logits": {0: "batch"}, "boxes": {0: "batch"}}
+                                       **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     if exported.task == "pretrain":
         axes["query_patches"] = {0: "batch", 3: "patch_height", 4: "patch_width"}
     elif exported.task == "oneshot":
@@ -197,7 +200,7 @@ def export_onnx(checkpoint: str | Path | ExportedModel, out: str | Path, *,
             # (torch.export's symbolic shapes take minutes on EfficientNet's chained ceil divisions)
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, inputs, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
-                              output_names=["logits", "boxes"], dynamic_axes=axes, do_constant_folding=True)
+                              output_names=list(OUTPUT_NAMES), dynamic_axes=axes, do_constant_folding=True)
         model_proto = onnx.load(str(tmp))
         for key, value in exported.metadata().items():
             entry = model_proto.metadata_props.add()
@@ -229,17 +232,17 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 def parity(exported: ExportedModel, session, sizes: list[tuple[int, int]], batch: int = 2) -> list[dict[str, float]]:
-    """Max abs difference between ONNX Runtime and PyTorch on random inputs of each (height, width)."""
+    """Max abs difference between ONNX Runtime and PyTorch on random inputs of each (height, width), one row per
+    size keyed by ``height``, ``width``, ``batch`` and each output name (``OUTPUT_NAMES``)."""
     rows = []
     names = [i.name for i in session.get_inputs()]
     for height, width in sizes:
         inputs = exported.example_inputs(height, width, batch=batch, seed=height * 7919 + width)
-        logits, boxes = exported.reference(inputs)
-        got = session.run(["logits", "boxes"], {n: t.numpy() for n, t in zip(names, inputs)})
+        expected = exported.reference(inputs)  # (logits, boxes_cxcywh), in OUTPUT_NAMES order
+        got = session.run(list(OUTPUT_NAMES), {n: t.numpy() for n, t in zip(names, inputs)})
         rows.append({"height": height, "width": width, "batch": batch,
-                     "logits": float((torch.from_numpy(got[0]) - logits).abs().max()),
-                     "boxes": float((torch.from_numpy(got[1]) - boxes).abs().max())})
+                     **{name: float((torch.from_numpy(g) - e).abs().max()) for name, g, e in zip(OUTPUT_NAMES, got, expected)}})
     return rows
 
 
-__all__ = ["OPSET", "ExportError", "ExportedModel", "export_onnx", "load_for_export", "onnx_session", "parity"]
+__all__ = ["OPSET", "OUTPUT_NAMES", "ExportError", "ExportedModel", "export_onnx", "load_for_export", "onnx_session", "parity"]

@@ -52,15 +52,15 @@ def predict_one_shot(
                                        dynamic_ncols=True):
         output = loaded.model(ImageBatch.from_tensors([pixels]).to(device), patch)
         scores = output.logits.float().softmax(-1)[0, :, MATCH_LABEL].cpu()  # (Q,)
-        boxes = normalized_cxcywh_to_xyxy_px(output.boxes[0].float().cpu(), info["orig_size"])  # (Q, 4)
+        boxes_xyxy = normalized_cxcywh_to_xyxy_px(output.boxes_cxcywh[0].float().cpu(), info["orig_size"])  # (Q, 4)
         keep = scores >= threshold
         order = scores[keep].argsort(descending=True)
-        scores, boxes = scores[keep][order], boxes[keep][order]
+        scores, boxes_xyxy = scores[keep][order], boxes_xyxy[keep][order]
         path = Path(info["path"])
         height, width = (int(v) for v in info["orig_size"])
         results.append({"file": str(path), "width": width, "height": height, "detections": [
-            {"score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]} for s, b in zip(scores, boxes)]})
-        drawn = draw_detections(image, boxes, [label] * len(scores), scores, color_ids=[0] * len(scores))
+            {"score": round(float(s), 4), "box_xyxy": [round(float(v), 2) for v in b]} for s, b in zip(scores, boxes_xyxy)]})
+        drawn = draw_detections(image, boxes_xyxy, [label] * len(scores), scores, color_ids=[0] * len(scores))
         save_image(drawn, out / f"{i:04d}_{path.stem}.png")
     finish_skipped(out, skipped, len(dataset))
     payload = {"exemplar": {"file": str(exemplar), "box_xywh": list(box_xywh)}, "threshold": threshold, "images": results}

@@ -42,9 +42,9 @@ def predict_images(
         output = loaded.model(batch)
         det = postprocess_detections(output, info["orig_size"].view(1, 2).to(device))[0]
         keep = det["scores"] >= threshold
-        scores, labels, boxes = det["scores"][keep].cpu(), det["labels"][keep].cpu(), det["boxes_xyxy"][keep].cpu()
+        scores, labels, boxes_xyxy = det["scores"][keep].cpu(), det["labels"][keep].cpu(), det["boxes_xyxy"][keep].cpu()
         order = scores.argsort(descending=True)
-        scores, labels, boxes = scores[order], labels[order], boxes[order]
+        scores, labels, boxes_xyxy = scores[order], labels[order], boxes_xyxy[order]
         names = [loaded.classes[int(lab)] for lab in labels]
         path = Path(info["path"])
         h, w = (int(x) for x in info["orig_size"])
@@ -53,10 +53,10 @@ def predict_images(
             "detections": [
                 {"label": n, "category_id": int(loaded.category_ids[int(lab)]), "score": round(float(s), 4),
                  "box_xyxy": [round(float(v), 2) for v in b]}
-                for n, lab, s, b in zip(names, labels, scores, boxes)
+                for n, lab, s, b in zip(names, labels, scores, boxes_xyxy)
             ],
         })
-        drawn = draw_detections(image, boxes, names, scores, color_ids=[int(lab) for lab in labels])
+        drawn = draw_detections(image, boxes_xyxy, names, scores, color_ids=[int(lab) for lab in labels])
         save_image(drawn, out / f"{i:04d}_{path.stem}.png")
     finish_skipped(out, skipped, len(dataset))
     out.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,9 @@ def query_image(loaded: LoadedModel, image: Image.Image, patches: torch.Tensor, 
     out = model(ImageBatch.from_tensors([pixels]).to(device), patches.unsqueeze(0).to(device))
     scores = out.logits.softmax(-1)[0, :, 0].view(k, -1)  # (k, Q/M)
     best = scores.argmax(-1)  # (k,)
-    boxes = out.boxes[0].view(k, -1, 4)[torch.arange(k), best]  # (k, 4) normalised cxcywh
-    xyxy = normalized_cxcywh_to_xyxy_px(boxes.cpu(), torch.tensor([image.height, image.width]))
-    return [(b.tolist(), float(s)) for b, s in zip(xyxy, scores[torch.arange(k), best].cpu())]
+    boxes_cxcywh = out.boxes_cxcywh[0].view(k, -1, 4)[torch.arange(k), best]  # (k, 4) normalised
+    boxes_xyxy = normalized_cxcywh_to_xyxy_px(boxes_cxcywh.cpu(), torch.tensor([image.height, image.width]))
+    return [(b.tolist(), float(s)) for b, s in zip(boxes_xyxy, scores[torch.arange(k), best].cpu())]
 
 
 def run_query(

@@ -98,9 +98,15 @@ class FeatureBatch:
 class Target(TypedDict, total=False):
     """Annotations of one image, as every dataset of this package yields them.
 
-    After the training/eval transforms (``updetr.data.transforms``):
+    Boxes (exactly one of the two keys is present when the image has boxes):
 
-    - ``boxes``: float (N, 4), **normalised cxcywh** relative to ``size``.
+    - ``boxes_xyxy``: float (N, 4), xyxy **pixels of the original image**; the raw dataset output, before the
+      training/eval transforms (``updetr.data.transforms``).
+    - ``boxes_cxcywh``: float (N, 4), **normalised cxcywh** relative to ``size``; what the transforms turn
+      ``boxes_xyxy`` into, and what the matcher and the losses read.
+
+    Per instance and per image:
+
     - ``labels``: int64 (N,), contiguous class index in ``[0, C)``.
     - ``image_id``: int64 scalar tensor; the id in the source annotation file.
     - ``orig_size``: int64 (2,), (height, width) of the image as stored on disk.
@@ -117,12 +123,10 @@ class Target(TypedDict, total=False):
       that class's boxes, labelled 0, "matches the query").
     - ``query_image_id``: int64 scalar, one-shot training: the image the query patch was cut from.
     - ``episode``: int64 scalar, one-shot evaluation: the index of the (image, class) episode.
-
-    Before the transforms (raw dataset output) ``boxes`` are ``xyxy`` pixels of the
-    original image; the transforms convert them.
     """
 
-    boxes: Tensor
+    boxes_xyxy: Tensor
+    boxes_cxcywh: Tensor
     labels: Tensor
     image_id: Tensor
     orig_size: Tensor
@@ -142,7 +146,7 @@ class DetectionOutput:
 
     Attributes:
         logits: (B, Q, C + 1) class logits; the last index is "no object".
-        boxes: (B, Q, 4) normalised cxcywh in [0, 1] (sigmoid output).
+        boxes_cxcywh: (B, Q, 4) cxcywh **normalised** to the unpadded image, in [0, 1] (sigmoid output).
         aux: outputs of the decoder layers before the last (L - 1 entries, first layer
             first), each a ``DetectionOutput`` with ``aux == []``; empty when auxiliary
             losses are off.
@@ -154,7 +158,7 @@ class DetectionOutput:
     """
 
     logits: Tensor
-    boxes: Tensor
+    boxes_cxcywh: Tensor
     aux: list["DetectionOutput"] = field(default_factory=list)
     features: Tensor | None = None
     patch_features: Tensor | None = None

@@ -68,8 +68,8 @@ def test_targets(tmp_path, caplog):
 
     image, t = ds[1]  # image 11
     assert isinstance(image, Image.Image) and image.size == (60, 40)
-    torch.testing.assert_close(t["boxes"], torch.tensor([[10.0, 5, 30, 15], [50, 30, 60, 40]]))
-    assert t["boxes"].dtype == torch.float32
+    torch.testing.assert_close(t["boxes_xyxy"], torch.tensor([[10.0, 5, 30, 15], [50, 30, 60, 40]]))
+    assert t["boxes_xyxy"].dtype == torch.float32
     assert t["labels"].tolist() == [2, 0] and t["labels"].dtype == torch.int64
     assert [ds.category_ids[i] for i in t["labels"]] == [5, 1]
     assert t["area"].tolist() == [150.0, 400.0] and t["iscrowd"].tolist() == [0, 0]
@@ -77,10 +77,10 @@ def test_targets(tmp_path, caplog):
 
     _, t = ds[0]  # image 7: crowd region kept
     assert t["iscrowd"].tolist() == [1] and t["labels"].tolist() == [1]
-    torch.testing.assert_close(t["boxes"], torch.tensor([[2.0, 3, 12, 15]]))
+    torch.testing.assert_close(t["boxes_xyxy"], torch.tensor([[2.0, 3, 12, 15]]))
 
     _, t = ds[2]  # no annotations
-    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["image_id"].item() == 20
+    assert t["boxes_xyxy"].shape == (0, 4) and t["labels"].shape == (0,) and t["image_id"].item() == 20
 
 
 def test_masks(tmp_path):
@@ -103,7 +103,7 @@ def test_with_transforms(tmp_path):
     ds = CocoDetection(images, ann_file, build_transforms(cfg, train=False), return_masks=True)
     pixels, t = ds[1]
     assert pixels.shape == (3, 80, 120) and t["size"].tolist() == [80, 120] and t["orig_size"].tolist() == [40, 60]
-    torch.testing.assert_close(t["boxes"][0], torch.tensor([20 / 60, 10 / 40, 20 / 60, 10 / 40]))
+    torch.testing.assert_close(t["boxes_cxcywh"][0], torch.tensor([20 / 60, 10 / 40, 20 / 60, 10 / 40]))
     assert t["masks"].shape == (2, 80, 120)
 
 
@@ -215,7 +215,7 @@ def test_duplicate_and_zero_annotation_ids_are_renumbered_so_perfect_detections_
     evaluator = CocoEvaluator(ds.coco, ds.category_ids)
     for i in range(len(ds)):
         t = ds.raw_target(i)
-        evaluator.update([int(t["image_id"])], [{"boxes_xyxy": t["boxes"], "labels": t["labels"],
+        evaluator.update([int(t["image_id"])], [{"boxes_xyxy": t["boxes_xyxy"], "labels": t["labels"],
                                                  "scores": torch.ones(len(t["labels"]))}])
     evaluator.synchronize()
     assert evaluator.summarize()["AP"] == pytest.approx(100.0)  # 88.8-like before: boxes shared an id

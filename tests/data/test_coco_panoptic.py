@@ -55,7 +55,7 @@ def test_targets_match_the_json(embedded):
         assert target["labels"].tolist() == [s["category_id"] - 1 for s in segments]
         assert target["area"].tolist() == [s["area"] for s in segments]
         xywh = torch.tensor([s["bbox"] for s in segments], dtype=torch.float32)
-        torch.testing.assert_close(target["boxes"], torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
+        torch.testing.assert_close(target["boxes_xyxy"], torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
         assert target["iscrowd"].tolist() == [0] * n
         assert target["orig_size"].tolist() == [image.height, image.width]
         gt = ds.ground_truth(index)
@@ -68,7 +68,7 @@ def test_transforms_resize_masks_with_the_image(embedded):
     pixels, target = ds[0]
     assert pixels.shape[-2:] == target["masks"].shape[-2:] == tuple(target["size"].tolist())
     assert min(target["size"].tolist()) == 48
-    assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()  # normalised cxcywh
+    assert ((target["boxes_cxcywh"] >= 0) & (target["boxes_cxcywh"] <= 1)).all()  # normalised cxcywh
     without = dataset(embedded, transforms=build_transforms(cfg, train=False), return_masks=False)
     assert "masks" not in without[0][1]
 

@@ -61,7 +61,7 @@ def test_cached_features_give_the_pixel_path_outputs(embedded, tmp_path):
         feats = list(model.backbone[0].body(crop[None].contiguous(memory_format=torch.channels_last)).values())[-1]
         via_cache = model(FeatureBatch(feats, torch.zeros(1, *feats.shape[-2:], dtype=torch.bool)))
     torch.testing.assert_close(via_cache.logits, direct.logits)
-    torch.testing.assert_close(via_cache.boxes, direct.boxes)
+    torch.testing.assert_close(via_cache.boxes_cxcywh, direct.boxes_cxcywh)
 
     # the cache's own maps: image and mirror image, cropped to ceil(size / 32) cells
     h, w = (int(s) for s in target["size"])
@@ -91,10 +91,10 @@ def test_flips_mirror_boxes_and_are_a_function_of_seed_epoch_index(embedded, tmp
             flips.append(flipped)
             features, target = cached[i]
             _, plain = train[i]
-            expected = plain["boxes"].clone()
+            expected = plain["boxes_cxcywh"].clone()
             if flipped:
                 expected[:, 0] = 1 - expected[:, 0]
-            torch.testing.assert_close(target["boxes"], expected)
+            torch.testing.assert_close(target["boxes_cxcywh"], expected)
             assert torch.equal(target["labels"], plain["labels"])
             assert features is cached._features[i][int(flipped)]
     assert 0 < sum(flips) < len(flips)  # both views are used
@@ -126,7 +126,7 @@ def test_pretraining_samples_keep_their_patches_and_use_the_cached_image(embedde
             image, target, patches = images[i]
             features, cached_target, cached_patches = cached[i]
             assert torch.equal(cached_patches, patches)  # same draws with and without the image
-            assert torch.equal(cached_target["boxes"], target["boxes"])
+            assert torch.equal(cached_target["boxes_cxcywh"], target["boxes_cxcywh"])
             file_index, fixed = images.fixed_size_image(i, 64)
             assert min(cached_target["size"].tolist()) == 64 and cached_target["size"].tolist() == list(fixed.shape[-2:])
             assert features is table[file_index][0]
@@ -177,20 +177,20 @@ def test_one_shot_pairs_and_episodes_on_cached_features_match_the_pixel_path(emb
             assert torch.equal(cached_patch, patch)
             assert cached_target["query_label"] == target["query_label"]
             assert cached_target["query_image_id"] == target["query_image_id"]
-            assert (cached_target["labels"] == 0).all() and len(cached_target["boxes"]) == len(target["boxes"])
+            assert (cached_target["labels"] == 0).all() and len(cached_target["boxes_cxcywh"]) == len(target["boxes_cxcywh"])
             flipped = cached_train.features.flipped(index)
             flips += flipped
-            expected = target["boxes"].clone()
+            expected = target["boxes_cxcywh"].clone()
             if flipped:
                 expected[:, 0] = 1.0 - expected[:, 0]
-            assert torch.allclose(cached_target["boxes"], expected, atol=1e-6)
+            assert torch.allclose(cached_target["boxes_cxcywh"], expected, atol=1e-6)
             assert features is cached_train.features._features[index][int(flipped)]
     assert 0 < flips < 2 * len(train)
     for episode in range(len(val)):
         pixels, target, patches = val[episode]
         features, cached_target, cached_patches = cached_val[episode]
         assert torch.equal(cached_patches, patches) and cached_patches.shape[0] == val.num_draws
-        assert torch.equal(cached_target["boxes"], target["boxes"]) and cached_target["episode"] == episode
+        assert torch.equal(cached_target["boxes_cxcywh"], target["boxes_cxcywh"]) and cached_target["episode"] == episode
     batch, targets, patches = task.collate([cached_val[0], cached_val[1]])
     assert isinstance(batch, FeatureBatch) and patches.shape == (2, val.num_draws, 3, 32, 32)
 
@@ -258,7 +258,7 @@ def test_cached_targets_do_not_hold_loader_workers_shared_memory(embedded, tmp_p
     _, target = cached[0]
     tensors = [v for v in target.values() if isinstance(v, torch.Tensor)]
     assert tensors and not any(t.is_shared() for t in tensors)
-    torch.testing.assert_close(target["boxes"], train[0][1]["boxes"])
+    torch.testing.assert_close(target["boxes_cxcywh"], train[0][1]["boxes_cxcywh"])
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def test_training_pairs_never_query_the_target_image_nor_unseen_classes(coco_dir
             assert label in seen_labels
             assert int(target["query_image_id"]) != image_id, "query patch cut from the target image"
             raw = data.dataset.raw_target(data.indices[item])
-            assert len(target["boxes"]) == int((raw["labels"] == label).sum())  # only the query class's boxes
+            assert len(target["boxes_cxcywh"]) == int((raw["labels"] == label).sum())  # only the query class's boxes
             assert (target["labels"] == 0).all() and patch.shape == (3, 16, 16)
             queried.add((image_id, label))
     assert queried == {(1, 0), (2, 0), (2, 1), (3, 1), (7, 1)}  # both classes of image 2 get drawn

@@ -27,7 +27,7 @@ def _unnormalise(pixels: torch.Tensor) -> torch.Tensor:
 def _target(boxes, h, w):
     n = len(boxes)
     return {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "boxes_xyxy": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.arange(n),
         "area": torch.arange(n, dtype=torch.float32) + 100,
         "iscrowd": torch.zeros(n, dtype=torch.int64),
@@ -69,12 +69,12 @@ def test_train_boxes_follow_the_image(seed):
     assert min(size.tolist()) <= 128 and max(size.tolist()) <= 200
     assert out["orig_size"].tolist() == [h, w]
     extent = _white_extent(pixels)
-    if len(out["boxes"]) == 0:  # the crop missed the rectangle
+    if len(out["boxes_cxcywh"]) == 0:  # the crop missed the rectangle
         assert extent is None or ((extent[2:] - extent[:2]) <= 2).any()
         return
     assert out["labels"].tolist() == [0] and out["area"].tolist() == [100.0]
-    assert ((out["boxes"] >= 0) & (out["boxes"] <= 1)).all()
-    box_px = normalized_cxcywh_to_xyxy_px(out["boxes"], size)[0]
+    assert ((out["boxes_cxcywh"] >= 0) & (out["boxes_cxcywh"] <= 1)).all()
+    box_px = normalized_cxcywh_to_xyxy_px(out["boxes_cxcywh"], size)[0]
     assert torch.allclose(box_px, extent, atol=1.5), (box_px, extent)
 
 
@@ -85,13 +85,13 @@ def test_large_scale_setting():
         transform = build_transforms(DataConfig(), train=True, generator=torch.Generator().manual_seed(seed))
         pixels, out = transform(image, _target([box], h, w))
         assert min(out["size"].tolist()) in DataConfig().scales and max(out["size"].tolist()) <= 1333
-        if len(out["boxes"]):
-            box_px = normalized_cxcywh_to_xyxy_px(out["boxes"], out["size"])[0]
+        if len(out["boxes_cxcywh"]):
+            box_px = normalized_cxcywh_to_xyxy_px(out["boxes_cxcywh"], out["size"])[0]
             assert torch.allclose(box_px, _white_extent(pixels), atol=2.0)
     pixels, out = build_transforms(DataConfig(), train=False)(image, _target([box], h, w))
     assert out["size"].tolist() == [800, 1067]
     expected = torch.tensor([250 / 640, 175 / 480, 300 / 640, 250 / 480])  # cxcywh of the box
-    torch.testing.assert_close(out["boxes"][0], expected)
+    torch.testing.assert_close(out["boxes_cxcywh"][0], expected)
 
 
 def test_flip_maps_boxes():
@@ -101,7 +101,7 @@ def test_flip_maps_boxes():
     pixels, out = build_transforms(cfg, train=True)(image, _target([[10, 5, 30, 25], [70, 0, 80, 60]], h, w))
     assert out["size"].tolist() == [60, 80]
     expected_xyxy = torch.tensor([[50.0, 5, 70, 25], [0, 0, 10, 60]])
-    torch.testing.assert_close(normalized_cxcywh_to_xyxy_px(out["boxes"], out["size"]), expected_xyxy)
+    torch.testing.assert_close(normalized_cxcywh_to_xyxy_px(out["boxes_cxcywh"], out["size"]), expected_xyxy)
     assert torch.equal(_white_extent(pixels), expected_xyxy[0])
 
 
@@ -112,7 +112,8 @@ def test_eval_is_deterministic_and_does_not_mutate_input():
     transform = build_transforms(_small_cfg(val_size=64, max_size=1000), train=False)
     pixels, out = transform(_white_rectangle(h, w, (0, 0, 100, 50)), target)
     assert out["size"].tolist() == [64, 128]
-    torch.testing.assert_close(out["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    torch.testing.assert_close(out["boxes_cxcywh"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    assert "boxes_xyxy" not in out and "boxes_xyxy" in target  # converted, not copied; the input keeps its own
     for key, value in before.items():
         assert torch.equal(target[key], value)
     assert out["image_id"].item() == 7
@@ -151,13 +152,13 @@ def test_crop_clips_and_removes_boxes_with_their_fields():
         assert out["size"].tolist() == [50, 50]
         coords = _unnormalise(pixels)[:2].round().long()  # (2, H, W) source x, y
         if coords[0, 0, 1] - coords[0, 0, 0] != 1:  # the no-crop branch: resized 100 -> 50
-            assert len(out["boxes"]) == len(boxes)
+            assert len(out["boxes_cxcywh"]) == len(boxes)
             continue
         left, top = coords[:, 0, 0].tolist()
         window = torch.tensor([left, top, left, top], dtype=torch.float32)
         expected = (torch.tensor(boxes, dtype=torch.float32) - window).clamp(0, 50)
         keep = (expected[:, 2] > expected[:, 0]) & (expected[:, 3] > expected[:, 1])
-        got = normalized_cxcywh_to_xyxy_px(out["boxes"], out["size"])
+        got = normalized_cxcywh_to_xyxy_px(out["boxes_cxcywh"], out["size"])
         torch.testing.assert_close(got, expected[keep])
         assert out["labels"].tolist() == torch.arange(len(boxes))[keep].tolist()
         assert out["area"].tolist() == (torch.arange(len(boxes), dtype=torch.float32) + 100)[keep].tolist()
@@ -177,7 +178,7 @@ def test_crop_size_larger_than_image_is_clamped():
     for _ in range(10):
         pixels, out = transform(Image.new("RGB", (60, 40)), _target([[0, 0, 60, 40]], 40, 60))
         assert min(out["size"].tolist()) == 64 and max(out["size"].tolist()) <= 100
-        assert len(out["boxes"]) == 1
+        assert len(out["boxes_cxcywh"]) == 1
 
 
 def test_masks_follow_the_image():
@@ -191,6 +192,6 @@ def test_masks_follow_the_image():
         pixels, out = transform(_white_rectangle(h, w, box), target)
         white = _unnormalise(pixels).mean(0) > 127  # (H, W)
         assert out["masks"].shape[-2:] == tuple(out["size"].tolist())
-        if len(out["boxes"]):
+        if len(out["boxes_cxcywh"]):
             iou = (out["masks"][0] & white).sum() / (out["masks"][0] | white).sum()
             assert iou > 0.9

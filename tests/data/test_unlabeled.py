@@ -186,7 +186,7 @@ def test_sample_shapes_targets_and_boxes(folder):
         assert target["labels"].tolist() == [0] * 4 and target["labels"].dtype == torch.int64
         assert target["patch_index"].tolist() == [0, 1, 2, 3]
         assert target["iscrowd"].tolist() == [0] * 4 and int(target["image_id"]) == i
-        boxes = target["boxes"]  # normalised cxcywh
+        boxes = target["boxes_cxcywh"]  # normalised cxcywh
         assert boxes.shape == (4, 4) and (boxes >= 0).all() and (boxes <= 1).all()
         xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
         px = xyxy * torch.tensor([ow, oh, ow, oh])
@@ -204,7 +204,7 @@ def test_patch_is_resized_crop_of_its_box_without_augmentation(folder):
         _, target, patches = ds[i]
         original = torch.from_numpy(np.array(Image.open(ds.file(i)).convert("RGB"))).permute(2, 0, 1)
         oh, ow = target["orig_size"].tolist()
-        boxes = target["boxes"]
+        boxes = target["boxes_cxcywh"]
         xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
         x0, y0, x1, y1 = (xyxy * torch.tensor([ow, oh, ow, oh])).round().long().T.tolist()
         for m in range(ds.num_patches):
@@ -219,7 +219,7 @@ def test_augmented_boxes_equal_unaugmented_boxes(folder):
     augmented = UnlabeledImages(folder, augment=True, **SMALL)
     for i in range(len(plain)):
         a, b = plain[i], augmented[i]
-        assert torch.equal(a[1]["boxes"], b[1]["boxes"]) and torch.equal(a[0], b[0])
+        assert torch.equal(a[1]["boxes_cxcywh"], b[1]["boxes_cxcywh"]) and torch.equal(a[0], b[0])
         assert not torch.equal(a[2], b[2])
 
 
@@ -276,16 +276,16 @@ def test_same_seed_epoch_index_same_sample_and_differences(folder):
                 assert all(torch.equal(x[k], y[k]) for k in x)
             else:
                 assert torch.equal(x, y)
-    boxes = [a[i][1]["boxes"] for i in range(len(a))]
+    boxes = [a[i][1]["boxes_cxcywh"] for i in range(len(a))]
     assert all(not torch.equal(boxes[0], other) for other in boxes[1:])
     epoch0 = a[1]
     a.set_epoch(1)
     epoch1 = a[1]
-    assert not torch.equal(epoch0[1]["boxes"], epoch1[1]["boxes"])
+    assert not torch.equal(epoch0[1]["boxes_cxcywh"], epoch1[1]["boxes_cxcywh"])
     a.set_epoch(0)
     assert torch.equal(a[1][2], epoch0[2])  # exact resume: (epoch, index) alone decides
     other_seed = UnlabeledImages(folder, seed=4, **SMALL)
-    assert not torch.equal(other_seed[1][1]["boxes"], epoch0[1]["boxes"])
+    assert not torch.equal(other_seed[1][1]["boxes_cxcywh"], epoch0[1]["boxes_cxcywh"])
 
 
 def test_dataloader_workers_match_single_process_and_never_repeat(folder):
@@ -294,7 +294,7 @@ def test_dataloader_workers_match_single_process_and_never_repeat(folder):
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_pretrain)
     got = list(loader)
     for (batch, targets, patches), (image, target, patch) in zip(got, expected):
-        assert torch.equal(patches[0], patch) and torch.equal(targets[0]["boxes"], target["boxes"])
+        assert torch.equal(patches[0], patch) and torch.equal(targets[0]["boxes_cxcywh"], target["boxes_cxcywh"])
     crops = [p[0] for _, _, p in got]
     assert all(not torch.equal(crops[0], c) for c in crops[1:])
 

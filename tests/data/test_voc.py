@@ -55,7 +55,7 @@ def test_classes_and_one_based_conversion(devkit):
     assert names == ["VOC2007/JPEGImages/000002.jpg", "VOC2007/JPEGImages/000005.jpg"]
     image, t = ds[1]
     assert image.size == (50, 40) and t["orig_size"].tolist() == [40, 50]
-    torch.testing.assert_close(t["boxes"], torch.tensor([[0.0, 0, 10, 20], [4, 5, 50, 40]]))
+    torch.testing.assert_close(t["boxes_xyxy"], torch.tensor([[0.0, 0, 10, 20], [4, 5, 50, 40]]))
     assert t["labels"].tolist() == [VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")]
     assert t["area"].tolist() == [200.0, 46 * 35]
     assert ds.dropped_boxes == 0 and ds.clipped_boxes == 0
@@ -66,7 +66,7 @@ def test_classes_and_one_based_conversion(devkit):
 def test_difficult_modes(devkit, mode, kept, crowd):
     ds = VOCDetection(devkit, ["2007/trainval"], difficult=mode)
     _, t = ds[1]
-    assert len(t["boxes"]) == kept and t["iscrowd"].tolist() == crowd
+    assert len(t["boxes_xyxy"]) == kept and t["iscrowd"].tolist() == crowd
     assert [a["iscrowd"] for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[2]))] == crowd
     with pytest.raises(ValueError, match="difficult"):
         VOCDetection(devkit, difficult="ignore")
@@ -128,7 +128,7 @@ def test_clipping_counted(devkit):
     ds = VOCDetection(devkit)
     assert ds.clipped_boxes == 1 and ds.dropped_boxes == 1
     _, t = ds[2]
-    torch.testing.assert_close(t["boxes"], torch.tensor([[24.0, 14, 30, 20]]))
+    torch.testing.assert_close(t["boxes_xyxy"], torch.tensor([[24.0, 14, 30, 20]]))
 
 
 def test_build_voc(devkit):
@@ -137,7 +137,7 @@ def test_build_voc(devkit):
     ds = build_detection_dataset(cfg, "val")
     pixels, t = ds[0]
     assert isinstance(ds, VOCDetection) and len(ds) == 1 and pixels.shape == (3, 32, 48)
-    assert np.allclose(t["boxes"].numpy(), [[5 / 30, 5 / 20, 8 / 30, 8 / 20]])  # (1, 1, 9, 9) in 0-based xyxy
+    assert np.allclose(t["boxes_cxcywh"].numpy(), [[5 / 30, 5 / 20, 8 / 30, 8 / 20]])  # (1, 1, 9, 9) in 0-based xyxy
     assert len(build_detection_dataset(cfg, "train")) == 2
     with pytest.raises(DataError, match="masks"):
         build_detection_dataset(cfg, "val", return_masks=True)

@@ -63,7 +63,7 @@ def test_perfect_predictions_through_postprocess_give_100(capsys):
             boxes[0, q] = torch.tensor([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height])
             logits[0, q, CATEGORY_IDS.index(category)] = 10.0
             logits[0, q, 2] = -10.0
-        output = DetectionOutput(logits=logits, boxes=boxes)
+        output = DetectionOutput(logits=logits, boxes_cxcywh=boxes)
         evaluator.update([image_id], postprocess_detections(output, torch.tensor([[height, width]])))
 
     metrics = evaluator.summarize()

@@ -144,7 +144,7 @@ def test_inconsistent_prediction_is_an_error():
 def make_output(class_probs: list[list[float]], masks: torch.Tensor) -> DetectionOutput:
     """Queries with the given probabilities over (cat, dog, grass, no-object) and mask logits (1, Q, h, w)."""
     logits = torch.tensor(class_probs).clamp_min(1e-6).log()[None]  # (1, Q, 4)
-    return DetectionOutput(logits=logits, boxes=torch.full((1, len(class_probs), 4), 0.5), masks=masks)
+    return DetectionOutput(logits=logits, boxes_cxcywh=torch.full((1, len(class_probs), 4), 0.5), masks=masks)
 
 
 ISTHING = [True, True, False]
@@ -181,7 +181,7 @@ def test_postprocess_random_outputs_are_non_overlapping_and_match_segments_info(
     masks = torch.randn(3, 10, 6, 9, generator=g) * 4
     sizes = torch.tensor([[24, 36], [20, 30], [24, 17]])
     origs = torch.tensor([[48, 70], [20, 31], [50, 33]])
-    output = DetectionOutput(logits=logits, boxes=torch.rand(3, 10, 4), masks=masks)
+    output = DetectionOutput(logits=logits, boxes_cxcywh=torch.rand(3, 10, 4), masks=masks)
     results = postprocess_panoptic(output, sizes, origs, isthing=ISTHING, category_ids=CATEGORY_IDS, threshold=0.3)
     assert any(r.segments_info for r in results)
     for r, orig in zip(results, origs.tolist()):
@@ -235,7 +235,7 @@ def test_segmentation_ap_perfect_and_wrong_class():
 
 
 def test_instance_predictions_shapes():
-    output = DetectionOutput(logits=torch.randn(2, 5, 4), boxes=torch.rand(2, 5, 4), masks=torch.randn(2, 5, 4, 6))
+    output = DetectionOutput(logits=torch.randn(2, 5, 4), boxes_cxcywh=torch.rand(2, 5, 4), masks=torch.randn(2, 5, 4, 6))
     out = instance_predictions(output, torch.tensor([[16, 24], [12, 20]]), torch.tensor([[30, 50], [12, 20]]))
     assert out[0]["masks"].shape == (5, 30, 50) and out[1]["masks"].shape == (5, 12, 20)
     assert out[0]["masks"].dtype == torch.bool and (out[0]["labels"] < 3).all()
@@ -262,7 +262,7 @@ def test_oracle_masks_on_the_embedded_benchmark_score_100(tmp_path):
             labels += [label] * len(halves)
         logits = torch.full((1, len(labels), len(ds.classes) + 1), -10.0)
         logits[0, torch.arange(len(labels)), torch.tensor(labels)] = 10.0
-        output = DetectionOutput(logits=logits, boxes=torch.zeros(1, len(labels), 4), masks=20 * (torch.stack(queries)[None] - 0.5))
+        output = DetectionOutput(logits=logits, boxes_cxcywh=torch.zeros(1, len(labels), 4), masks=20 * (torch.stack(queries)[None] - 0.5))
         size = torch.tensor([[h, w]])
         seg = postprocess_panoptic(output, size, size, isthing=ds.isthing, category_ids=ds.category_ids)[0]
         assert len(seg.segments_info) == len(target["labels"])  # stuff halves merged back

@@ -11,7 +11,7 @@ def test_boxes_are_converted_to_original_pixels():
         [[0.5, 0.5, 1.0, 1.0], [0.25, 0.75, 0.1, 0.2]],
         [[0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.2, 0.4]],
     ])
-    output = DetectionOutput(logits=torch.zeros(2, 2, 4), boxes=boxes)
+    output = DetectionOutput(logits=torch.zeros(2, 2, 4), boxes_cxcywh=boxes)
     orig_sizes = torch.tensor([[200, 100], [50, 400]])
 
     results = postprocess_detections(output, orig_sizes)
@@ -26,7 +26,7 @@ def test_boxes_are_converted_to_original_pixels():
 
 def test_scores_and_labels_ignore_the_no_object_column():
     logits = torch.tensor([[[1.0, 3.0, 0.0, 10.0], [2.0, 0.0, 0.0, -5.0]]])  # C = 3
-    output = DetectionOutput(logits=logits, boxes=torch.full((1, 2, 4), 0.5))
+    output = DetectionOutput(logits=logits, boxes_cxcywh=torch.full((1, 2, 4), 0.5))
 
     (result,) = postprocess_detections(output, torch.tensor([[10, 10]]))
 
@@ -39,7 +39,7 @@ def test_scores_and_labels_ignore_the_no_object_column():
 def test_score_threshold_and_top_k():
     logits = torch.log(torch.tensor([[[0.1, 0.9, 0.0], [0.6, 0.1, 0.3], [0.2, 0.3, 0.5], [0.05, 0.05, 0.9]]]))
     boxes = torch.rand(1, 4, 4) * 0.5 + 0.25
-    output = DetectionOutput(logits=logits, boxes=boxes)
+    output = DetectionOutput(logits=logits, boxes_cxcywh=boxes)
     sizes = torch.tensor([[100, 100]])
 
     (all_queries,) = postprocess_detections(output, sizes)

@@ -36,8 +36,8 @@ def test_one_image_two_queries_by_hand():
     boxes_list = [[0.45, 0.52, 0.30, 0.40], [0.85, 0.15, 0.10, 0.10]]
     target_box = [0.50, 0.50, 0.36, 0.32]
     eos_coef = 0.1
-    output = DetectionOutput(logits=torch.tensor([logits_list]), boxes=torch.tensor([boxes_list]))
-    targets = [{"boxes": torch.tensor([target_box]), "labels": torch.tensor([1])}]
+    output = DetectionOutput(logits=torch.tensor([logits_list]), boxes_cxcywh=torch.tensor([boxes_list]))
+    targets = [{"boxes_cxcywh": torch.tensor([target_box]), "labels": torch.tensor([1])}]
     criterion = SetCriterion(2, HungarianMatcher(), eos_coef=eos_coef)
 
     losses = criterion(output, targets)
@@ -54,7 +54,7 @@ def test_one_image_two_queries_by_hand():
     assert "loss_feature" not in losses
     assert torch.equal(criterion.empty_weight, torch.tensor([1.0, 1.0, eos_coef]))
 
-    wrong = [{"boxes": torch.tensor([target_box]), "labels": torch.tensor([0])}]
+    wrong = [{"boxes_cxcywh": torch.tensor([target_box]), "labels": torch.tensor([0])}]
     assert criterion(output, wrong)["class_error"].item() == 100.0
 
 
@@ -65,11 +65,11 @@ def test_feature_loss_by_hand():
     boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
     logits = torch.zeros(1, 3, 2)
     targets = [{
-        "boxes": torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]),  # exactly queries 0 and 2
+        "boxes_cxcywh": torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]),  # exactly queries 0 and 2
         "labels": torch.tensor([0, 0]),
         "patch_index": torch.tensor([1, 0]),
     }]
-    output = DetectionOutput(logits=logits, boxes=boxes, features=features, patch_features=patch_features)
+    output = DetectionOutput(logits=logits, boxes_cxcywh=boxes, features=features, patch_features=patch_features)
 
     losses = SetCriterion(1, HungarianMatcher())(output, targets)
 
@@ -91,7 +91,7 @@ def make_output(batch_size=2, num_queries=6, num_classes=3, num_aux=2, features=
     def layer():
         return DetectionOutput(
             logits=torch.randn(batch_size, num_queries, num_classes + 1, requires_grad=True),
-            boxes=torch.rand(batch_size, num_queries, 4).mul(0.4).add(0.1).requires_grad_(),
+            boxes_cxcywh=torch.rand(batch_size, num_queries, 4).mul(0.4).add(0.1).requires_grad_(),
             features=torch.randn(batch_size, num_queries, channels, requires_grad=True) if features else None,
         )
 
@@ -104,7 +104,7 @@ def make_output(batch_size=2, num_queries=6, num_classes=3, num_aux=2, features=
 
 def make_targets(counts, num_classes=3):
     return [
-        {"boxes": torch.rand(n, 4).mul(0.4).add(0.1), "labels": torch.randint(0, num_classes, (n,))}
+        {"boxes_cxcywh": torch.rand(n, 4).mul(0.4).add(0.1), "labels": torch.randint(0, num_classes, (n,))}
         for n in counts
     ]
 
@@ -126,7 +126,7 @@ def test_aux_layers_get_suffixed_keys_and_the_total_adds_up():
 
     # aux layer i is matched and scored on its own outputs: same as scoring it as a last layer
     alone = DetectionOutput(
-        logits=output.aux[1].logits, boxes=output.aux[1].boxes,
+        logits=output.aux[1].logits, boxes_cxcywh=output.aux[1].boxes_cxcywh,
         features=output.aux[1].features, patch_features=output.patch_features,
     )
     alone_losses = criterion(alone, targets)
@@ -140,7 +140,7 @@ def test_gradients_reach_logits_boxes_and_features_of_every_layer():
     losses = SetCriterion(3, HungarianMatcher())(output, make_targets([3, 1]))
     losses["loss"].backward()
     for layer in [output, *output.aux]:
-        for tensor in (layer.logits, layer.boxes, layer.features):
+        for tensor in (layer.logits, layer.boxes_cxcywh, layer.features):
             assert tensor.grad is not None and tensor.grad.abs().sum() > 0
     assert output.patch_features.grad is not None and output.patch_features.grad.abs().sum() > 0
 
@@ -168,10 +168,10 @@ def test_box_losses_are_normalised_by_num_boxes_without_crowd():
     criterion = SetCriterion(3, HungarianMatcher())
     losses = criterion(output, targets)
 
-    indices = criterion.matcher(output.logits, output.boxes, targets)
+    indices = criterion.matcher(output.logits, output.boxes_cxcywh, targets)
     assert 1 not in indices[1][1].tolist()  # the crowd target is not matched
     l1 = sum(
-        (output.boxes[b, q] - targets[b]["boxes"][t]).abs().sum() for b, (q, t) in enumerate(indices)
+        (output.boxes_cxcywh[b, q] - targets[b]["boxes_cxcywh"][t]).abs().sum() for b, (q, t) in enumerate(indices)
     )
     assert num_boxes_for_loss(targets, torch.device("cpu")) == 4.0
     assert losses["loss_bbox"].item() == pytest.approx(l1.item() / 4, rel=1e-6)
@@ -181,7 +181,7 @@ def test_group_matching_is_forwarded():
     output = make_output(batch_size=1, num_queries=6, num_aux=0, num_patches=3)
     targets = make_targets([3], num_classes=1)
     criterion = SetCriterion(3, HungarianMatcher(), group_size=2)
-    indices = criterion.matcher(output.logits, output.boxes, targets, group_size=2)
+    indices = criterion.matcher(output.logits, output.boxes_cxcywh, targets, group_size=2)
     assert torch.equal(indices[0][0] // 2, indices[0][1])
     assert torch.isfinite(criterion(output, targets)["loss"])
 

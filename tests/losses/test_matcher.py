@@ -16,7 +16,7 @@ def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def random_target(n: int, num_classes: int, generator: torch.Generator, crowd: list[int] | None = None) -> dict:
     target = {
-        "boxes": random_boxes(n, generator),
+        "boxes_cxcywh": random_boxes(n, generator),
         "labels": torch.randint(0, num_classes, (n,), generator=generator),
     }
     if crowd is not None:
@@ -28,8 +28,8 @@ def reference_cost(logits, boxes, target, weights=(1.0, 5.0, 2.0)) -> torch.Tens
     """(Q, N) DETR matching cost of one image, written out independently of the matcher."""
     prob = logits.softmax(-1)
     xyxy = box_convert(boxes, "cxcywh", "xyxy")
-    target_xyxy = box_convert(target["boxes"], "cxcywh", "xyxy")
-    l1 = (boxes[:, None, :] - target["boxes"][None, :, :]).abs().sum(-1)
+    target_xyxy = box_convert(target["boxes_cxcywh"], "cxcywh", "xyxy")
+    l1 = (boxes[:, None, :] - target["boxes_cxcywh"][None, :, :]).abs().sum(-1)
     giou = generalized_box_iou(xyxy, target_xyxy)
     return -weights[0] * prob[:, target["labels"]] + weights[1] * l1 - weights[2] * giou
 
@@ -92,7 +92,7 @@ def test_empty_targets_give_empty_indices():
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 5, 3, generator=generator)
     boxes = torch.stack([random_boxes(5, generator) for _ in range(2)])
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = {"boxes_cxcywh": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     matcher = HungarianMatcher()
 
     one_empty = [empty, random_target(2, 2, generator)]
@@ -110,13 +110,13 @@ def test_crowd_targets_are_never_matched_and_indices_are_original():
     boxes = random_boxes(num_queries, generator)[None]
     target = random_target(4, 2, generator, crowd=[0, 1, 0, 1])
     # a crowd target sitting exactly on a confident prediction would be the cheapest match
-    target["boxes"][1] = boxes[0, 0]
+    target["boxes_cxcywh"][1] = boxes[0, 0]
 
     (queries, target_ids), = HungarianMatcher()(logits, boxes, [target])
 
     assert sorted(target_ids.tolist()) == [0, 2]
     # same assignment as matching the non-crowd targets alone, mapped back to the original indices
-    kept = {"boxes": target["boxes"][[0, 2]], "labels": target["labels"][[0, 2]]}
+    kept = {"boxes_cxcywh": target["boxes_cxcywh"][[0, 2]], "labels": target["labels"][[0, 2]]}
     (alone_q, alone_t), = HungarianMatcher()(logits, boxes, [kept])
     assert torch.equal(queries, alone_q)
     assert torch.equal(target_ids, torch.tensor([0, 2])[alone_t])
@@ -134,7 +134,7 @@ def test_group_matching_stays_inside_each_group():
     boxes = random_boxes(num_queries, generator)[None]
     target = random_target(num_patches, 2, generator)
     # every target's best query lies in the LAST group: global matching would leave groups 0 and 1 empty
-    boxes[0, 6:9] = target["boxes"]
+    boxes[0, 6:9] = target["boxes_cxcywh"]
     matcher = HungarianMatcher()
 
     global_queries, _ = matcher(logits, boxes, [target])[0]
@@ -167,7 +167,7 @@ def test_group_matching_follows_patch_index_and_skips_missing_patches():
 def test_group_matching_rejects_bad_group_size():
     logits = torch.randn(1, 6, 2)
     boxes = torch.full((1, 6, 4), 0.5)
-    target = {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([0])}
+    target = {"boxes_cxcywh": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([0])}
     with pytest.raises(ValueError, match="group_size"):
         HungarianMatcher()(logits, boxes, [target], group_size=4)
 
@@ -176,7 +176,7 @@ def test_nan_costs_raise_a_clear_error():
     logits = torch.randn(1, 4, 3)
     boxes = torch.full((1, 4, 4), 0.5)
     boxes[0, 1, 0] = float("nan")
-    target = {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1])}
+    target = {"boxes_cxcywh": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1])}
     with pytest.raises(ValueError, match="NaN"):
         HungarianMatcher()(logits, boxes, [target])
 
@@ -184,6 +184,6 @@ def test_nan_costs_raise_a_clear_error():
 def test_out_of_range_labels_raise():
     logits = torch.randn(1, 4, 3)  # C = 2
     boxes = torch.full((1, 4, 4), 0.5)
-    target = {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([2])}  # the no-object index
+    target = {"boxes_cxcywh": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([2])}  # the no-object index
     with pytest.raises(ValueError, match="labels"):
         HungarianMatcher()(logits, boxes, [target])

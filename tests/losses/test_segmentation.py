@@ -50,9 +50,9 @@ def test_segmentation_criterion_adds_mask_terms():
     masks0[0, :20, :30] = True
     masks0[1, 30:, 10:] = True
     targets = [
-        {"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[0.25, 0.15, 0.45, 0.3], [0.6, 0.75, 0.8, 0.5]]),
+        {"labels": torch.tensor([0, 3]), "boxes_cxcywh": torch.tensor([[0.25, 0.15, 0.45, 0.3], [0.6, 0.75, 0.8, 0.5]]),
          "iscrowd": torch.tensor([0, 0]), "masks": masks0},
-        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4), "iscrowd": torch.zeros(0, dtype=torch.int64),
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes_cxcywh": torch.zeros(0, 4), "iscrowd": torch.zeros(0, dtype=torch.int64),
          "masks": torch.zeros(0, 64, 64, dtype=torch.bool)},
     ]
     base = SetCriterion(4, HungarianMatcher())

@@ -18,8 +18,8 @@ def test_output_shapes_and_aux():
     model = build_detr(tiny_cfg(), num_classes=5)
     out = model(torch.randn(2, 3, 64, 96))
     assert out.logits.shape == (2, 6, 6)
-    assert out.boxes.shape == (2, 6, 4)
-    assert ((out.boxes >= 0) & (out.boxes <= 1)).all()
+    assert out.boxes_cxcywh.shape == (2, 6, 4)
+    assert ((out.boxes_cxcywh >= 0) & (out.boxes_cxcywh <= 1)).all()
     assert len(out.aux) == 1 and out.aux[0].logits.shape == (2, 6, 6)
     no_aux = build_detr(tiny_cfg(aux_loss=False), num_classes=5)
     assert no_aux(torch.randn(1, 3, 64, 64)).aux == []
@@ -33,7 +33,7 @@ def test_gradient_reaches_every_trainable_parameter_and_no_frozen_one(train_back
             if p.requires_grad and name.endswith("bias"):
                 p.normal_(0, 0.1)
     out = model(torch.randn(2, 3, 64, 64))
-    loss = out.logits.sum() + out.boxes.sum() + sum(a.logits.sum() + a.boxes.sum() for a in out.aux)
+    loss = out.logits.sum() + out.boxes_cxcywh.sum() + sum(a.logits.sum() + a.boxes_cxcywh.sum() for a in out.aux)
     loss.backward()
     # DETR's decoder input starts at zero, so the first decoder self-attention sees identical
     # values for every query: its input projection gets an all-zero gradient by design.
@@ -160,7 +160,7 @@ def test_unpadded_frozen_backbone_matches_each_image_alone():
     padded.load_state_dict(model.state_dict())
     sizes = [(64, 128), (128, 64), (64, 64)]  # multiples of 64: each image's own area is exact
     images = [torch.randn(3, h, w) for h, w in sizes]
-    batch, _ = collate_detection([(img, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}) for img in images])
+    batch, _ = collate_detection([(img, {"boxes_cxcywh": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}) for img in images])
     (feature, mask), = model.backbone.body(batch)
     assert feature.shape[-2:] == (4, 4)
     for i, img in enumerate(images):
@@ -170,4 +170,4 @@ def test_unpadded_frozen_backbone_matches_each_image_alone():
         assert not mask[i, :h, :w].any() and mask[i].sum() == 16 - h * w
         assert feature[i][:, mask[i]].abs().sum() == 0  # nothing computed on padding
     out = model(batch)
-    assert out.logits.shape == (3, 6, 3) and torch.isfinite(out.boxes).all()
+    assert out.logits.shape == (3, 6, 3) and torch.isfinite(out.boxes_cxcywh).all()

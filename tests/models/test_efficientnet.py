@@ -161,7 +161,7 @@ def test_detr_on_efficientnet_and_config_checks():
                       ffn_dim=64, num_queries=5)
     model = build_detr(cfg, num_classes=3, train_backbone=False)
     out = model(ImageBatch(torch.randn(2, 3, 128, 96), torch.zeros(2, 128, 96, dtype=torch.bool)))
-    assert out.logits.shape == (2, 5, 4) and torch.isfinite(out.boxes).all()
+    assert out.logits.shape == (2, 5, 4) and torch.isfinite(out.boxes_cxcywh).all()
     assert make_config("embedded", overrides=["model.backbone=efficientnet_lite1"]).model.backbone == "efficientnet_lite1"
     with pytest.raises(ConfigError, match="DC5"):
         make_config("embedded", overrides=["model.backbone=efficientnet_lite0", "model.dilation=true"])

@@ -356,9 +356,9 @@ def check_detector(model, sd, a: Arch, images, padding=None):
     ref = reference_forward(sd, a, images, padding)
     with torch.no_grad():
         out = model(images if padding is None else ImageBatch(images, padding))
-    assert out.logits.shape == (images.shape[0], a.queries, a.rows) and out.boxes.shape == (images.shape[0], a.queries, 4)
+    assert out.logits.shape == (images.shape[0], a.queries, a.rows) and out.boxes_cxcywh.shape == (images.shape[0], a.queries, 4)
     close(out.logits, ref["pred_logits"])
-    close(out.boxes, ref["pred_boxes"])
+    close(out.boxes_cxcywh, ref["pred_boxes"])
     for i, aux in enumerate(out.aux):
         close(aux.logits, ref["aux_logits"][i])
     return out
@@ -371,7 +371,7 @@ def check_pretrain(model, sd, a: Arch, images, patches):
     q = patches.shape[1] * (a.queries // a.patches)
     assert out.logits.shape == (images.shape[0], q, 2)
     close(out.logits, ref["pred_logits"][..., 1:])  # ours: (patch, no object) = the authors' classes 1, 2
-    close(out.boxes, ref["pred_boxes"])
+    close(out.boxes_cxcywh, ref["pred_boxes"])
     close(out.patch_features, ref["gt_feature"])
     if a.feature_align:
         close(out.features, ref["pred_feature"][-1])
@@ -629,5 +629,5 @@ def test_convert_keeps_an_updetr_checkpoints_own_config_and_classes(tmp_path):
     with torch.no_grad():
         a, b = original.model(images), converted.model(images)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
-    torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=0)
+    torch.testing.assert_close(a.boxes_cxcywh, b.boxes_cxcywh, rtol=0, atol=0)
     assert "optimizer" not in torch.load(tmp_path / "slim.pth", weights_only=True)

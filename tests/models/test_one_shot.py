@@ -15,7 +15,7 @@ CFG = ModelConfig(backbone="resnet18", hidden_dim=32, num_heads=4, enc_layers=1,
 def test_output_shapes_and_binary_head():
     model = build_one_shot(CFG, train_backbone=False).eval()
     out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32))
-    assert out.logits.shape == (2, 6, 2) and out.boxes.shape == (2, 6, 4)
+    assert out.logits.shape == (2, 6, 2) and out.boxes_cxcywh.shape == (2, 6, 4)
     assert out.patch_features.shape == (2, 1, 512) and len(out.aux) == 1
     same = model(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 3, 32, 32))  # (B, 1, 3, h, w) accepted too
     assert same.logits.shape == (2, 6, 2)
@@ -35,13 +35,13 @@ def test_query_patch_conditions_every_query_and_only_its_image():
     delta = (out.logits - base.logits).abs().sum(-1)  # (B, Q)
     assert (delta[1] > 1e-6).all(), "every query of the perturbed image must change"
     assert torch.allclose(delta[0], torch.zeros(6), atol=1e-6), "other images are unaffected"
-    assert not torch.allclose(out.boxes[1], base.boxes[1])
+    assert not torch.allclose(out.boxes_cxcywh[1], base.boxes_cxcywh[1])
 
 
 def test_gradients_reach_patch2query_and_a_frozen_cnn_gets_none():
     model = build_one_shot(CFG, train_backbone=False).train()
     out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32))
-    (out.logits.sum() + out.boxes.sum() + sum(a.logits.sum() + a.boxes.sum() for a in out.aux)).backward()
+    (out.logits.sum() + out.boxes_cxcywh.sum() + sum(a.logits.sum() + a.boxes_cxcywh.sum() for a in out.aux)).backward()
     params = dict(model.named_parameters())
     for name in ("patch2query.weight", "query_embed.weight", "class_embed.weight", "input_proj.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name

@@ -26,7 +26,7 @@ def test_mask_logits_at_quarter_resolution():
     model = tiny_segm()
     out = model(torch.randn(2, 3, 64, 96))
     assert out.masks.shape == (2, 5, 16, 24)
-    assert out.logits.shape == (2, 5, 5) and out.boxes.shape == (2, 5, 4) and len(out.aux) == 1
+    assert out.logits.shape == (2, 5, 5) and out.boxes_cxcywh.shape == (2, 5, 4) and len(out.aux) == 1
     assert out.aux[0].masks is None  # masks come from the last decoder layer only
     assert torch.isfinite(out.masks).all()
 
@@ -82,7 +82,7 @@ def test_joint_training_reaches_every_trainable_parameter():
     model = tiny_segm()
     _perturb_biases(model)
     out = model(torch.randn(2, 3, 64, 64))
-    loss = out.masks.sum() + out.logits.sum() + out.boxes.sum() + sum(a.logits.sum() + a.boxes.sum() for a in out.aux)
+    loss = out.masks.sum() + out.logits.sum() + out.boxes_cxcywh.sum() + sum(a.logits.sum() + a.boxes_cxcywh.sum() for a in out.aux)
     loss.backward()
     zero_by_design = {"detr.transformer.decoder.layers.0.self_attn.in_proj_weight"}  # see test_detr
     for name, p in model.named_parameters():

@@ -50,7 +50,7 @@ def test_frozen_cnn_gets_no_gradient_and_pretext_heads_do():
     out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 3, 32, 32))
     assert out.logits.shape == (2, 6, 2) and out.features.shape == (2, 6, 512)
     assert out.patch_features.shape == (2, 3, 512) and not out.patch_features.requires_grad
-    loss = out.logits.sum() + out.boxes.sum() + out.features.sum() + sum(a.features.sum() + a.logits.sum() + a.boxes.sum() for a in out.aux)
+    loss = out.logits.sum() + out.boxes_cxcywh.sum() + out.features.sum() + sum(a.features.sum() + a.logits.sum() + a.boxes_cxcywh.sum() for a in out.aux)
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("backbone.0."))
     for name in ["patch2query.weight", "feature_align.layers.1.weight", "query_embed.weight", "input_proj.weight"]:

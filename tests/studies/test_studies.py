@@ -25,7 +25,7 @@ def test_single_square_writes_a_coco_dataset_the_loader_reads(tmp_path, load_scr
                                           'data.train_annotations="annotations/instances_train.json"'])
     dataset = build_detection_dataset(cfg.data, "train")
     image, target = dataset[0]
-    assert target["boxes"].shape == (1, 4) and list(dataset.classes) == ["square"]
+    assert target["boxes_cxcywh"].shape == (1, 4) and list(dataset.classes) == ["square"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ validates it once at construction and serves ``(image, Target)`` pairs; :class:`
 reads that dict from a COCO JSON file, ``updetr.data.voc.VOCDetection`` builds it from
 Pascal VOC XML.
 
-Raw targets (before the transforms) hold ``boxes`` as ``xyxy`` pixels of the original
+Raw targets (before the transforms) hold ``boxes_xyxy``, pixels of the original
 image; labels are contiguous class indices ``[0, C)`` with ``C = len(dataset.classes)``
 (``dataset.category_ids[label]`` is the id in the annotation file).
 """
@@ -231,11 +231,11 @@ class CocoStyleDataset(Dataset):
         return [(path, (int(h), int(w))) for path, (h, w) in zip(self.image_paths, self._sizes_hw)]
 
     def raw_target(self, index: int) -> Target:
-        """Target of item ``index`` before the transforms (``xyxy`` pixels), without masks."""
+        """Target of item ``index`` before the transforms (``boxes_xyxy``, pixels), without masks."""
         start, stop = int(self._offsets[index]), int(self._offsets[index + 1])
         size = torch.as_tensor(self._sizes_hw[index], dtype=torch.int64)  # (2,) (h, w)
         return Target(
-            boxes=torch.from_numpy(self._boxes[start:stop].copy()).reshape(-1, 4),
+            boxes_xyxy=torch.from_numpy(self._boxes[start:stop].copy()).reshape(-1, 4),
             labels=torch.from_numpy(self._labels[start:stop].copy()),
             image_id=torch.tensor(self.image_ids[index], dtype=torch.int64),
             orig_size=size,
@@ -278,7 +278,7 @@ class CocoDetection(CocoStyleDataset):
     """A COCO detection dataset: a folder of images and a COCO ``instances`` JSON file.
 
     ``dataset[i]`` is ``(image, target)`` with ``target`` a :class:`~updetr.structures.Target`:
-    ``boxes`` float (N, 4) ``xyxy`` pixels (converted from COCO ``xywh``; boxes partly outside
+    ``boxes_xyxy`` float (N, 4) pixels (converted from COCO ``xywh``; boxes partly outside
     the image clipped, boxes of zero or negative size dropped), ``labels`` int64 (N,)
     contiguous indices into ``classes``, ``area`` and ``iscrowd`` from the file (crowd
     regions kept, with ``iscrowd=1``), ``image_id``, ``orig_size``/``size`` (h, w). With

@@ -87,7 +87,7 @@ class CocoPanoptic(Dataset):
     """COCO panoptic segmentation dataset.
 
     ``dataset[i]`` is ``(image, target)``; before ``transforms`` the target holds, for the
-    N segments of the image in JSON order: ``boxes`` float (N, 4) xyxy pixels (the tight box
+    N segments of the image in JSON order: ``boxes_xyxy`` float (N, 4) pixels (the tight box
     of the segment's pixels), ``labels`` int64 (N,) contiguous over things + stuff,
     ``iscrowd`` int64 (N,), ``area`` float (N,) pixels counted in the PNG, ``masks`` bool
     (N, H, W) (only with ``return_masks``), and ``image_id``, ``orig_size``, ``size``.
@@ -229,14 +229,14 @@ class CocoPanoptic(Dataset):
         return PanopticGroundTruth(ids, segments)
 
     def raw_target(self, index: int) -> Target:
-        """Target before the transforms (xyxy pixels; masks only with ``return_masks``)."""
+        """Target before the transforms (``boxes_xyxy``, pixels; masks only with ``return_masks``)."""
         gt = self.ground_truth(index)
         ids = torch.from_numpy(gt.segment_ids)
         segment_ids = torch.tensor([int(s["id"]) for s in gt.segments], dtype=torch.int64)  # (N,)
         masks = ids[None] == segment_ids[:, None, None]  # (N, H, W) bool
         size = torch.tensor(self._sizes_hw[index], dtype=torch.int64)  # (2,) (h, w)
         target = Target(
-            boxes=_mask_boxes(masks),
+            boxes_xyxy=_mask_boxes(masks),
             labels=torch.tensor([self._label_of[s["category_id"]] for s in gt.segments], dtype=torch.int64),
             image_id=torch.tensor(self.image_ids[index], dtype=torch.int64),
             orig_size=size,

@@ -273,9 +273,9 @@ class CachedDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         target = dict(self._targets[index])
         if self.flipped(index):
-            boxes = target["boxes"].clone()  # (N, 4) normalised cxcywh
+            boxes = target["boxes_cxcywh"].clone()  # (N, 4) normalised
             boxes[:, 0] = 1.0 - boxes[:, 0]
-            target["boxes"] = boxes
+            target["boxes_cxcywh"] = boxes
             return self._features[index][1], target  # type: ignore[return-value]
         return self._features[index][0], target  # type: ignore[return-value]
 

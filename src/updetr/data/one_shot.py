@@ -226,8 +226,8 @@ def load_pixels(dataset: CocoStyleDataset, index: int) -> Tensor:
 class ExemplarBank:
     """The boxes of ``dataset`` usable as query patches, per class label.
 
-    ``image_index[label]``: int64 (E,) item index of each exemplar; ``boxes[label]``: float
-    (E, 4) xyxy pixels of the original image; in dataset order.
+    ``image_index[label]``: int64 (E,) item index of each exemplar; ``boxes_xyxy[label]``: float
+    (E, 4), pixels of the original image; in dataset order.
     """
 
     def __init__(self, dataset: CocoStyleDataset, labels: Iterable[int], min_size: int) -> None:
@@ -237,15 +237,15 @@ class ExemplarBank:
         boxes: dict[int, list[Tensor]] = {c: [] for c in wanted}
         for i in range(len(dataset)):
             target = dataset.raw_target(i)
-            sides = target["boxes"][:, 2:] - target["boxes"][:, :2]  # (N, 2) w, h
+            sides = target["boxes_xyxy"][:, 2:] - target["boxes_xyxy"][:, :2]  # (N, 2) w, h
             usable = (target["iscrowd"] == 0) & (sides >= min_size).all(dim=1)
             for n in torch.nonzero(usable).flatten().tolist():
                 label = int(target["labels"][n])
                 if label in wanted:
                     index[label].append(i)
-                    boxes[label].append(target["boxes"][n])
+                    boxes[label].append(target["boxes_xyxy"][n])
         self.image_index = {c: np.asarray(index[c], dtype=np.int64) for c in wanted}
-        self.boxes = {c: torch.stack(boxes[c]) if boxes[c] else torch.zeros((0, 4)) for c in wanted}
+        self.boxes_xyxy = {c: torch.stack(boxes[c]) if boxes[c] else torch.zeros((0, 4)) for c in wanted}
         self._cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
 
     def candidates(self, label: int, exclude_index: int | None) -> np.ndarray:
@@ -254,7 +254,7 @@ class ExemplarBank:
 
     def describe(self, label: int, position: int) -> dict:
         i = int(self.image_index[label][position])
-        return {"image_id": int(self.dataset.image_ids[i]), "box_xyxy_px": self.boxes[label][position].tolist()}
+        return {"image_id": int(self.dataset.image_ids[i]), "box_xyxy_px": self.boxes_xyxy[label][position].tolist()}
 
     def patch(self, label: int, position: int, query_size: int, cache: bool = False) -> Tensor:
         """The normalised (3, q, q) query patch of exemplar ``position`` of ``label``."""
@@ -262,7 +262,7 @@ class ExemplarBank:
         crop = self._cache.get(key) if cache else None
         if crop is None:
             pixels = load_pixels(self.dataset, int(self.image_index[label][position]))
-            crop = crop_patch_uint8(pixels, self.boxes[label][position].tolist(), query_size)
+            crop = crop_patch_uint8(pixels, self.boxes_xyxy[label][position].tolist(), query_size)
             if cache:
                 self._cache[key] = crop
                 if len(self._cache) > _CROP_CACHE:
@@ -437,7 +437,7 @@ class OneShotEpisodes(Dataset):
         index, label = self.episodes[episode]
         target = self.dataset.raw_target(index)
         keep = target["labels"] == label
-        return target["boxes"][keep], target["iscrowd"][keep].bool()
+        return target["boxes_xyxy"][keep], target["iscrowd"][keep].bool()
 
     def patches(self, episode: int) -> Tensor:
         """The episode's ``num_draws`` query patches, (K, 3, q, q)."""
@@ -499,7 +499,7 @@ def _keep_label(target: Target, label: int) -> Target:
     """A copy of ``target`` with only ``label``'s objects, relabelled 0 (matches the query)."""
     target = dict(target)
     keep = target["labels"] == label
-    for key in ("boxes", "labels", "area", "iscrowd"):
+    for key in ("boxes_cxcywh", "labels", "area", "iscrowd"):
         if key in target:
             target[key] = target[key][keep]
     target["labels"] = torch.zeros_like(target["labels"])

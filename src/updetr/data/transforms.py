@@ -61,13 +61,13 @@ class _Sample:
     """An image with its boxes and masks, transformed together."""
 
     image: tv_tensors.Image  # (3, H, W) uint8
-    boxes: tv_tensors.BoundingBoxes | None  # (N, 4) xyxy pixels
+    boxes_xyxy: tv_tensors.BoundingBoxes | None  # (N, 4) xyxy pixels
     masks: tv_tensors.Mask | None  # (N, H, W) bool
 
     def apply(self, op: Any, **kwargs: Any) -> "_Sample":
         return _Sample(
             op(self.image, **kwargs),
-            None if self.boxes is None else op(self.boxes, **kwargs),
+            None if self.boxes_xyxy is None else op(self.boxes_xyxy, **kwargs),
             None if self.masks is None else op(self.masks, **kwargs),
         )
 
@@ -80,12 +80,12 @@ class DetectionTransform:
     """Callable ``(image, target) -> (pixels, target)`` implementing DETR's augmentation.
 
     Input: a ``PIL.Image.Image`` (or a ``(3, H, W)`` uint8 tensor) and a :class:`Target`
-    whose ``boxes`` (optional) are ``xyxy`` pixels of that image; ``masks`` (optional) are
+    with ``boxes_xyxy`` (optional; pixels of that image); ``masks`` (optional) are
     bool ``(N, H, W)``. The target may hold only metadata (e.g. ``image_id``).
 
     Output: float ``(3, H', W')`` pixels normalised with ImageNet mean/std, and a new
-    target (the input is not modified) with ``boxes`` as **normalised cxcywh** relative to
-    ``size``, ``size = (H', W')`` int64, masks resized/cropped with the image, and
+    target (the input is not modified) with ``boxes_cxcywh`` (normalised to ``size``) in
+    place of ``boxes_xyxy``, ``size = (H', W')`` int64, masks resized/cropped with the image, and
     ``orig_size``/``area``/other entries passed through (``area`` stays in original pixels).
 
     Randomness comes from ``generator`` or, when it is ``None``, torch's global RNG — which
@@ -153,9 +153,9 @@ class DetectionTransform:
         top = self._randint(0, height - crop_h)
         left = self._randint(0, width - crop_w)
         sample = sample.apply(F.crop, top=top, left=left, height=crop_h, width=crop_w)
-        if sample.boxes is None:
+        if sample.boxes_xyxy is None:
             return sample, None
-        boxes = sample.boxes  # (N, 4) xyxy, clamped to the crop
+        boxes = sample.boxes_xyxy  # (N, 4) xyxy, clamped to the crop
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (N,) non-zero area
         if bool(keep.all()):
             return sample, None
@@ -189,9 +189,10 @@ class DetectionTransform:
             )
         canvas = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         boxes = masks = None
-        if "boxes" in target:
+        if "boxes_xyxy" in target:
             boxes = tv_tensors.BoundingBoxes(
-                torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=canvas
+                torch.as_tensor(target.pop("boxes_xyxy"), dtype=torch.float32).reshape(-1, 4), format="XYXY",
+                canvas_size=canvas,
             )
             boxes = F.clamp_bounding_boxes(boxes)  # (N, 4) xyxy pixels inside the image
         if "masks" in target:
@@ -211,10 +212,10 @@ class DetectionTransform:
         pixels = F.to_dtype(sample.image, torch.float32, scale=True)
         pixels = F.normalize(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
         target["size"] = torch.tensor([height, width], dtype=torch.int64)
-        if sample.boxes is not None:
-            boxes_cxcywh_px = F.convert_bounding_box_format(sample.boxes, new_format="CXCYWH")
+        if sample.boxes_xyxy is not None:
+            boxes_cxcywh_px = F.convert_bounding_box_format(sample.boxes_xyxy, new_format="CXCYWH")
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-            target["boxes"] = boxes_cxcywh_px.as_subclass(Tensor) / scale  # (N, 4) normalised cxcywh
+            target["boxes_cxcywh"] = boxes_cxcywh_px.as_subclass(Tensor) / scale  # (N, 4) normalised
         if sample.masks is not None:
             target["masks"] = sample.masks.as_subclass(Tensor)  # (N, H', W') bool
         return pixels.as_subclass(Tensor), target  # type: ignore[return-value]

@@ -437,7 +437,7 @@ class UnlabeledImages(Dataset):
     ``dataset[i]`` is ``(image, target, patches)``:
 
     - ``image``: float (3, H, W), resized and normalised with ImageNet mean/std;
-    - ``target``: ``boxes`` float (M, 4) normalised cxcywh of the patches in the image,
+    - ``target``: ``boxes_cxcywh`` float (M, 4) of the patches in the image (normalised),
       ``labels`` int64 (M,) zeros (one class), ``patch_index`` int64 (M,) ``arange(M)``
       (box m is where patch m came from), ``image_id`` int64 scalar (index in ``files`` of
       the image used), ``orig_size`` and ``size`` int64 (2,) (height, width) before and after
@@ -567,7 +567,7 @@ class UnlabeledImages(Dataset):
         sides = (boxes_xyxy_px[:, 2:] - boxes_xyxy_px[:, :2]).float()  # (M, 2) width, height
         m = self.num_patches
         target: Target = {  # normalised boxes are the same for the original and the resized image
-            "boxes": xyxy_px_to_normalized_cxcywh(boxes_xyxy_px.float(), (height, width)),
+            "boxes_cxcywh": xyxy_px_to_normalized_cxcywh(boxes_xyxy_px.float(), (height, width)),
             "labels": torch.zeros(m, dtype=torch.int64),
             "patch_index": torch.arange(m),
             "image_id": torch.tensor(file_index),

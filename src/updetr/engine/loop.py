@@ -215,7 +215,7 @@ def train_one_epoch(
 
 def _finite(output: DetectionOutput) -> bool:
     """Whether the logits and boxes of every decoder layer are finite."""
-    return all(bool(torch.isfinite(o.logits).all() and torch.isfinite(o.boxes).all()) for o in [output, *output.aux])
+    return all(bool(torch.isfinite(o.logits).all() and torch.isfinite(o.boxes_cxcywh).all()) for o in [output, *output.aux])
 
 
 def _float_output(output: DetectionOutput) -> DetectionOutput:
@@ -224,7 +224,7 @@ def _float_output(output: DetectionOutput) -> DetectionOutput:
         return output
     cast = lambda t: t.float() if isinstance(t, Tensor) else t  # noqa: E731
     return DetectionOutput(
-        logits=cast(output.logits), boxes=cast(output.boxes), aux=[_float_output(a) for a in output.aux],
+        logits=cast(output.logits), boxes_cxcywh=cast(output.boxes_cxcywh), aux=[_float_output(a) for a in output.aux],
         features=cast(output.features), patch_features=cast(output.patch_features), masks=cast(output.masks),
     )
 

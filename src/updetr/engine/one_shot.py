@@ -195,8 +195,8 @@ def run_one_shot_evaluation(
         for draw in range(patches.shape[1]):
             output = model(images, patches[:, draw].to(device))  # patches: (B, K, 3, q, q)
             scores = output.logits.float().softmax(-1)[..., MATCH_LABEL]  # (B, Q)
-            boxes = normalized_cxcywh_to_xyxy_px(output.boxes.float(), orig_sizes)  # (B, Q, 4)
-            for t, s, b in zip(targets, scores, boxes):
+            boxes_xyxy = normalized_cxcywh_to_xyxy_px(output.boxes_cxcywh.float(), orig_sizes)  # (B, Q, 4)
+            for t, s, b in zip(targets, scores, boxes_xyxy):
                 evaluator.update(int(t["query_label"]), draw, int(t["image_id"]), s, b)
     evaluator.synchronize()
     return evaluator.summarize()

@@ -138,9 +138,9 @@ def pretext_ious(out: DetectionOutput, targets: list[dict], num_patches: int) ->
     b, k = len(targets), num_patches
     scores = out.logits.softmax(-1)[..., 0].view(b, k, -1)  # (B, M, Q/M) "patch" probability
     best = scores.argmax(-1)  # (B, M)
-    boxes = out.boxes.view(b, k, -1, 4)  # (B, M, Q/M, 4)
+    boxes = out.boxes_cxcywh.view(b, k, -1, 4)  # (B, M, Q/M, 4)
     chosen = boxes.gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)  # (B, M, 4)
-    return [box_iou(cxcywh_to_xyxy(chosen[i]), cxcywh_to_xyxy(t["boxes"].to(chosen.device))).diagonal()
+    return [box_iou(cxcywh_to_xyxy(chosen[i]), cxcywh_to_xyxy(t["boxes_cxcywh"].to(chosen.device))).diagonal()
             for i, t in enumerate(targets)]
 
 

@@ -25,8 +25,8 @@ def postprocess_detections(
     logits, the no-object column excluded; its label is that class.
 
     Args:
-        output: the model output; only ``logits`` (B, Q, C + 1) and ``boxes`` (B, Q, 4,
-            normalised cxcywh) of the last layer are used.
+        output: the model output; only ``logits`` (B, Q, C + 1) and ``boxes_cxcywh`` (B, Q, 4)
+            of the last layer are used.
         orig_sizes: (B, 2) (height, width) in pixels the boxes are scaled to, normally
             ``target["orig_size"]`` (the image as stored on disk).
         score_threshold: drop detections with a lower score.
@@ -38,7 +38,7 @@ def postprocess_detections(
         clipped). Without ``score_threshold`` and ``top_k``, K = Q in query order;
         with ``top_k`` the detections are sorted by decreasing score.
     """
-    logits, boxes_cxcywh = output.logits, output.boxes
+    logits, boxes_cxcywh = output.logits, output.boxes_cxcywh
     if orig_sizes.shape != (logits.shape[0], 2):
         raise ValueError(f"orig_sizes must be (B, 2) = ({logits.shape[0]}, 2), got {tuple(orig_sizes.shape)}")
     prob = logits.float().softmax(-1)[..., :-1]  # (B, Q, C)

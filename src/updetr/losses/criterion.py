@@ -101,7 +101,7 @@ def boxes_loss(
     """``(loss_bbox, loss_giou)`` of the matched boxes, each summed / ``num_boxes``."""
     batch_idx, query_idx, target_idx = _flat_indices(indices, boxes_cxcywh.device)
     pred = boxes_cxcywh[batch_idx, query_idx].float()  # (P, 4)
-    gt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, j in zip(targets, target_idx)])
+    gt = torch.cat([t["boxes_cxcywh"][j.to(t["boxes_cxcywh"].device)] for t, j in zip(targets, target_idx)])
     gt = gt.to(pred.device, pred.dtype)  # (P, 4)
     loss_bbox = F.l1_loss(pred, gt, reduction="sum") / num_boxes
     giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))  # (P,)
@@ -194,10 +194,10 @@ class SetCriterion(nn.Module):
         class_error = None
         for layer_index, layer in enumerate(output.layers()):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
-            indices = self.matcher(layer.logits, layer.boxes, targets, group_size=self.group_size)
+            indices = self.matcher(layer.logits, layer.boxes_cxcywh, targets, group_size=self.group_size)
             terms = {}
             terms["loss_ce"], error = labels_loss(layer.logits, targets, indices, self.empty_weight)
-            terms["loss_bbox"], terms["loss_giou"] = boxes_loss(layer.boxes, targets, indices, num_boxes)
+            terms["loss_bbox"], terms["loss_giou"] = boxes_loss(layer.boxes_cxcywh, targets, indices, num_boxes)
             if layer.features is not None and layer.patch_features is not None:
                 terms["loss_feature"] = feature_reconstruction_loss(
                     layer.features, layer.patch_features, targets, indices, num_boxes

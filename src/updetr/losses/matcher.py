@@ -66,7 +66,7 @@ class HungarianMatcher:
         Args:
             logits: (B, Q, C + 1) class logits, last index "no object".
             boxes_cxcywh: (B, Q, 4) predicted boxes, normalised cxcywh.
-            targets: B targets; ``boxes`` normalised cxcywh (N, 4), ``labels`` (N,) in
+            targets: B targets; ``boxes_cxcywh`` (N, 4), ``labels`` (N,) in
                 [0, C). Targets with ``iscrowd == 1`` are never matched.
             group_size: UP-DETR group matching. When set, the Q queries form contiguous
                 groups of ``group_size`` and target ``n`` may only be matched to a query
@@ -91,7 +91,7 @@ class HungarianMatcher:
             return [(empty, empty.clone()) for _ in targets]
 
         target_labels = torch.cat([t["labels"][k] for t, k in zip(targets, keep)])  # (sum N,)
-        target_boxes = torch.cat([t["boxes"][k] for t, k in zip(targets, keep)]).float()  # (sum N, 4)
+        target_boxes = torch.cat([t["boxes_cxcywh"][k] for t, k in zip(targets, keep)]).float()  # (sum N, 4)
         if target_labels.min() < 0 or target_labels.max() >= num_logits - 1:
             raise ValueError(
                 f"target labels must lie in [0, {num_logits - 1}) (C = {num_logits - 1} classes, "

@@ -94,7 +94,7 @@ class SegmentationCriterion(nn.Module):
             raise ValueError(f"targets {missing} have no 'masks'; build the dataset with masks")
         losses = self.set_criterion(output, targets)
         sc = self.set_criterion
-        indices = sc.matcher(output.logits, output.boxes, targets, group_size=sc.group_size)
+        indices = sc.matcher(output.logits, output.boxes_cxcywh, targets, group_size=sc.group_size)
         num_boxes = num_boxes_for_loss(targets, output.masks.device)
         pred, target = matched_masks(output.masks, targets, indices)
         losses["loss_mask"] = focal_mask_loss(pred, target, num_boxes)

@@ -105,7 +105,7 @@ class DETR(nn.Module):
         logits = self.class_embed(hs)  # (L, B, Q, C+1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         aux = [DetectionOutput(logits[i], boxes[i]) for i in range(hs.shape[0] - 1)] if self.aux_loss else []
-        return DetectionOutput(logits=logits[-1], boxes=boxes[-1], aux=aux)
+        return DetectionOutput(logits=logits[-1], boxes_cxcywh=boxes[-1], aux=aux)
 
     def forward(self, images: ImageBatch | Tensor, **kwargs) -> DetectionOutput:
         """Detect objects. ``images``: ImageBatch or (B, 3, H, W) normalised pixels."""

@@ -63,7 +63,7 @@ class OneShotDETR(DETR):
 
         Returns:
             DetectionOutput with ``logits`` (B, Q, 2) (index 0 = match, 1 = no object),
-            ``boxes`` (B, Q, 4) normalised cxcywh, ``aux`` and ``patch_features`` (B, 1, Cb).
+            ``boxes_cxcywh`` (B, Q, 4), ``aux`` and ``patch_features`` (B, 1, Cb).
         """
         if query_patches.dim() == 5:
             if query_patches.shape[1] != 1:

@@ -83,7 +83,7 @@ class UPDETR(DETR):
                 k ≤ M at inference (the first k query groups are used).
 
         Returns:
-            DetectionOutput with Q' = k·Q/M queries: ``logits`` (B, Q', 2), ``boxes``,
+            DetectionOutput with Q' = k·Q/M queries: ``logits`` (B, Q', 2), ``boxes_cxcywh``,
             ``patch_features`` (B, k, Cb) and, with reconstruction, ``features`` (B, Q', Cb).
         """
         b, k = query_patches.shape[:2]

@@ -49,11 +49,12 @@ class Answer:
 
     model: str  # pretrain | oneshot | detector
     title: str
-    boxes: list[dict] = field(default_factory=list)  # {"box_xyxy", "score", "label"}
+    candidates: list[dict] = field(default_factory=list)  # {"box_xyxy", "score", "label"}
     ms: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "title": self.title, "boxes": self.boxes, "ms": round(self.ms, 1)}
+        # "boxes" is the page's JSON key (static/app.js reads answer.boxes): a wire format, kept
+        return {"model": self.model, "title": self.title, "boxes": self.candidates, "ms": round(self.ms, 1)}
 
 
 def _boxes(xyxy: torch.Tensor, scores: torch.Tensor, labels: list[str]) -> list[dict]:
@@ -118,7 +119,7 @@ class ServeModels:
                 patch = patch_pixels(source, box, self.pretrain.config.pretrain.query_size)
                 out = model(self._pixels(self.pretrain.config, target), patch[None, None].to(self.device))
                 scores = out.logits.softmax(-1)[0, :, 0].cpu()  # (Q/M,): the one patch's group
-                xyxy = normalized_cxcywh_to_xyxy_px(out.boxes[0].float().cpu(), size_hw)
+                xyxy = normalized_cxcywh_to_xyxy_px(out.boxes_cxcywh[0].float().cpu(), size_hw)
                 answers.append(Answer("pretrain", "UP-DETR: where is this patch?",
                                       _boxes(xyxy, scores, ["patch"] * len(scores)), 1000 * (time.perf_counter() - start)))
             if self.oneshot is not None:
@@ -126,7 +127,7 @@ class ServeModels:
                 patch = patch_pixels(source, box, self.oneshot.config.pretrain.query_size)
                 out = self.oneshot.model(self._pixels(self.oneshot.config, target), patch[None].to(self.device))
                 scores = out.logits.float().softmax(-1)[0, :, 0].cpu()  # index 0: matches the query patch
-                xyxy = normalized_cxcywh_to_xyxy_px(out.boxes[0].float().cpu(), size_hw)
+                xyxy = normalized_cxcywh_to_xyxy_px(out.boxes_cxcywh[0].float().cpu(), size_hw)
                 answers.append(Answer("oneshot", "One-shot: every object of this kind",
                                       _boxes(xyxy, scores, ["same kind"] * len(scores)), 1000 * (time.perf_counter() - start)))
         return answers
@@ -140,7 +141,7 @@ class ServeModels:
             start = time.perf_counter()
             out = self.detector.model(self._pixels(self.detector.config, image))
             scores, labels = out.logits.softmax(-1)[0, :, :-1].max(-1)
-            xyxy = normalized_cxcywh_to_xyxy_px(out.boxes[0].float().cpu(), torch.tensor([image.height, image.width]))
+            xyxy = normalized_cxcywh_to_xyxy_px(out.boxes_cxcywh[0].float().cpu(), torch.tensor([image.height, image.width]))
             names = [self.detector.classes[int(i)] for i in labels.cpu()]
             return [Answer("detector", "Detector: objects it knows", _boxes(xyxy, scores.cpu(), names),
                            1000 * (time.perf_counter() - start))]

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -179,28 +179,16 @@ def train_one_epoch(
     for batch in loader:
         if max_steps and steps >= max_steps:
             break
-        with autocast_context(device, amp):
-            output, targets = task.forward(model, batch, device)
-        output = _float_output(output)
-        bad = not _finite(output)  # the matcher would fail on it; every process stops together
-        if any_across_processes(bad, device):
+        try:
+            values, n_images = _train_step(task, model, criterion, batch, optimizer, device, amp, clip_max_norm,
+                                           scaler, epoch, steps, epoch * total + steps)
+        except NonFiniteLossError:
             bar.close()
-            raise NonFiniteLossError("model output" if bad else "model output of another process", float("nan"),
-                                     epoch, steps, epoch * total + steps, {})
-        loss_dict = criterion(output, targets)
-        loss = loss_dict["loss"]
-        if any_across_processes(not bool(torch.isfinite(loss)), device):
-            bar.close()
-            raise NonFiniteLossError("loss", float(loss.detach()), epoch, steps, epoch * total + steps, _to_float(loss_dict))
-        bad_norm = optimizer_step(loss, model, optimizer, clip_max_norm, scaler)
-        if bad_norm is not None:
-            bar.close()
-            raise NonFiniteLossError("gradient norm", bad_norm, epoch, steps, epoch * total + steps, _to_float(loss_dict))
-        values = _to_float(loss_dict)
+            raise
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v
         steps += 1
-        images += len(targets)
+        images += n_images
         rate = images / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{rate:.1f}")
         bar.update()
@@ -211,6 +199,32 @@ def train_one_epoch(
     out["images_per_s"] = images / max(time.perf_counter() - start, 1e-9)
     out["steps"] = steps
     return out
+
+
+def _train_step(task: Task, model: nn.Module, criterion: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                device: torch.device, amp: str, clip_max_norm: float, scaler: torch.amp.GradScaler | None,
+                epoch: int, step: int, global_step: int) -> tuple[dict[str, float], int]:
+    """One optimizer step on ``batch``: forward (under ``amp``), loss in fp32, backward and update.
+
+    Returns (the scalar loss terms, the number of images). Raises NonFiniteLossError, in every
+    process alike, when the model output, the loss or the clipped gradient norm is not finite;
+    no weight was changed then.
+    """
+    with autocast_context(device, amp):
+        output, targets = task.forward(model, batch, device)
+    output = _float_output(output)
+    bad = not _finite(output)  # the matcher would fail on it; every process stops together
+    if any_across_processes(bad, device):
+        raise NonFiniteLossError("model output" if bad else "model output of another process", float("nan"),
+                                 epoch, step, global_step, {})
+    loss_dict = criterion(output, targets)
+    loss = loss_dict["loss"]
+    if any_across_processes(not bool(torch.isfinite(loss)), device):
+        raise NonFiniteLossError("loss", float(loss.detach()), epoch, step, global_step, _to_float(loss_dict))
+    bad_norm = optimizer_step(loss, model, optimizer, clip_max_norm, scaler)
+    if bad_norm is not None:
+        raise NonFiniteLossError("gradient norm", bad_norm, epoch, step, global_step, _to_float(loss_dict))
+    return _to_float(loss_dict), len(targets)
 
 
 def _finite(output: DetectionOutput) -> bool:
@@ -273,6 +287,9 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
     of ``checkpoint.pth``, which carries the metrics of every epoch so far: a kill at any
     instant leaves a folder that resumes with every epoch's record exactly once.
 
+    The steps: check the folder (:meth:`RunFolder.plan_resume` or :meth:`RunFolder.check_fresh`, in every
+    process), build and restore what trains (:func:`_prepare`), then the epochs (:func:`_train_epochs`).
+
     Raises:
         RunFolderError, CheckpointError, ConfigError, DataError: a start-up check failed (nothing
             was written) or a file could not be written (the previous epoch's files are intact).
@@ -280,13 +297,58 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
             (before any weight changed); the last good checkpoint is kept.
     """
     folder = RunFolder(cfg.output_dir)
-    device = dist_info.device
-    main = dist_info.is_main
-    progress = progress and main
-    plan = _agreed(lambda: folder.plan_resume(resume, cfg, task.name) if resume else folder.check_fresh(), device)
-    run_cfg = plan.config if plan is not None else cfg  # the config the run trains with and records
+    plan = _agreed(lambda: folder.plan_resume(resume, cfg, task.name) if resume else folder.check_fresh(),
+                   dist_info.device)
     torch.manual_seed(cfg.seed + dist_info.rank)
+    run, standing = _prepare(task, cfg, dist_info, folder, plan, progress and dist_info.is_main)
+    final = _train_epochs(run, standing)
+    return FitResult(output_dir=folder.path, history=standing.history, best_metric=standing.best, final_metrics=final)
 
+
+@dataclass
+class _Run:
+    """What every epoch of one ``fit`` uses, built (and restored on a resume) before the first epoch."""
+
+    task: Task
+    cfg: Config  # the requested config: the training settings
+    run_cfg: Config  # the config the run records in its checkpoints (a resume's plan decides it)
+    folder: RunFolder
+    dist_info: DistInfo
+    progress: bool  # progress bars (the main process only)
+    train_set: Dataset
+    model: nn.Module
+    ddp_model: nn.Module  # ``model``, wrapped in DistributedDataParallel when training is distributed
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+
+
+@dataclass
+class _Standing:
+    """Where a run stands: the first epoch still to train, the best primary metric so far (and its
+    epoch), and the record of every epoch done."""
+
+    start_epoch: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def update_best(self, metric: float | None, epoch: int) -> bool:
+        """Take ``metric`` (None: not evaluated) of ``epoch`` as the best when it beats the best so far."""
+        is_best = metric is not None and not math.isnan(metric) and (self.best is None or metric > self.best)
+        if is_best:
+            self.best, self.best_epoch = metric, epoch
+        return is_best
+
+
+def _prepare(task: Task, cfg: Config, dist_info: DistInfo, folder: RunFolder, plan: ResumePlan | None,
+             progress: bool) -> tuple[_Run, _Standing]:
+    """Build the data, model, loss and optimizer, restore a resume point, claim the folder, and make the
+    loaders; the order (and so every random draw) is that of a run started by hand."""
+    device = dist_info.device
     train_set = task.train_dataset()
     val_set = task.val_dataset()
     check_images([train_set, val_set], dist_info)
@@ -297,83 +359,110 @@ def fit(task: Task, cfg: Config, dist_info: DistInfo, *, resume: str | None = No
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
 
-    start_epoch, best, best_epoch, history = 0, None, None, []
+    standing = _Standing()
     if plan is not None and plan.checkpoint is not None:
         _restore(plan, task, model, optimizer, scheduler, cfg)
-        start_epoch, best, best_epoch, history = plan.start_epoch, plan.best, plan.best_epoch, list(plan.history)
-        log.info("resumed from %s at epoch %d", plan.source, start_epoch)
-    if main:
+        standing = _Standing(plan.start_epoch, plan.best, plan.best_epoch, list(plan.history))
+        log.info("resumed from %s at epoch %d", plan.source, standing.start_epoch)
+    run_cfg = plan.config if plan is not None else cfg
+    if dist_info.is_main:
         folder.claim(run_cfg, plan)
     barrier()
 
-    ddp_model = model
-    if dist_info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
-        )
-        log.info("DistributedDataParallel: %s backend, %d processes", torch.distributed.get_backend(), dist_info.world_size)
-    train_loader = make_loader(train_set, task.collate, cfg.data.batch_size, cfg.data.num_workers, dist_info, train=True, seed=cfg.seed)
-    val_loader = None
-    if val_set is not None:
-        val_loader = make_loader(val_set, task.collate, cfg.data.batch_size, cfg.data.num_workers, dist_info, train=False, seed=cfg.seed)
+    def loader(dataset: Dataset, train: bool) -> DataLoader:
+        return make_loader(dataset, task.collate, cfg.data.batch_size, cfg.data.num_workers, dist_info, train=train,
+                           seed=cfg.seed)
 
+    run = _Run(task=task, cfg=cfg, run_cfg=run_cfg, folder=folder, dist_info=dist_info, progress=progress,
+               train_set=train_set, model=model, ddp_model=_distributed(model, dist_info), criterion=criterion,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_loader=loader(train_set, True),
+               val_loader=loader(val_set, False) if val_set is not None else None)
+    return run, standing
+
+
+def _distributed(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when training is distributed, else ``model`` itself."""
+    if not dist_info.enabled:
+        return model
+    device = dist_info.device
+    ddp_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+    )
+    log.info("DistributedDataParallel: %s backend, %d processes", torch.distributed.get_backend(), dist_info.world_size)
+    return ddp_model
+
+
+def _train_epochs(run: _Run, standing: _Standing) -> dict[str, float]:
+    """Train the epochs from ``standing.start_epoch`` on, each committed to the folder; returns the last
+    evaluation's metrics (empty when none ran). A NaN or infinite step becomes :class:`TrainingStopped`."""
     final: dict[str, float] = {}
-    epochs = cfg.optim.epochs
-    if start_epoch >= epochs:
-        log.info("%s: the run has finished all %d epochs already", folder.path, epochs)
-    epoch = start_epoch
+    epochs = run.cfg.optim.epochs
+    if standing.start_epoch >= epochs:
+        log.info("%s: the run has finished all %d epochs already", run.folder.path, epochs)
+    epoch = standing.start_epoch
     try:
-        for epoch in range(start_epoch, epochs):
-            train_loader.sampler.set_epoch(epoch)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)
-            train_stats = train_one_epoch(
-                task, ddp_model, criterion, train_loader, optimizer, device, epoch,
-                clip_max_norm=cfg.optim.clip_max_norm, amp=cfg.optim.amp, max_steps=cfg.max_steps_per_epoch,
-                progress=progress, scaler=scaler,
-            )
-            scheduler.step()
-            train_stats = all_reduce_mean(train_stats, device)
-            record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-            last = epoch == epochs - 1
-            if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                metrics = task.evaluate(model, val_loader, device, progress)
-                record.update({f"val/{k}": v for k, v in metrics.items()})
+        for epoch in range(standing.start_epoch, epochs):
+            metrics = _one_epoch(run, standing, epoch)
+            if metrics is not None:
                 final = metrics
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            history.append(json_safe(record))
-            metric = record.get(f"val/{task.primary_metric}")
-            is_best = metric is not None and not math.isnan(metric) and (best is None or metric > best)
-            if is_best:
-                best, best_epoch = metric, epoch
-            if main:
-                payload = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "config": run_cfg.to_dict(),
-                    "rng": rng_state(),
-                    "task": task.name,
-                    "best_metric": best,
-                    "best_epoch": best_epoch,
-                    "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
-                    "history": history,  # every epoch's record: metrics.jsonl is rebuilt from it on resume
-                    **task.checkpoint_extra(),
-                }
-                folder.commit_epoch(payload, record, is_best)
-                shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}
-                log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
             barrier()
     except NonFiniteLossError as err:
-        raise TrainingStopped(f"{task.name} run stopped: {err}; {_last_good(folder, epoch)}. Resume from it with a "
-                              f"lower learning rate, e.g. --resume {folder.path} --set optim.lr=...") from None
+        raise TrainingStopped(f"{run.task.name} run stopped: {err}; {_last_good(run.folder, epoch)}. Resume from it "
+                              f"with a lower learning rate, e.g. --resume {run.folder.path} --set optim.lr=...") from None
     except KeyboardInterrupt:
-        if main:
-            log.warning("interrupted during epoch %d; %s. Continue with --resume %s", epoch, _last_good(folder, epoch),
-                        folder.path)
+        if run.dist_info.is_main:
+            log.warning("interrupted during epoch %d; %s. Continue with --resume %s", epoch,
+                        _last_good(run.folder, epoch), run.folder.path)
         raise
-    return FitResult(output_dir=folder.path, history=history, best_metric=best, final_metrics=final)
+    return final
+
+
+def _one_epoch(run: _Run, standing: _Standing, epoch: int) -> dict[str, float] | None:
+    """Train ``epoch``, evaluate when due (``eval_every``, and always after the last epoch), add its record to
+    ``standing`` and commit it (main process); returns the evaluation's metrics, None when none ran."""
+    cfg, device = run.cfg, run.dist_info.device
+    run.train_loader.sampler.set_epoch(epoch)
+    if hasattr(run.train_set, "set_epoch"):
+        run.train_set.set_epoch(epoch)
+    train_stats = train_one_epoch(
+        run.task, run.ddp_model, run.criterion, run.train_loader, run.optimizer, device, epoch,
+        clip_max_norm=cfg.optim.clip_max_norm, amp=cfg.optim.amp, max_steps=cfg.max_steps_per_epoch,
+        progress=run.progress, scaler=run.scaler,
+    )
+    run.scheduler.step()
+    train_stats = all_reduce_mean(train_stats, device)
+    record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
+    metrics = None
+    last = epoch == cfg.optim.epochs - 1
+    if run.val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+        metrics = run.task.evaluate(run.model, run.val_loader, device, run.progress)
+        record.update({f"val/{k}": v for k, v in metrics.items()})
+    record["lr"] = run.optimizer.param_groups[0]["lr"]
+    standing.history.append(json_safe(record))
+    is_best = standing.update_best(record.get(f"val/{run.task.primary_metric}"), epoch)
+    if run.dist_info.is_main:
+        run.folder.commit_epoch(_checkpoint(run, standing, record, epoch), record, is_best)
+        shown = {k: v for k, v in record.items() if isinstance(v, float) and not k.startswith("train/loss_")}
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    return metrics
+
+
+def _checkpoint(run: _Run, standing: _Standing, record: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """The contents of ``checkpoint.pth`` after ``epoch``: everything a resume needs, and every epoch's record."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "config": run.run_cfg.to_dict(),
+        "rng": rng_state(),
+        "task": run.task.name,
+        "best_metric": standing.best,
+        "best_epoch": standing.best_epoch,
+        "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
+        "history": standing.history,  # every epoch's record: metrics.jsonl is rebuilt from it on resume
+        **run.task.checkpoint_extra(),
+    }
 
 
 class TrainingStopped(RuntimeError):

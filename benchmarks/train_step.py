@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from updetr.config import make_config
-from updetr.engine.loop import _float_output, autocast_context, build_optimizer, optimizer_step
+from updetr.engine.epoch import _float_output, autocast_context, build_optimizer, optimizer_step
 from updetr.engine.pretrain import PretrainTask
 from updetr.losses.criterion import build_criterion
 from updetr.models import build_detr

@@ -8,7 +8,8 @@ import torch
 from updetr.config import make_config
 from updetr.engine.checkpoint import CheckpointError, init_from_checkpoint, save_checkpoint
 from updetr.engine.distributed import DistInfo
-from updetr.engine.loop import build_optimizer, fit
+from updetr.engine.epoch import build_optimizer
+from updetr.engine.loop import fit
 from updetr.engine.pretrain import PretrainTask
 from updetr.models import build_detr, build_updetr
 

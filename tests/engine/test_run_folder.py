@@ -14,7 +14,7 @@ from updetr.engine import run_folder as R
 from updetr.engine.checkpoint import load_checkpoint, save_checkpoint
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo
-from updetr.engine.loop import TrainingStopped, fit
+from updetr.engine.loop import fit
 from updetr.engine.run_folder import RunFolderError
 
 FAST = ["max_steps_per_epoch=1", "eval_every=1", "optim.lr_backbone=0"]  # one step an epoch, CNN frozen
@@ -286,23 +286,3 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     ckpt = load_checkpoint(run / "checkpoint.pth")
     assert ckpt["epoch"] == 2 and epochs(run) == [0, 1, 2]
     assert all(torch.equal(ckpt["model"][k], v) for k, v in weights.items())
-
-
-@pytest.mark.slow
-def test_non_finite_outputs_and_gradients_never_reach_the_weights(embedded, tiny_overrides, tmp_path, monkeypatch):
-    real = L._float_output
-
-    def nan_boxes(output):
-        out = real(output)
-        out.boxes_cxcywh = out.boxes_cxcywh * float("nan")
-        return out
-
-    with monkeypatch.context() as m:
-        m.setattr(L, "_float_output", nan_boxes)  # what blown-up weights give: the matcher could not run on it
-        with pytest.raises(TrainingStopped, match=r"the model output is not finite at epoch 0 step 0 .*nothing was saved"):
-            train(tiny_overrides, embedded, tmp_path / "a", "optim.epochs=1")
-    real_clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(L.torch.nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm: real_clip(params, max_norm) * float("inf"))
-    with pytest.raises(TrainingStopped, match=r"the gradient norm is inf at epoch 0 step 0 .*no epoch had finished"):
-        train(tiny_overrides, embedded, tmp_path / "b", "optim.epochs=1")

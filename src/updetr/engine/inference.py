@@ -24,9 +24,10 @@ from ..data.one_shot import OneShotSplit, load_oneshot_split
 from ..evaluation.one_shot import OneShotResult
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from .distributed import DistInfo, resolve_device
-from .loop import Task, make_loader
+from .loop import make_loader
 from .one_shot import OneShotTask
 from .panoptic import PanopticTask
+from .task_protocol import Task
 from .tasks import TASKS, build_task
 
 __all__ = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from .detection import DetectionTask
-from .loop import Task
 from .one_shot import OneShotTask
 from .panoptic import PanopticTask
 from .pretrain import PretrainTask
+from .task_protocol import Task
 
 __all__ = ["TASKS", "build_task"]
 

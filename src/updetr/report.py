@@ -14,8 +14,8 @@ from torchvision.ops import box_iou
 from .data.embedded import bundled_picture
 from .data.folder import ImageFolder
 from .data.io import load_image
+from .data.query_patches import sample_patch_boxes
 from .data.transforms import build_transforms
-from .data.unlabeled import sample_patch_boxes
 from .engine.distributed import resolve_device
 from .engine.inference import load_trained
 from .evaluation.postprocess import postprocess_detections

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from updetr.cli import main
-from updetr.data.embedded import EMBEDDED_THING_CLASSES
+from updetr.data.embedded_sources import EMBEDDED_THING_CLASSES
 
 
 def _tiny(tiny_overrides):

@@ -7,7 +7,8 @@ import torch
 
 from updetr import cli
 from updetr.config import ModelConfig, PretrainConfig, make_config
-from updetr.data.embedded import (EMBEDDED_LAYOUT, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, embedded_data_overrides)
+from updetr.data.embedded import EMBEDDED_LAYOUT, embedded_data_overrides
+from updetr.data.embedded_sources import EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.engine.inference import evaluate_one_shot
 from updetr.engine.one_shot import OneShotTask

@@ -10,7 +10,7 @@ from PIL import Image
 from updetr import cli
 from updetr.config import make_config
 from updetr.data.coco_panoptic import rgb_to_id
-from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
+from updetr.data.embedded_sources import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.engine.panoptic import PanopticTask, build_panoptic_model, initialise_panoptic_model
 from updetr.models import build_updetr

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from .data.embedded import bundled_picture
+from .data.embedded_sources import bundled_picture
 from .data.folder import ImageFolder
 from .data.io import load_image
 from .data.query_patches import sample_patch_boxes

@@ -10,7 +10,8 @@ from PIL import Image
 
 from updetr.config import DataConfig
 from updetr.data.coco_panoptic import CocoPanoptic, id_to_rgb, read_panoptic_png, rgb_to_id
-from updetr.data.embedded import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES, generate_embedded
+from updetr.data.embedded import generate_embedded
+from updetr.data.embedded_sources import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
 from updetr.data.io import DataError
 from updetr.data.transforms import build_transforms
 

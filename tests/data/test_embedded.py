@@ -1,4 +1,5 @@
-"""The embedded benchmark: its pictures, determinism, COCO / COCO-panoptic validity, reuse and the one-shot split."""
+"""The embedded benchmark (``updetr.data.embedded``): layout, determinism, COCO / COCO-panoptic validity, reuse,
+the one-shot split and the generation arguments."""
 
 import json
 import os
@@ -6,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from updetr.data import embedded
-from updetr.data.embedded import (
-    EMBEDDED_STUFF_CLASSES,
-    EMBEDDED_THING_CLASSES,
-    FORMAT_VERSION,
-    ONESHOT_UNSEEN,
-    THING_SOURCES,
-    generate_embedded,
-    load_split,
-)
+from updetr.data.embedded import FORMAT_VERSION, generate_embedded, load_split
+from updetr.data.embedded_sources import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN, THING_SOURCES
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 
@@ -31,11 +23,6 @@ NUM_THINGS = len(EMBEDDED_THING_CLASSES)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return generate_embedded(tmp_path_factory.mktemp("embedded") / "bench", **TINY)
-
-
-@pytest.fixture(scope="module")
-def assets():
-    return embedded._load_assets()
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -153,76 +140,6 @@ def test_oneshot_split_is_ten_seen_and_four_unseen_thing_classes(dataset):
     assert split["seen"] == [name for name in EMBEDDED_THING_CLASSES if name not in ONESHOT_UNSEEN]
     assert len(split["seen"]) == 10 and len(split["unseen"]) == 4
     assert sorted(split["seen"] + split["unseen"]) == sorted(EMBEDDED_THING_CLASSES)
-
-
-def test_thing_classes_are_the_photographed_objects_in_source_order():
-    assert len(THING_SOURCES) == NUM_THINGS == 14
-    assert EMBEDDED_THING_CLASSES == tuple(source.name for source in THING_SOURCES)
-    assert len(set(EMBEDDED_THING_CLASSES)) == NUM_THINGS
-    assert EMBEDDED_THING_CLASSES[:3] == ("cat", "coffee", "astronaut")
-    assert not set(EMBEDDED_THING_CLASSES) & set(EMBEDDED_STUFF_CLASSES)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.mark.parametrize("source", THING_SOURCES, ids=lambda source: source.name)
-def test_every_thing_picture_loads_offline_from_an_installed_package(offline, source):
-    picture = embedded.bundled_picture(source.picture)
-    assert picture.ndim in (2, 3) and min(picture.shape[:2]) >= 64
-    if picture.ndim == 3:
-        assert picture.shape[2] in ((4,) if source.matte == "alpha" else (3, 4))  # an ellipse cut ignores any alpha
-    assert picture.dtype == (bool if source.matte == "silhouette" else np.uint8)
-    x0, y0, x1, y1 = source.box
-    assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
-    # the object's region: a real picture (not a flat fill), at the stored side
-    thing = embedded._load_thing(source, np.asarray(skimage.data.grass()))
-    assert thing.rgb.ndim == 3 and thing.rgb.shape[2] == 3 and max(thing.rgb.shape[:2]) == embedded._SOURCE_SIDE
-    assert thing.rgb.std() > 10.0
-    if source.matte == "ellipse":
-        assert thing.alpha is None
-    else:
-        assert thing.alpha.shape == thing.rgb.shape[:2] and (thing.alpha >= 0.5).any()
-
-
-@pytest.mark.parametrize("index", range(NUM_THINGS), ids=list(EMBEDDED_THING_CLASSES))
-def test_each_thing_class_can_be_drawn_into_a_box(assets, index):
-    thing = assets.things[index]
-    rgb, alpha = embedded._thing_patch(np.random.default_rng(index), thing, 40, 56)
-    assert rgb.shape == alpha.shape + (3,) and alpha.shape[0] <= 40 and alpha.shape[1] <= 56
-    solid = alpha >= 0.5
-    # cropped to its support: the matte reaches every side of the patch, and covers a fair part of it
-    assert solid[0].any() and solid[-1].any() and solid[:, 0].any() and solid[:, -1].any()
-    assert solid.mean() > 0.2 and 0.0 <= rgb.min() and rgb.max() <= 255.0 and rgb[solid].std() > 5.0
-
-
-def test_composed_images_draw_every_class_and_box_each_instance_tightly(assets):
-    seen = set()
-    for i in range(40):
-        composite = embedded._compose(np.random.default_rng([7, i]), assets, 96, 128)
-        assert composite.image.shape == (96, 128, 3) and composite.image.dtype == np.uint8
-        assert 1 <= len(composite.instances) <= embedded.DEFAULT_MAX_OBJECTS
-        owners = np.zeros((96, 128), dtype=int)
-        for instance in composite.instances:
-            assert instance.mask.shape == (96, 128) and instance.mask.any()
-            assert not (owners[instance.mask]).any()  # visible masks never overlap
-            owners[instance.mask] = 1
-            x, y, w, h = embedded._tight_box(instance.mask)
-            inside = instance.mask[y:y + h, x:x + w]
-            assert inside.sum() == instance.mask.sum()  # the box holds the whole mask ...
-            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()  # ... tightly
-            seen.add(instance.class_index)
-        assert np.all(composite.stuff[owners > 0] == -1)  # no stuff under a thing
-    assert seen == set(range(NUM_THINGS))
 
 
 def test_written_boxes_are_the_tight_boxes_of_the_written_masks(dataset):

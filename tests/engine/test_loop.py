@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from updetr.config import make_config
-from updetr.data.embedded import EMBEDDED_THING_CLASSES
+from updetr.data.embedded_sources import EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import load_checkpoint
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo

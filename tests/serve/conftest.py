@@ -62,7 +62,7 @@ def trained_pretrain(tmp_path_factory):
     0.14-0.15 for seeds 0-2; 0.24 after 60 steps; 0.70 after these 300)."""
     from PIL import Image
 
-    from updetr.data.embedded import bundled_picture
+    from updetr.data.embedded_sources import bundled_picture
     from updetr.engine.distributed import init_distributed
     from updetr.engine.loop import fit
     from updetr.engine.pretrain import PretrainTask

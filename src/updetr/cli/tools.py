@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.embedded import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE, generate_embedded
+from ..data.embedded import generate_embedded
+from ..data.embedded_compose import DEFAULT_MAX_OBJECTS, DEFAULT_OBJECT_SIZE
 from ..export import OPSET, export_onnx, load_for_export, onnx_session, parity
 from ..models.official import convert_official_checkpoint, parse_overrides
 from ..serve import serve

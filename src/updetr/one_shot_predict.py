@@ -10,9 +10,9 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from .box_ops import normalized_cxcywh_to_xyxy_px
+from .data.exemplar_patches import check_exemplar_box, crop_query_patch
 from .data.folder import ImageFolder, finish_skipped
 from .data.io import load_image
-from .data.one_shot import check_exemplar_box, crop_query_patch
 from .data.transforms import build_transforms
 from .engine.inference import LoadedModel
 from .models.one_shot import MATCH_LABEL

@@ -1,4 +1,5 @@
-"""One-shot data: splits, exemplar checks, CoAE training pairs and deterministic evaluation episodes."""
+"""One-shot data (``updetr.data.one_shot``): the exemplar bank, CoAE training pairs and deterministic evaluation
+episodes."""
 
 import json
 
@@ -9,19 +10,9 @@ from PIL import Image
 
 from updetr.config import DataConfig
 from updetr.data.coco import CocoDetection
-from updetr.data.io import DataError
-from updetr.data.one_shot import (
-    PAPER_VOC_SPLIT,
-    ExemplarBank,
-    OneShotEpisodes,
-    OneShotSplit,
-    OneShotTrainDataset,
-    check_exemplar_box,
-    collate_one_shot,
-    load_oneshot_split,
-)
+from updetr.data.one_shot import ExemplarBank, OneShotEpisodes, OneShotTrainDataset, collate_one_shot
+from updetr.data.one_shot_split import OneShotSplit
 from updetr.data.transforms import build_transforms
-from updetr.data.voc import VOC_CLASSES
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -59,32 +50,6 @@ def coco_dir(tmp_path_factory):
 def dataset(root, train):
     cfg = DataConfig(scales=[48], max_size=64, val_size=48, crop=False, hflip=0.5)
     return CocoDetection(root / "images", root / "ann.json", build_transforms(cfg, train=train))
-
-
-def test_split_specs_and_unknown_class_names(coco_dir, tmp_path):
-    assert load_oneshot_split("voc", VOC_CLASSES) == PAPER_VOC_SPLIT
-    assert len(PAPER_VOC_SPLIT.seen) == 16 and set(PAPER_VOC_SPLIT.unseen) == {"cow", "sheep", "cat", "aeroplane"}
-    assert load_oneshot_split("", VOC_CLASSES, data_format="voc") == PAPER_VOC_SPLIT
-    assert load_oneshot_split("unseen=c", CLASSES) == OneShotSplit(("a", "b", "d"), ("c",))
-    (tmp_path / "oneshot_split.json").write_text(json.dumps({"seen": ["a"], "unseen": ["b"]}))
-    assert load_oneshot_split("", CLASSES, data_root=str(tmp_path)).unseen == ("b",)
-    assert load_oneshot_split(str(tmp_path), CLASSES).seen == ("a",)
-    with pytest.raises(DataError, match="'zebra', not a class"):
-        load_oneshot_split({"seen": ["a", "zebra"], "unseen": ["c"]}, CLASSES)
-    with pytest.raises(DataError, match="'cow'"):
-        load_oneshot_split("voc", CLASSES)
-    with pytest.raises(DataError, match="both seen and unseen"):
-        OneShotSplit(("a", "c"), ("c",))
-    with pytest.raises(DataError, match="no one-shot split given"):
-        load_oneshot_split("", CLASSES)
-
-
-def test_exemplar_box_checks():
-    check_exemplar_box((0, 0, 48, 48), (48, 48), 8, "x.jpg")
-    with pytest.raises(DataError, match="x.jpg: exemplar box .* outside the 48x40"):
-        check_exemplar_box((30, 0, 50, 20), (40, 48), 8, "x.jpg")
-    with pytest.raises(DataError, match="smaller than the minimum 8x8"):
-        check_exemplar_box((0, 0, 20, 5), (40, 48), 8, "x.jpg")
 
 
 def test_exemplar_bank_skips_crowd_and_tiny_boxes(coco_dir):

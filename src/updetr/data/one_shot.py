@@ -1,15 +1,11 @@
 """One-shot detection data (paper §3.2, §4.3; docs/method.md §3), following CoAE's protocol.
 
-**Split.** Classes are *seen* (trained on) or *unseen* (evaluated only); dataset classes
-in neither list are ignored (never a query, never a target). :func:`load_oneshot_split`
-reads the paper's VOC split (:data:`PAPER_VOC_SPLIT`), the embedded benchmark's
-``oneshot_split.json``, any ``{"seen": [...], "unseen": [...]}`` JSON file, or an inline
-``unseen=a,b[;seen=c,d]`` (seen defaults to every other class).
+**Split.** Classes are *seen* (trained on) or *unseen* (evaluated only):
+``updetr.data.one_shot_split`` (:class:`OneShotSplit`, :func:`load_oneshot_split`).
 
 **Exemplars** (query patches) are ground-truth boxes: never crowd / VOC-difficult, both
-sides at least ``min_exemplar_size`` pixels of the original image. A patch is the box's
-crop of the original image resized to ``query_size`` x ``query_size`` (aspect ratio not
-kept, as in pre-training; antialiased), normalised with ImageNet mean/std.
+sides at least ``min_exemplar_size`` pixels of the original image (:class:`ExemplarBank`); a
+patch is cut from its box by ``updetr.data.exemplar_patches``.
 
 **Training pairs** (:class:`OneShotTrainDataset`): for each training image, one seen class
 present in it is drawn, a query patch of that class is cropped from a *different* image's
@@ -30,197 +26,32 @@ fewer exist). Fully deterministic.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as F
 
 from updetr.data.coco import CocoStyleDataset
 from updetr.data.collate import collate_with_patches
-from updetr.data.io import DataError, load_annotated_image
-from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from updetr.data.exemplar_patches import crop_patch_uint8, load_pixels, normalize_patch
+from updetr.data.io import DataError
+from updetr.data.one_shot_split import OneShotSplit, load_oneshot_split
 from updetr.structures import ImageBatch, Target
 
 __all__ = [
-    "PAPER_VOC_SPLIT", "OneShotSplit", "load_oneshot_split", "ExemplarBank", "crop_query_patch",
-    "check_exemplar_box", "OneShotTrainDataset", "OneShotEpisodes", "CachedOneShot", "collate_one_shot",
+    "ExemplarBank", "OneShotTrainDataset", "OneShotEpisodes", "CachedOneShot", "collate_one_shot",
+    # re-exported: engine.one_shot imports the split from here
+    "OneShotSplit", "load_oneshot_split",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 _CROP_CACHE = 1024  # evaluation keeps this many uint8 exemplar crops per process
-
-
-@dataclass(frozen=True)
-class OneShotSplit:
-    """Class names trained on (``seen``) and evaluated only (``unseen``); disjoint."""
-
-    seen: tuple[str, ...]
-    unseen: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        both = sorted(set(self.seen) & set(self.unseen))
-        if both:
-            raise DataError(f"one-shot split: {both} are listed as both seen and unseen")
-        if not self.seen:
-            raise DataError("one-shot split: no seen class (training needs at least one)")
-
-    def labels(self, classes: Sequence[str], source: str = "the dataset") -> tuple[list[int], list[int]]:
-        """(seen, unseen) contiguous labels in ``classes``; an unknown name is a DataError naming it."""
-        unknown = [name for name in self.seen + self.unseen if name not in classes]
-        if unknown:
-            raise DataError(
-                f"one-shot split names {', '.join(map(repr, unknown))}, not a class of {source} "
-                f"(its classes: {', '.join(classes)})"
-            )
-        return [classes.index(n) for n in self.seen], [classes.index(n) for n in self.unseen]
-
-    def to_dict(self) -> dict[str, list[str]]:
-        return {"seen": list(self.seen), "unseen": list(self.unseen)}
-
-
-#: Paper Table 3 / CoAE: 16 seen VOC classes, 4 unseen (cow, sheep, cat, aeroplane).
-PAPER_VOC_SPLIT = OneShotSplit(
-    seen=("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
-          "horse", "bicycle", "dog", "bird", "motorbike", "diningtable"),  # fmt: skip
-    unseen=("cow", "sheep", "cat", "aeroplane"),
-)
-
-
-def load_oneshot_split(
-    spec: str | Mapping[str, Sequence[str]] | OneShotSplit,
-    classes: Sequence[str],
-    *,
-    data_root: str = "",
-    data_format: str = "coco",
-) -> OneShotSplit:
-    """Resolve a split description against the dataset's ``classes`` (validated).
-
-    ``spec``: ``""`` (``data_root/oneshot_split.json`` when it exists, else the paper's VOC
-    split for ``data_format == "voc"``), ``"voc"``, ``"embedded"`` (``data_root/oneshot_split.json``),
-    a JSON file or a folder holding ``oneshot_split.json``, ``"unseen=a,b[;seen=c,d]"``,
-    a ``{"seen", "unseen"}`` mapping or a :class:`OneShotSplit`.
-
-    Raises:
-        DataError: unreadable file, malformed spec, or a class name not in ``classes``.
-    """
-    if isinstance(spec, OneShotSplit):
-        split = spec
-    elif isinstance(spec, Mapping):
-        split = _from_mapping(spec, "split")
-    else:
-        spec = spec.strip()
-        root_file = Path(data_root) / "oneshot_split.json" if data_root else None
-        if spec == "":
-            if root_file is not None and root_file.is_file():
-                spec = str(root_file)
-            elif data_format == "voc":
-                spec = "voc"
-            else:
-                raise DataError(
-                    "no one-shot split given: pass --split (voc | a JSON file with 'seen' and 'unseen' class names "
-                    f"| 'unseen=a,b'), or put oneshot_split.json in data.root ({data_root or 'unset'})"
-                )
-        if spec == "voc":
-            split = PAPER_VOC_SPLIT
-        elif spec == "embedded":
-            if root_file is None:
-                raise DataError("split 'embedded' needs data.root, the embedded benchmark folder")
-            split = _from_file(root_file)
-        elif "=" in spec and not Path(spec).exists():
-            split = _from_inline(spec, classes)
-        else:
-            path = Path(spec)
-            split = _from_file(path / "oneshot_split.json" if path.is_dir() else path)
-    split.labels(classes)
-    return split
-
-
-def _from_mapping(data: Mapping, source: str) -> OneShotSplit:
-    if not isinstance(data, Mapping) or set(data) != {"seen", "unseen"}:
-        raise DataError(f"{source}: a one-shot split must hold exactly 'seen' and 'unseen' lists of class names")
-    lists = [data["seen"], data["unseen"]]
-    if not all(isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v) for v in lists):
-        raise DataError(f"{source}: 'seen' and 'unseen' must be lists of class names")
-    return OneShotSplit(tuple(lists[0]), tuple(lists[1]))
-
-
-def _from_file(path: Path) -> OneShotSplit:
-    if not path.is_file():
-        raise DataError(f"{path}: one-shot split file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read the one-shot split ({err})") from None
-    return _from_mapping(data, str(path))
-
-
-def _from_inline(spec: str, classes: Sequence[str]) -> OneShotSplit:
-    parts = {}
-    for item in spec.split(";"):
-        key, sep, names = item.partition("=")
-        if not sep or key.strip() not in ("seen", "unseen"):
-            raise DataError(f"split {spec!r}: expected 'unseen=a,b' optionally followed by ';seen=c,d'")
-        parts[key.strip()] = tuple(n.strip() for n in names.split(",") if n.strip())
-    if "unseen" not in parts:
-        raise DataError(f"split {spec!r}: names no unseen class")
-    seen = parts.get("seen", tuple(c for c in classes if c not in parts["unseen"]))
-    return OneShotSplit(seen, parts["unseen"])
-
-
-# ----------------------------------------------------------------------------- exemplars
-
-
-def check_exemplar_box(box_xyxy_px: Sequence[float], image_hw: tuple[int, int], min_size: int, source: str) -> None:
-    """Raise DataError unless the box lies inside the image and both sides are >= ``min_size`` pixels."""
-    x0, y0, x1, y1 = (float(v) for v in box_xyxy_px)
-    height, width = image_hw
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise DataError(f"{source}: exemplar box {list(box_xyxy_px)} is not finite")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height or x1 <= x0 or y1 <= y0:
-        raise DataError(
-            f"{source}: exemplar box x={x0:g}, y={y0:g}, w={x1 - x0:g}, h={y1 - y0:g} is outside the "
-            f"{width}x{height} (width x height) image or empty"
-        )
-    if x1 - x0 < min_size or y1 - y0 < min_size:
-        raise DataError(
-            f"{source}: exemplar box is {x1 - x0:g}x{y1 - y0:g} pixels, smaller than the minimum "
-            f"{min_size}x{min_size} (min_exemplar_size)"
-        )
-
-
-def crop_query_patch(pixels: Tensor, box_xyxy_px: Sequence[float], query_size: int) -> Tensor:
-    """Crop a box of a uint8 (3, H, W) image, resize to (3, q, q) (antialiased), normalise (float)."""
-    return normalize_patch(crop_patch_uint8(pixels, box_xyxy_px, query_size))
-
-
-def crop_patch_uint8(pixels: Tensor, box_xyxy_px: Sequence[float], query_size: int) -> Tensor:
-    height, width = pixels.shape[-2:]
-    x0, y0 = max(0, math.floor(box_xyxy_px[0])), max(0, math.floor(box_xyxy_px[1]))
-    x1, y1 = min(width, math.ceil(box_xyxy_px[2])), min(height, math.ceil(box_xyxy_px[3]))
-    return F.resized_crop(pixels, y0, x0, max(1, y1 - y0), max(1, x1 - x0), [query_size, query_size], antialias=True)
-
-
-def normalize_patch(patch_uint8: Tensor) -> Tensor:
-    return (patch_uint8.float() / 255.0 - _MEAN) / _STD  # (3, q, q)
-
-
-def load_pixels(dataset: CocoStyleDataset, index: int) -> Tensor:
-    """The original image of item ``index`` as uint8 (3, H, W)."""
-    hw = tuple(int(v) for v in dataset.raw_target(index)["orig_size"])
-    return F.pil_to_tensor(load_annotated_image(dataset.image_paths[index], hw))
 
 
 class ExemplarBank:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, PanopticConfig
-from ..data.one_shot import OneShotSplit, load_oneshot_split
+from ..data.one_shot_split import OneShotSplit, load_oneshot_split
 from ..evaluation.one_shot import OneShotResult
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from .distributed import DistInfo, resolve_device

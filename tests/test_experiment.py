@@ -11,7 +11,6 @@ import pytest
 from updetr.cli import build_parser, config_from_args, main
 from updetr.config import ConfigError
 from updetr.experiment import experiment_budget, run_experiment
-from updetr.experiment_report import verdict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -167,17 +166,6 @@ def test_runs_in_parallel_processes_give_the_tables_of_runs_one_after_another(qu
     assert got["table3"]["rows"] and got["table4"]["rows"]
     stats = list(_stats(parallel.results["tables"]))
     assert len(stats) >= 30 and all([e["seed"] for e in st] == [0] for st in stats)  # one number of seed 0 in each
-
-
-def test_verdict_follows_the_numbers():
-    assert verdict([1.0, 2.0, 3.0], +1) == (True, True, "yes (3/3 seeds)")
-    assert verdict([-1.0, 2.0, 3.0], +1) == (True, False, "yes, within one std (2/3 seeds)")
-    assert verdict([1.0, -2.0, -3.0], +1) == (False, False, "no (1/3 seeds)")
-    assert verdict([0.001, 0.002], +1) == (False, False, "no (no difference; 2/2 seeds)")  # +0.00 as shown
-    assert verdict([0.001, 0.002], +1, digits=3)[0] is True
-    assert verdict([0.5, -0.7], 0) == (True, True, "yes (|difference| within one std)")
-    assert verdict([5.0, 5.1], 0)[0] is False
-    assert verdict([1.0, None], +1)[0] is None
 
 
 @pytest.mark.parametrize("item, message", [

@@ -17,9 +17,9 @@ models         ``models.*``
 losses         ``losses.*``
 evaluation     ``evaluation.*``
 engine         ``engine.*`` (the tasks, the training loop, run folders, inference loading)
-applications   ``demo``, ``experiment``, ``experiment_plan``, ``experiment_report``, ``stages``, ``report``,
-               ``predict``, ``one_shot_predict``, ``panoptic_predict``, ``query``, ``visualize``, ``export``,
-               ``serve.*``
+applications   ``demo``, ``experiment``, ``experiment_plan``, ``experiment_tables``, ``experiment_report``,
+               ``stages``, ``report``, ``predict``, ``one_shot_predict``, ``panoptic_predict``, ``query``,
+               ``visualize``, ``export``, ``serve.*``
 cli            ``cli.*`` (one module per subcommand), ``__main__``, and the package root
                ``updetr`` (``updetr/__init__.py``)
 =============  ==============================================================================================
@@ -57,8 +57,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("losses", ["losses.*"]),
     ("evaluation", ["evaluation.*"]),
     ("engine", ["engine.*"]),
-    ("applications", ["demo", "experiment", "experiment_plan", "experiment_report", "stages", "report", "predict",
-                      "one_shot_predict", "panoptic_predict", "query", "visualize", "export", "serve.*"]),
+    ("applications", ["demo", "experiment", "experiment_plan", "experiment_tables", "experiment_report", "stages",
+                      "report", "predict", "one_shot_predict", "panoptic_predict", "query", "visualize", "export",
+                      "serve.*"]),
     ("cli", ["cli.*", "__main__", ""]),
 ]
 

@@ -19,7 +19,7 @@ The rules (:class:`RunFolder`):
 2. **A resume checks before it writes.** The checkpoint must be a training checkpoint of the same
    task; its stored config is compared with the requested one field by field. Fields that define
    what is trained (model, pre-training, one-shot, loss, seed, data format and augmentation) must
-   be equal: a change is refused, naming every field. The fields of :data:`HONOURED_ON_RESUME`
+   be equal: a change is refused, naming every field. The fields of ``resume_rules.HONOURED_ON_RESUME``
    (schedule, learning rates, epochs, evaluation, batch, workers, device, data paths, output folder)
    may change: the resumed run uses the new values from its first epoch on, and ``resumes.jsonl``
    and ``config.json`` record them. ``model.backbone_weights`` and ``init_from`` only initialise
@@ -56,23 +56,12 @@ import torch
 
 from ..config import Config, ConfigError
 from .checkpoint import first_line, fsync_folder, load_checkpoint, save_checkpoint
+from .resume_rules import same_path, sort_changes
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "HONOURED_ON_RESUME", "INITIALISATION_ONLY", "ResumePlan", "RunFolder", "RunFolderError", "compare_configs",
-    "read_metrics", "json_safe",
-]
+__all__ = ["ResumePlan", "RunFolder", "RunFolderError", "compare_configs", "read_metrics", "json_safe"]
 
-#: Config fields a resumed run may change: it uses the new values from its first epoch on.
-HONOURED_ON_RESUME = frozenset({
-    "optim.epochs", "optim.lr", "optim.lr_backbone", "optim.lr_drop", "optim.weight_decay", "optim.clip_max_norm",
-    "optim.amp", "eval_every", "max_steps_per_epoch", "device", "output_dir", "data.batch_size", "data.num_workers",
-    "data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
-    "data.images",
-})
-#: Config fields that only initialise a run; a resume keeps the stored value.
-INITIALISATION_ONLY = frozenset({"model.backbone_weights", "init_from"})
 #: Entries of a checkpoint that training needs to continue from it.
 _TRAINING_KEYS = ("epoch", "optimizer", "lr_scheduler", "config")
 _RUN_FILES = ("config.json", "checkpoint.pth", "best.pth", "metrics.jsonl", "resumes.jsonl")
@@ -105,16 +94,6 @@ def json_safe(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def compare_configs(stored: dict[str, Any], requested: Config, source: str) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """Check a resume's requested config against the checkpoint's.
 
@@ -122,36 +101,14 @@ def compare_configs(stored: dict[str, Any], requested: Config, source: str) -> t
         ``(config the resumed run trains with, {field: (stored, new)} of the honoured changes)``.
 
     Raises:
-        RunFolderError: a field outside :data:`HONOURED_ON_RESUME` differs (all such fields are
+        RunFolderError: a field outside ``resume_rules.HONOURED_ON_RESUME`` differs (all such fields are
             named with both values), or a change cannot be honoured (a frozen CNN made trainable).
     """
     try:
-        old = _flatten(Config.from_dict(stored, source).to_dict())
+        stored_cfg = Config.from_dict(stored, source)
     except ConfigError as err:
         raise RunFolderError(f"{source}: the config stored in the checkpoint is not valid any more ({err})") from None
-    new = _flatten(requested.to_dict())
-    effective = requested.to_dict()
-    refused, honoured = [], {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if key == "output_dir" and a is not None and b is not None and _same_path(a, b):
-            continue
-        if a == b:
-            continue
-        if key in INITIALISATION_ONLY:
-            if b in ("", "none", None):
-                section, _, name = key.rpartition(".")
-                (effective[section] if section else effective)[name] = a  # the run was initialised so
-                continue
-            refused.append(f"{key} {a!r} -> {b!r} (it only initialises a run; the weights come from the checkpoint)")
-        elif key in HONOURED_ON_RESUME:
-            honoured[key] = (a, b)
-        else:
-            refused.append(f"{key} {a!r} -> {b!r}")
-    lr_backbone = honoured.get("optim.lr_backbone")
-    if lr_backbone and (lr_backbone[0] == 0) != (lr_backbone[1] == 0):
-        refused.append(f"optim.lr_backbone {lr_backbone[0]!r} -> {lr_backbone[1]!r} (a frozen CNN cannot become "
-                       "trainable, nor a trained one frozen, in a resumed run)")
+    effective, honoured, refused = sort_changes(stored_cfg, requested)
     if refused:
         raise RunFolderError(
             f"{source}: cannot resume with a different setup: {'; '.join(refused)}. Resume with the checkpoint's "
@@ -159,10 +116,6 @@ def compare_configs(stored: dict[str, Any], requested: Config, source: str) -> t
             "from these weights)"
         )
     return Config.from_dict(effective, "resumed config"), honoured
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -286,7 +239,7 @@ class RunFolder:
         if epoch + 1 > config.optim.epochs:
             raise RunFolderError(f"{source}: has finished {epoch + 1} epochs, more than optim.epochs={config.optim.epochs}; "
                                  "to train longer raise --epochs")
-        if not _same_path(str(source.parent), str(self.path)):
+        if not same_path(str(source.parent), str(self.path)):
             self.check_fresh(f", so {source} cannot continue into it")
         if "history" in ckpt:
             history = [dict(r) for r in ckpt["history"]]
@@ -297,7 +250,7 @@ class RunFolder:
 
     def _plan_restart(self, source: Path, cfg: Config) -> ResumePlan:
         """``--resume FOLDER`` where FOLDER has no checkpoint: start the run there from epoch 0."""
-        if not _same_path(str(source), str(self.path)):
+        if not same_path(str(source), str(self.path)):
             raise RunFolderError(f"{source}: holds no checkpoint.pth to resume from")
         if self.path.is_dir() and any(e != "config.json" and not e.endswith(".tmp") for e in os.listdir(self.path)):
             raise RunFolderError(f"{self.path}: holds no checkpoint.pth but other files ({', '.join(sorted(os.listdir(self.path))[:5])}); "

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .data.coco_panoptic import id_to_rgb
 from .data.folder import ImageFolder, finish_skipped
 from .data.transforms import build_transforms
-from .evaluation.panoptic import postprocess_panoptic
+from .evaluation.panoptic_postprocess import postprocess_panoptic
 from .structures import ImageBatch
 from .visualize import save_image
 

@@ -30,12 +30,8 @@ from ..data.collate import collate_detection
 from ..data.feature_cache import cache_train_val, collate_features
 from ..data.io import DataError
 from ..data.transforms import build_transforms
-from ..evaluation.panoptic import (
-    PanopticQualityEvaluator,
-    SegmentationAPEvaluator,
-    instance_predictions,
-    postprocess_panoptic,
-)
+from ..evaluation.panoptic import PanopticQualityEvaluator, SegmentationAPEvaluator
+from ..evaluation.panoptic_postprocess import instance_predictions, postprocess_panoptic
 from ..losses.criterion import build_criterion
 from ..losses.segmentation import SegmentationCriterion
 from ..models import DETR, build_detr

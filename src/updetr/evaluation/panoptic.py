@@ -1,11 +1,5 @@
-"""Panoptic post-processing, panoptic quality (PQ / SQ / RQ) and segmentation AP.
-
-Post-processing (DETR's ``PostProcessPanoptic``, with its id-0 and padding quirks fixed):
-queries whose most likely class is not "no object" and whose probability exceeds
-``threshold`` (0.85) are kept; every pixel goes to the kept query with the highest mask
-logit; the kept queries of one stuff class form one segment; segments smaller than
-``min_area`` pixels are dropped and the pixels re-assigned, until none is. The result is
-COCO panoptic: an id map (0 = void, only when nothing is kept) plus ``segments_info``.
+"""Panoptic quality (PQ / SQ / RQ) and segmentation AP; the predictions they score come from
+``updetr.evaluation.panoptic_postprocess``.
 
 PQ follows the COCO panoptic evaluation (``panopticapi/evaluation.py``, Kirillov et al. 2019)
 exactly, per image:
@@ -24,7 +18,7 @@ Segment areas are counted in the PNGs (equal to the JSON ``area`` in a valid fil
 Segmentation AP (``AP_seg``, as DETR reports it next to PQ) is pycocotools' COCOeval with
 ``iouType="segm"`` over the *thing* categories: every ground-truth thing segment is an
 instance (crowd ones as crowd), and every query whose best class is a thing is a detection
-(mask = sigmoid > 0.5 at the original size, score = class probability).
+(mask = sigmoid > 0.5 at the original size, score = class probability: ``instance_predictions``).
 """
 
 from __future__ import annotations
@@ -32,171 +26,21 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from updetr.coco_json import coco_from_dict
-from updetr.structures import DetectionOutput
 
-__all__ = [
-    "PANOPTIC_METRICS",
-    "PanopticSegmentation",
-    "PanopticQualityEvaluator",
-    "SegmentationAPEvaluator",
-    "instance_predictions",
-    "postprocess_panoptic",
-    "upsample_masks",
-]
+__all__ = ["PANOPTIC_METRICS", "PanopticQualityEvaluator", "SegmentationAPEvaluator", "pq_image_stats"]
 
 # The paper's Table 4 columns, in order (percent).
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQth", "SQth", "RQth", "PQst", "SQst", "RQst", "AP_seg")
 _OFFSET = 1 << 32  # pairs (gt id, pred id) are encoded as gt * OFFSET + pred
-
-
-@dataclass
-class PanopticSegmentation:
-    """One image's panoptic prediction in COCO panoptic form.
-
-    Attributes:
-        segment_ids: (H, W) int64 at the original image size; 0 = void; ids 1..S.
-        segments_info: S dicts: ``id``, ``category_id`` (dataset id), ``label`` (contiguous
-            class), ``isthing``, ``iscrowd`` (0), ``score`` (highest class probability of
-            its queries), ``area`` (pixels), ``bbox`` [x, y, w, h] pixels.
-    """
-
-    segment_ids: Tensor
-    segments_info: list[dict[str, Any]] = field(default_factory=list)
-
-
-def upsample_masks(masks: Tensor, image_size: tuple[int, int], padded_size: tuple[int, int]) -> Tensor:
-    """Mask logits (K, h, w) of the padded batch -> (K, H, W) logits of the image.
-
-    Bilinear to ``padded_size`` (the batch's pixel grid), then the image's top-left
-    ``image_size`` (its size after the transforms, before padding) is cut out.
-    """
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *image_size))
-    up = F.interpolate(masks[:, None].float(), size=padded_size, mode="bilinear", align_corners=False)[:, 0]
-    return up[:, : image_size[0], : image_size[1]]  # (K, H, W)
-
-
-def _resize_ids(ids: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(ids.shape) == tuple(size):
-        return ids
-    return F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].long()
-
-
-@torch.no_grad()
-def postprocess_panoptic(
-    output: DetectionOutput,
-    image_sizes: Tensor,
-    orig_sizes: Tensor,
-    *,
-    isthing: list[bool],
-    category_ids: list[int],
-    threshold: float = 0.85,
-    min_area: int = 5,
-    padded_size: tuple[int, int] | None = None,
-) -> list[PanopticSegmentation]:
-    """Panoptic segmentation of every image of a batch.
-
-    Args:
-        output: model output with ``logits`` (B, Q, C + 1) and ``masks`` (B, Q, h, w) logits.
-        image_sizes: (B, 2) (height, width) of each image after the transforms, before
-            padding (``target["size"]``).
-        orig_sizes: (B, 2) (height, width) on disk; the id maps have this size.
-        isthing, category_ids: per contiguous label.
-        threshold: keep queries whose best class is not no-object with probability > this.
-        min_area: segments with fewer pixels (at the original size) are dropped (DETR: 5).
-        padded_size: the batch's (H, W) pixel grid; default the largest of ``image_sizes``
-            (bottom/right padding without size divisibility, as ``collate_detection``).
-    """
-    if output.masks is None:
-        raise ValueError("postprocess_panoptic needs an output with masks")
-    if min_area < 1:
-        raise ValueError(f"min_area={min_area} must be >= 1")
-    if padded_size is None:
-        padded_size = (int(image_sizes[:, 0].max()), int(image_sizes[:, 1].max()))
-    probs = output.logits.float().softmax(-1)  # (B, Q, C+1)
-    no_object = probs.shape[-1] - 1
-    results = []
-    for prob, masks, size, orig in zip(probs, output.masks, image_sizes.tolist(), orig_sizes.tolist()):
-        scores, labels = prob.max(-1)  # (Q,)
-        keep = (labels != no_object) & (scores > threshold)
-        scores, labels = scores[keep], labels[keep]
-        logits = upsample_masks(masks[keep], tuple(size), padded_size).flatten(1)  # (K, H*W)
-        results.append(_segments(logits, scores, labels, tuple(size), tuple(orig), isthing, category_ids, min_area))
-    return results
-
-
-def _segments(
-    logits: Tensor, scores: Tensor, labels: Tensor, size: tuple[int, int], orig: tuple[int, int],
-    isthing: list[bool], category_ids: list[int], min_area: int,
-) -> PanopticSegmentation:
-    """Assign pixels, merge stuff, drop small segments; ``logits`` (K, H*W) at ``size``."""
-    alive = torch.ones(len(scores), dtype=torch.bool)  # (K,) queries still in play
-    while True:
-        index = alive.nonzero().flatten().tolist()
-        if not index:
-            return PanopticSegmentation(torch.zeros(orig, dtype=torch.int64), [])
-        owner, first_of_stuff = {}, {}  # query -> the query whose segment it joins
-        for q in index:
-            label = int(labels[q])
-            owner[q] = q if isthing[label] else first_of_stuff.setdefault(label, q)
-        best = logits[index].argmax(0).cpu()  # (H*W,) position in ``index`` of the highest mask logit
-        query_map = torch.tensor([owner[q] for q in index])[best].view(size)  # (H, W) owning query
-        query_map = _resize_ids(query_map, orig)  # (H0, W0)
-        areas = torch.bincount(query_map.flatten(), minlength=len(scores))  # (K,)
-        small = {q for q in set(owner.values()) if int(areas[q]) < min_area}
-        if not small:
-            break
-        for q in index:
-            if owner[q] in small:
-                alive[q] = False
-    segment_ids = torch.zeros(orig, dtype=torch.int64)
-    segments = []
-    for q in sorted(set(owner.values())):
-        pixels = query_map == q
-        area = int(areas[q])
-        members = [m for m in index if owner[m] == q]
-        label = int(labels[q])
-        segment_id = len(segments) + 1
-        segment_ids[pixels] = segment_id
-        ys, xs = pixels.any(1).nonzero().flatten(), pixels.any(0).nonzero().flatten()
-        segments.append({
-            "id": segment_id, "category_id": int(category_ids[label]), "label": label, "isthing": bool(isthing[label]),
-            "iscrowd": 0, "score": round(float(scores[members].max()), 6), "area": area,
-            "bbox": [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)],
-        })
-    return PanopticSegmentation(segment_ids, segments)
-
-
-@torch.no_grad()
-def instance_predictions(
-    output: DetectionOutput, image_sizes: Tensor, orig_sizes: Tensor, *, padded_size: tuple[int, int] | None = None
-) -> list[dict[str, Tensor]]:
-    """Every query as an instance: ``scores`` (Q,), ``labels`` (Q,) (best class, no-object
-    excluded) and ``masks`` bool (Q, H0, W0) = sigmoid > 0.5 at the original size (DETR's
-    ``PostProcessSegm``)."""
-    if output.masks is None:
-        raise ValueError("instance_predictions needs an output with masks")
-    if padded_size is None:
-        padded_size = (int(image_sizes[:, 0].max()), int(image_sizes[:, 1].max()))
-    scores, labels = output.logits.float().softmax(-1)[..., :-1].max(-1)  # (B, Q)
-    out = []
-    for s, lab, masks, size, orig in zip(scores, labels, output.masks, image_sizes.tolist(), orig_sizes.tolist()):
-        logits = upsample_masks(masks, tuple(size), padded_size)  # (Q, H, W)
-        logits = F.interpolate(logits[:, None], size=tuple(orig), mode="bilinear", align_corners=False)[:, 0]
-        out.append({"scores": s, "labels": lab, "masks": logits > 0})
-    return out
 
 
 # ----------------------------------------------------------------------------------------- PQ
@@ -220,6 +64,18 @@ def pq_image_stats(
     pred = {int(s["id"]): s for s in pred_segments}
     pred_area = {int(i): int(n) for i, n in zip(*np.unique(pred_ids, return_counts=True))}
     gt_area = {int(i): int(n) for i, n in zip(*np.unique(gt_ids, return_counts=True))}
+    _check_prediction(pred, pred_area, known_categories)
+    pairs, counts = np.unique(gt_ids.astype(np.int64) * _OFFSET + pred_ids.astype(np.int64), return_counts=True)
+    intersection = {(int(p // _OFFSET), int(p % _OFFSET)): int(c) for p, c in zip(pairs, counts)}
+    stats: dict[int, list[float]] = {}
+    gt_matched, pred_matched = _match(gt, pred, gt_area, pred_area, intersection, stats)
+    _count_unmatched(gt, pred, pred_area, intersection, gt_matched, pred_matched, stats)
+    return stats
+
+
+def _check_prediction(pred: dict[int, dict[str, Any]], pred_area: dict[int, int],
+                      known_categories: set[int] | None) -> None:
+    """The predicted id map and segment list name the same segments (none of them 0), of known categories."""
     if 0 in pred:
         raise ValueError("predicted segments_info lists segment id 0, which means void")
     stray = sorted(int(i) for i in pred_area if i != 0 and i not in pred)
@@ -230,13 +86,18 @@ def pq_image_stats(
         unknown = sorted({int(s["category_id"]) for s in pred.values()} - known_categories)
         if unknown:
             raise ValueError(f"predicted category ids {unknown} are not dataset categories")
-    pairs, counts = np.unique(gt_ids.astype(np.int64) * _OFFSET + pred_ids.astype(np.int64), return_counts=True)
-    intersection = {(int(p // _OFFSET), int(p % _OFFSET)): int(c) for p, c in zip(pairs, counts)}
-    stats: dict[int, list[float]] = {}
 
-    def stat(category: int) -> list[float]:
-        return stats.setdefault(int(category), [0, 0, 0, 0.0])
 
+def _stat(stats: dict[int, list[float]], category: int) -> list[float]:
+    """The [tp, fp, fn, iou_sum] entry of ``category``, created at zero."""
+    return stats.setdefault(int(category), [0, 0, 0, 0.0])
+
+
+def _match(gt: dict[int, dict[str, Any]], pred: dict[int, dict[str, Any]], gt_area: dict[int, int],
+           pred_area: dict[int, int], intersection: dict[tuple[int, int], int],
+           stats: dict[int, list[float]]) -> tuple[set[int], set[int]]:
+    """Count the true positives (same category, IoU > 0.5, crowd never matched) into ``stats``; returns the
+    matched (ground-truth, predicted) segment ids."""
     gt_matched, pred_matched = set(), set()
     for (g, p), inter in intersection.items():
         if g not in gt or p not in pred or gt[g].get("iscrowd", 0) == 1:
@@ -246,11 +107,19 @@ def pq_image_stats(
         union = pred_area[p] + gt_area[g] - inter - intersection.get((0, p), 0)
         iou = inter / union
         if iou > 0.5:
-            s = stat(gt[g]["category_id"])
+            s = _stat(stats, gt[g]["category_id"])
             s[0] += 1
             s[3] += iou
             gt_matched.add(g)
             pred_matched.add(p)
+    return gt_matched, pred_matched
+
+
+def _count_unmatched(gt: dict[int, dict[str, Any]], pred: dict[int, dict[str, Any]], pred_area: dict[int, int],
+                     intersection: dict[tuple[int, int], int], gt_matched: set[int], pred_matched: set[int],
+                     stats: dict[int, list[float]]) -> None:
+    """Count the false negatives (unmatched non-crowd ground truth) and the false positives (unmatched
+    predictions, unless more than half of one lies on void or on its category's crowd region) into ``stats``."""
     crowd_of_category = {}
     for g, segment in gt.items():
         if g in gt_matched:
@@ -258,7 +127,7 @@ def pq_image_stats(
         if segment.get("iscrowd", 0) == 1:
             crowd_of_category[segment["category_id"]] = g
             continue
-        stat(segment["category_id"])[2] += 1
+        _stat(stats, segment["category_id"])[2] += 1
     for p, segment in pred.items():
         if p in pred_matched:
             continue
@@ -267,8 +136,7 @@ def pq_image_stats(
             ignored += intersection.get((crowd_of_category[segment["category_id"]], p), 0)
         if ignored / pred_area[p] > 0.5:
             continue
-        stat(segment["category_id"])[1] += 1
-    return stats
+        _stat(stats, segment["category_id"])[1] += 1
 
 
 class PanopticQualityEvaluator:

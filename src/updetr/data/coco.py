@@ -89,6 +89,18 @@ class CocoStyleDataset(Dataset):
         index_of = {image_id: k for k, image_id in enumerate(self.image_ids)}
 
         anns = data["annotations"]
+        image_index, labels, bboxes = self._parse_annotations(anns, label_of, index_of)
+        self._renumber_annotation_ids(anns)
+        areas, crowd = self._fill_defaults(anns, bboxes, return_masks)
+        boxes_xyxy, keep = self._sanitize(bboxes, self._sizes_hw[image_index])
+        self.coco = coco_from_dict(data)
+        self._index_by_image(anns, np.flatnonzero(keep), image_index, boxes_xyxy, labels, areas, crowd, return_masks)
+        self._check_image_files()
+
+    def _parse_annotations(self, anns: list[dict[str, Any]], label_of: dict[int, int],
+                           index_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(item index, contiguous label, float64 (A, 4) xywh pixel box) of every annotation; an invalid one is a
+        DataError that names it."""
         n = len(anns)
         image_index = np.zeros(n, dtype=np.int64)
         labels = np.zeros(n, dtype=np.int64)
@@ -106,22 +118,31 @@ class CocoStyleDataset(Dataset):
             bboxes = raw.astype(np.float64)  # (A, 4) xywh pixels
         except (KeyError, TypeError, ValueError):
             self._raise_invalid_annotation(anns, k, label_of, index_of)
-        self._renumber_annotation_ids(anns)
+        return image_index, labels, bboxes
+
+    def _fill_defaults(self, anns: list[dict[str, Any]], bboxes: np.ndarray,
+                       return_masks: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Fill in a missing ``iscrowd`` (0) and ``area`` (box w * h), in place; returns (area, crowd) per
+        annotation. With ``return_masks`` every annotation needs a ``segmentation``."""
+        n = len(anns)
         areas, crowd = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.int64)
         box_areas = (bboxes[:, 2] * bboxes[:, 3]).tolist()  # (A,) default area: w * h
         for k, (ann, box_area) in enumerate(zip(anns, box_areas)):
             if return_masks and "segmentation" not in ann:
-                raise DataError(f"{source}: annotation {ann.get('id')} has no 'segmentation' (masks were requested)")
+                raise DataError(f"{self.source}: annotation {ann.get('id')} has no 'segmentation' (masks were requested)")
             if "iscrowd" not in ann:
                 ann["iscrowd"] = 0
             if "area" not in ann:
                 ann["area"] = box_area
             areas[k], crowd[k] = ann["area"], bool(ann["iscrowd"])
+        return areas, crowd
 
-        boxes_xyxy, keep = self._sanitize(bboxes, self._sizes_hw[image_index])
-        self.coco = coco_from_dict(data)
-        order = np.flatnonzero(keep)
-        order = order[np.argsort(image_index[order], kind="stable")]  # annotations grouped by image
+    def _index_by_image(self, anns: list[dict[str, Any]], kept: np.ndarray, image_index: np.ndarray,
+                        boxes_xyxy: np.ndarray, labels: np.ndarray, areas: np.ndarray, crowd: np.ndarray,
+                        return_masks: bool) -> None:
+        """Store the ``kept`` annotations grouped by item (stable), with ``_offsets``: item i owns
+        ``[_offsets[i], _offsets[i + 1])``."""
+        order = kept[np.argsort(image_index[kept], kind="stable")]  # annotations grouped by image
         self._boxes = boxes_xyxy[order].astype(np.float32)  # (A', 4) xyxy pixels
         self._labels = labels[order]
         self._area = areas[order]
@@ -130,10 +151,11 @@ class CocoStyleDataset(Dataset):
         counts = np.bincount(image_index[order], minlength=len(self.image_ids))
         self._offsets = np.concatenate([[0], np.cumsum(counts)])  # item i owns [off[i], off[i+1])
 
+    def _check_image_files(self) -> None:
         missing = [str(p) for p in self.image_paths if not os.path.exists(p)]
         if missing:
             raise DataError(
-                f"{source}: {len(missing)} of {len(self.image_paths)} image files are missing, "
+                f"{self.source}: {len(missing)} of {len(self.image_paths)} image files are missing, "
                 f"e.g. {', '.join(missing[:5])}"
             )
 

@@ -129,12 +129,30 @@ class CocoPanoptic(Dataset):
         self._label_of = {cid: i for i, cid in enumerate(self.category_ids)}
 
         images = {int(img["id"]): img for img in data["images"]}
-        annotations: dict[int, dict[str, Any]] = {}
-        for k, ann in enumerate(data["annotations"]):
+        annotations = self._annotations_by_image(data["annotations"], images, source)
+
+        self.image_ids: list[int] = sorted(images)
+        image_paths = image_paths_inside(self.images_dir, list(images.values()), source)
+        png_paths = image_paths_inside(self.png_dir, list(annotations.values()), source, what="panoptic PNG")
+        self.image_paths: list[Path] = [image_paths[i] for i in self.image_ids]
+        self.png_paths: list[Path] = [png_paths[i] for i in self.image_ids]
+        self._sizes_hw = [(int(images[i]["height"]), int(images[i]["width"])) for i in self.image_ids]
+        self._segments: list[list[dict[str, Any]]] = [annotations[i]["segments_info"] for i in self.image_ids]
+        self._index_of = {image_id: k for k, image_id in enumerate(self.image_ids)}
+        self._coco = None
+        self._check_files(source)
+        logger.info("%s: %d images, %d classes (%d things)", source, len(self), len(self.classes), sum(self.isthing))
+
+    def _annotations_by_image(self, annotations: list[dict[str, Any]], images: dict[int, dict[str, Any]],
+                              source: str) -> dict[int, dict[str, Any]]:
+        """Image id -> its one panoptic annotation, each checked: a known image, a ``file_name``, segments with
+        unique positive integer ids and known categories; every image has one."""
+        by_image: dict[int, dict[str, Any]] = {}
+        for k, ann in enumerate(annotations):
             image_id = ann.get("image_id")
             if image_id not in images:
                 raise DataError(f"{source}: annotations[{k}] refers to unknown image_id {image_id!r}")
-            if image_id in annotations:
+            if image_id in by_image:
                 raise DataError(f"{source}: image {image_id} has two panoptic annotations")
             if not isinstance(ann.get("file_name"), str) or not isinstance(ann.get("segments_info"), list):
                 raise DataError(f"{source}: annotations[{k}] (image {image_id}) needs 'file_name' and a 'segments_info' list")
@@ -150,20 +168,14 @@ class CocoPanoptic(Dataset):
                         f"{source}: image {image_id} segment {segment['id']} has category_id "
                         f"{segment.get('category_id')!r}, which is not in 'categories'"
                     )
-            annotations[image_id] = ann
-        without = sorted(set(images) - set(annotations))
+            by_image[image_id] = ann
+        without = sorted(set(images) - set(by_image))
         if without:
             raise DataError(f"{source}: {len(without)} images have no panoptic annotation, e.g. ids {without[:5]}")
+        return by_image
 
-        self.image_ids: list[int] = sorted(images)
-        image_paths = image_paths_inside(self.images_dir, list(images.values()), source)
-        png_paths = image_paths_inside(self.png_dir, list(annotations.values()), source, what="panoptic PNG")
-        self.image_paths: list[Path] = [image_paths[i] for i in self.image_ids]
-        self.png_paths: list[Path] = [png_paths[i] for i in self.image_ids]
-        self._sizes_hw = [(int(images[i]["height"]), int(images[i]["width"])) for i in self.image_ids]
-        self._segments: list[list[dict[str, Any]]] = [annotations[i]["segments_info"] for i in self.image_ids]
-        self._index_of = {image_id: k for k, image_id in enumerate(self.image_ids)}
-        self._coco = None
+    def _check_files(self, source: str) -> None:
+        """Both folders exist and hold every image and every panoptic PNG."""
         if not self.images_dir.is_dir():
             raise DataError(f"{source}: images folder {self.images_dir} not found")
         if not self.png_dir.is_dir():
@@ -174,7 +186,6 @@ class CocoPanoptic(Dataset):
                 raise DataError(
                     f"{source}: {len(missing)} of {len(paths)} {kind} files are missing, e.g. {', '.join(missing[:5])}"
                 )
-        logger.info("%s: %d images, %d classes (%d things)", source, len(self), len(self.classes), sum(self.isthing))
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -89,7 +89,23 @@ def average_precision(
         boxes.append(b.detach().double().cpu().reshape(-1, 4))
     if not keys:
         return 0.0
-    scores_all, boxes_all = torch.cat(scores).numpy(), torch.cat(boxes)
+    tp, fp = _mark_detections(detections, ground_truth, keys, starts, torch.cat(scores).numpy(), torch.cat(boxes),
+                              iou_threshold)
+    counted = (tp + fp) > 0
+    tp, fp = np.cumsum(tp[counted]), np.cumsum(fp[counted])
+    if tp.size == 0:
+        return 0.0
+    recall = tp / num_gt
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return interpolated_ap(recall, precision, method)
+
+
+def _mark_detections(detections: Mapping[int, tuple[Tensor, Tensor]], ground_truth: Mapping[int, tuple[Tensor, Tensor]],
+                     keys: list[int], starts: dict[int, int], scores_all: np.ndarray, boxes_all: Tensor,
+                     iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(tp, fp) 0/1 per detection in descending score order: each detection takes the ground-truth box it
+    overlaps most; a first match at ``iou_threshold`` or more is a TP, a repeat or a miss an FP, an ignored
+    box neither. ``keys[d]`` is detection d's image, whose detections start at ``starts[image]``."""
     order = np.argsort(-scores_all, kind="stable")
     matched = {k: np.zeros(len(gt[0]), dtype=bool) for k, gt in ground_truth.items()}
     ious = {}
@@ -116,13 +132,7 @@ def average_precision(
                 fp[rank] = 1
         else:
             fp[rank] = 1
-    counted = (tp + fp) > 0
-    tp, fp = np.cumsum(tp[counted]), np.cumsum(fp[counted])
-    if tp.size == 0:
-        return 0.0
-    recall = tp / num_gt
-    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return interpolated_ap(recall, precision, method)
+    return tp, fp
 
 
 @dataclass

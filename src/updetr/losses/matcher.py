@@ -92,26 +92,8 @@ class HungarianMatcher:
 
         target_labels = torch.cat([t["labels"][k] for t, k in zip(targets, keep)])  # (sum N,)
         target_boxes = torch.cat([t["boxes_cxcywh"][k] for t, k in zip(targets, keep)]).float()  # (sum N, 4)
-        if target_labels.min() < 0 or target_labels.max() >= num_logits - 1:
-            raise ValueError(
-                f"target labels must lie in [0, {num_logits - 1}) (C = {num_logits - 1} classes, "
-                f"index {num_logits - 1} is no-object); got range "
-                f"[{int(target_labels.min())}, {int(target_labels.max())}]"
-            )
-
-        prob = logits.flatten(0, 1).float().softmax(-1)  # (B*Q, C+1)
-        pred_boxes = boxes_cxcywh.flatten(0, 1).float()  # (B*Q, 4)
-        cost = (
-            -self.cost_class * prob[:, target_labels]
-            + self.cost_bbox * torch.cdist(pred_boxes, target_boxes, p=1)
-            - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))
-        )  # (B*Q, sum N)
-        cost = cost.view(batch_size, num_queries, -1).cpu()  # (B, Q, sum N)
-        if not torch.isfinite(cost).all():
-            raise ValueError(
-                "HungarianMatcher: the matching cost has NaN/inf entries; the predicted logits or "
-                "boxes are not finite, or a target box is degenerate (zero width/height)"
-            )
+        _check_labels(target_labels, num_logits)
+        cost = self._cost_matrix(logits, boxes_cxcywh, target_labels, target_boxes)  # (B, Q, sum N), CPU
 
         out = []
         for b, (block, k) in enumerate(zip(cost.split(sizes, dim=-1), keep)):
@@ -126,6 +108,36 @@ class HungarianMatcher:
             else:
                 out.append(_match_in_groups(block, k, targets[b], group_size))
         return out
+
+    def _cost_matrix(self, logits: Tensor, boxes_cxcywh: Tensor, target_labels: Tensor,
+                    target_boxes: Tensor) -> Tensor:
+        """The (B, Q, sum N) matching cost (module docstring) of every query against every target of the
+        batch, on the CPU; ValueError when an entry is NaN or infinite."""
+        batch_size, num_queries, _ = logits.shape
+        prob = logits.flatten(0, 1).float().softmax(-1)  # (B*Q, C+1)
+        pred_boxes = boxes_cxcywh.flatten(0, 1).float()  # (B*Q, 4)
+        cost = (
+            -self.cost_class * prob[:, target_labels]
+            + self.cost_bbox * torch.cdist(pred_boxes, target_boxes, p=1)
+            - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(target_boxes))
+        )  # (B*Q, sum N)
+        cost = cost.view(batch_size, num_queries, -1).cpu()  # (B, Q, sum N)
+        if not torch.isfinite(cost).all():
+            raise ValueError(
+                "HungarianMatcher: the matching cost has NaN/inf entries; the predicted logits or "
+                "boxes are not finite, or a target box is degenerate (zero width/height)"
+            )
+        return cost
+
+
+def _check_labels(target_labels: Tensor, num_logits: int) -> None:
+    """Every target label is a class of the C = ``num_logits - 1`` (the last logit is no-object)."""
+    if target_labels.min() < 0 or target_labels.max() >= num_logits - 1:
+        raise ValueError(
+            f"target labels must lie in [0, {num_logits - 1}) (C = {num_logits - 1} classes, "
+            f"index {num_logits - 1} is no-object); got range "
+            f"[{int(target_labels.min())}, {int(target_labels.max())}]"
+        )
 
 
 def _match_in_groups(block: Tensor, keep: Tensor, target: Target, group_size: int) -> tuple[Tensor, Tensor]:

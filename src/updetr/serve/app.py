@@ -69,19 +69,14 @@ async def _json(request: Request) -> dict:
 
 
 def create_app(models: ServeModels, pictures: PictureStore, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Starlette:
-    """The application serving ``models`` on ``pictures``."""
+    """The application serving ``models`` on ``pictures``: the handlers here read them; the page, the script and
+    the error handlers (below) need neither."""
 
     def picture(pid: object, field: str):
         found = pictures.get(pid)
         if found is None:
             raise Refused(404, f"{field} {pid!r}: no such picture (choose one from /api/info, or upload one)")
         return found
-
-    async def index(request: Request) -> Response:
-        return HTMLResponse(_static("index.html"))
-
-    async def script(request: Request) -> Response:
-        return Response(_static("app.js"), media_type="text/javascript")
 
     async def info(request: Request) -> Response:
         return JSONResponse({"models": models.describe(), "pictures": pictures.list(), "min_side": models.min_side,
@@ -123,20 +118,34 @@ def create_app(models: ServeModels, pictures: PictureStore, *, max_upload_bytes:
         return JSONResponse({"target": target.id, "width": target.image.width, "height": target.image.height,
                              "answers": [a.to_dict() for a in answers]})
 
-    async def refused(request: Request, exc: Refused) -> Response:
-        log.info("%s %s refused (%d): %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-
-    async def failed(request: Request, exc: Exception) -> Response:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"error": f"the server failed on this request ({type(exc).__name__}: {exc})"}, status_code=500)
-
     routes = [
-        Route("/", index), Route("/static/app.js", script), Route("/api/info", info),
+        Route("/", _index), Route("/static/app.js", _script), Route("/api/info", info),
         Route("/api/images/{pid}", image), Route("/api/upload", upload, methods=["POST"]),
         Route("/api/query", query, methods=["POST"]), Route("/api/detect", detect, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={Refused: refused, HTTPException: http_error, Exception: failed})
+    return Starlette(routes=routes, exception_handlers={Refused: _refused, HTTPException: _http_error, Exception: _failed})
+
+
+# the routes and error handlers that need neither the models nor the pictures
+
+
+async def _index(request: Request) -> Response:
+    return HTMLResponse(_static("index.html"))
+
+
+async def _script(request: Request) -> Response:
+    return Response(_static("app.js"), media_type="text/javascript")
+
+
+async def _refused(request: Request, exc: Refused) -> Response:
+    log.info("%s %s refused (%d): %s", request.method, request.url.path, exc.status, exc.message)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+async def _failed(request: Request, exc: Exception) -> Response:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return JSONResponse({"error": f"the server failed on this request ({type(exc).__name__}: {exc})"}, status_code=500)

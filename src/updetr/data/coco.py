@@ -12,7 +12,6 @@ image; labels are contiguous class indices ``[0, C)`` with ``C = len(dataset.cla
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from updetr.coco_json import coco_from_dict
-from updetr.data.io import OUTSIDE_ROOT_ENV, DataError, load_annotated_image, path_inside
+from updetr.data.coco_files import image_paths_inside, is_number, read_coco_json
+from updetr.data.io import DataError, load_annotated_image
 from updetr.structures import Target
 
 __all__ = ["CocoStyleDataset", "CocoDetection", "coco_from_dict"]
@@ -38,10 +38,6 @@ Transforms = Callable[[Image.Image, Target], tuple[Any, Target]]
 # Box coordinates may exceed the image by this much (float rounding in COCO files)
 # before the box counts as "clipped"; boxes are clipped either way.
 _CLIP_TOLERANCE_PX = 0.01
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class CocoStyleDataset(Dataset):
@@ -173,7 +169,7 @@ class CocoStyleDataset(Dataset):
             ann_id = ann.get("id")
             if "id" not in ann:
                 missing.append(k)
-            elif not (_is_number(ann_id) and ann_id == int(ann_id) and ann_id > 0) or int(ann_id) in seen:
+            elif not (is_number(ann_id) and ann_id == int(ann_id) and ann_id > 0) or int(ann_id) in seen:
                 bad.append(k)
             else:
                 seen.add(int(ann_id))
@@ -205,7 +201,7 @@ class CocoStyleDataset(Dataset):
                     f"{self.source}: {name} has category_id {category_id!r}, which is not in 'categories' "
                     f"(known ids: {self.category_ids[:20]})"
                 )
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
                 hint = " (the values must be JSON numbers, not strings)" if isinstance(bbox, (list, tuple)) and any(
                     isinstance(v, str) for v in bbox) else ""
                 raise DataError(f"{self.source}: {name} has no valid 'bbox' [x, y, w, h] (got {bbox!r}){hint}")
@@ -324,7 +320,7 @@ class CocoDetection(CocoStyleDataset):
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         source = str(self.annotation_file)
-        data = _read_coco_json(self.annotation_file)
+        data = read_coco_json(self.annotation_file)
         if not self.images_dir.is_dir():
             raise DataError(f"{source}: images folder {self.images_dir} does not exist")
         paths = image_paths_inside(self.images_dir, data["images"], source)
@@ -332,78 +328,3 @@ class CocoDetection(CocoStyleDataset):
         logger.info(
             "%s: %d images, %d boxes, %d classes", source, len(self), len(self._boxes), len(self.classes)
         )
-
-
-def image_paths_inside(images_dir: Path, images: list[dict[str, Any]], source: str, key: str = "file_name",
-                       what: str = "image") -> dict[int, Path]:
-    """image id -> ``images_dir / image[key]`` for every entry of ``images``, each kept inside
-    ``images_dir`` (``updetr.data.io.path_inside``: no absolute path, no ``..`` above it).
-
-    Raises:
-        DataError: names how many entries lead outside the folder and the first of them.
-    """
-    paths, outside = {}, []
-    for img in images:
-        name = str(img[key])
-        path = path_inside(images_dir, name)
-        if path is None:
-            outside.append((img.get("id", img.get("image_id")), name))
-            continue
-        paths[int(img["id"] if "id" in img else img["image_id"])] = path
-    if outside:
-        image_id, name = outside[0]
-        raise DataError(
-            f"{source}: {len(outside)} {what} file names lead outside the folder {images_dir} (an absolute path or "
-            f"'..' above it; first: {what} {image_id} {key} {name!r}); link the files into the folder, or set "
-            f"{OUTSIDE_ROOT_ENV}=1 to allow it"
-        )
-    return paths
-
-
-def read_annotation_json(path: Path, kind: str = "annotation") -> dict[str, Any]:
-    """Read a COCO-style JSON (detection or panoptic) whose top level holds the lists
-    ``images``, ``annotations`` and ``categories``; DataError naming the file otherwise."""
-    if not path.is_file():
-        raise DataError(f"{path}: {kind} file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read {kind} file ({err})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            problem = "is missing" if key not in data else "is not a list"
-            raise DataError(f"{path}: top-level key {key!r} {problem}")
-    return data
-
-
-def _read_coco_json(path: Path) -> dict[str, Any]:
-    """Read and structurally validate a COCO annotation file."""
-    data = read_annotation_json(path)
-    seen: set[int] = set()
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise DataError(f"{path}: images[{k}] is not an object")
-        for key in ("id", "file_name", "height", "width"):
-            if key not in img:
-                raise DataError(f"{path}: images[{k}] (id={img.get('id')!r}) lacks {key!r}")
-        if not _is_number(img["id"]) or img["id"] in seen:
-            raise DataError(f"{path}: images[{k}] has an invalid or duplicate id {img['id']!r}")
-        if not (_is_number(img["height"]) and _is_number(img["width"]) and img["height"] > 0 and img["width"] > 0):
-            raise DataError(f"{path}: image {img['id']} has invalid size {img['height']!r}x{img['width']!r}")
-        seen.add(img["id"])
-    category_ids: set[int] = set()
-    for k, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            raise DataError(f"{path}: categories[{k}] must be an object with 'id' and 'name'")
-        if not _is_number(cat["id"]) or cat["id"] in category_ids:
-            raise DataError(f"{path}: categories[{k}] has an invalid or duplicate id {cat['id']!r}")
-        category_ids.add(cat["id"])
-    for k, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            raise DataError(f"{path}: annotations[{k}] is not an object")
-    return data

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..coco_json import coco_from_dict
 from ..structures import Target
-from .coco import image_paths_inside, read_annotation_json
+from .coco_files import image_paths_inside, read_annotation_json
 from .io import DataError, load_annotated_image, open_image
 
 __all__ = ["CocoPanoptic", "PanopticGroundTruth", "rgb_to_id", "id_to_rgb", "read_panoptic_png"]

@@ -22,6 +22,7 @@ def test_every_preset_is_valid():
     ("loss.loss_bbox=-2", "loss.loss_bbox=-2.0 must be >= 0"),
     ("pretrain.patch_drop_ratio=1", "pretrain.patch_drop_ratio=1.0 must be in [0, 1)"),
     ("pretrain.query_size=0", "pretrain.query_size=0 must be > 0"),
+    ("pretrain.max_patch_size=4", "pretrain.max_patch_size=4 must be 0 (no cap) or at least pretrain.min_patch_size=8"),
     ("seed=-5", "seed=-5 must be >= 0"),
     ('device="tpu"', "device='tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     ('output_dir=""', "output_dir is empty"),

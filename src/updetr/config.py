@@ -51,6 +51,9 @@ class PretrainConfig:
     num_patches: int = 10  # M query patches per image; must divide num_queries
     query_size: int = 128  # query patches are resized to query_size x query_size
     min_patch_size: int = 8  # smallest patch side in pixels of the original image
+    # largest patch side in pixels (0: the paper's rule, up to the image side minus min_patch_size); equal to
+    # min_patch_size, every patch is a square of that size and its resampling no longer reveals its box's size
+    max_patch_size: int = 0
     patch_drop_ratio: float = 0.1  # fraction of queries whose patch feature is dropped (train)
     attention_mask: bool = True  # block-diagonal decoder self-attention mask (Eq. 3)
     feature_reconstruction: bool = True  # Eq. 2 loss on the matched patch's CNN feature
@@ -233,6 +236,9 @@ class Config:
             raise ConfigError(f"data.crop_resize={d.crop_resize} must be a non-empty list of positive sizes")
         _positive("pretrain.query_size", p.query_size)
         _positive("pretrain.min_patch_size", p.min_patch_size)
+        if p.max_patch_size and p.max_patch_size < p.min_patch_size:
+            raise ConfigError(f"pretrain.max_patch_size={p.max_patch_size} must be 0 (no cap) or at least "
+                              f"pretrain.min_patch_size={p.min_patch_size}")
         if not 0.0 <= p.patch_drop_ratio < 1.0:
             raise ConfigError(f"pretrain.patch_drop_ratio={p.patch_drop_ratio} must be in [0, 1)")
         _positive("eval_every", self.eval_every, allow_zero=True)  # 0: evaluate only after the last epoch

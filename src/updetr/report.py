@@ -127,7 +127,8 @@ def query_sheet(pretrained: Path, images: list[Path], path: Path, device: str = 
     row, hits, total = [], 0, 0
     for p in images:
         image = load_image(p)
-        boxes = sample_patch_boxes(image.height, image.width, m, min_side, rng).float()  # (M, 4) xyxy px
+        boxes = sample_patch_boxes(image.height, image.width, m, min_side, rng,
+                                   loaded.config.pretrain.max_patch_size).float()  # (M, 4) xyxy px
         patches = torch.stack([crop_patch(image, (x0, y0, x1 - x0, y1 - y0), q, str(p), min_side) for x0, y0, x1, y1 in boxes.tolist()])
         found = query_image(loaded, image, patches, device)
         pred = torch.tensor([b for b, _ in found])

@@ -37,6 +37,20 @@ def test_sample_patch_boxes_matches_paper_bounds():
     assert int(boxes[:, 2].max()) == 24 and int((boxes[:, 2] - boxes[:, 0]).max()) == 17
 
 
+def test_sample_patch_boxes_max_size_caps_the_sides_and_zero_is_the_papers_rule():
+    paper = sample_patch_boxes(200, 250, 500, 8, np.random.default_rng(3))
+    assert torch.equal(paper, sample_patch_boxes(200, 250, 500, 8, np.random.default_rng(3), max_size=0))
+    capped = sample_patch_boxes(200, 250, 2000, 8, np.random.default_rng(3), max_size=40)
+    sides = capped[:, 2:] - capped[:, :2]
+    assert (sides >= 8).all() and (sides <= 40).all() and int(sides.max()) == 40
+    assert (capped[:, 2] <= 249).all() and (capped[:, 3] <= 199).all() and (capped[:, :2] >= 0).all()
+    fixed = sample_patch_boxes(200, 250, 300, 72, np.random.default_rng(3), max_size=72)
+    assert ((fixed[:, 2:] - fixed[:, :2]) == 72).all()  # one square size: the resampling says nothing of the box
+    assert len({tuple(b) for b in fixed[:, :2].tolist()}) > 200  # at many places
+    small = sample_patch_boxes(20, 30, 50, 8, np.random.default_rng(3), max_size=100)  # cap above the image's bound
+    assert ((small[:, 2:] - small[:, :2])[:, 1] <= 12).all()
+
+
 def test_augmentation_parameter_frequencies_and_ranges():
     params = PatchAugmentation.draw(20000, np.random.default_rng(0))
     assert abs(params.jitter.mean() - 0.8) < 0.015

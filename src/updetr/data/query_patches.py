@@ -8,7 +8,9 @@ of the original image of width ``w`` and height ``h``::
     side_h ~ U{min, ..., h - min}      y ~ U{0, ..., h - side_h - 1}
     box_xyxy_px = [x, y, x + side_w, y + side_h]
 
-so a patch never touches the last row or column (docs/method.md §7.8). The augmentation is
+so a patch never touches the last row or column (docs/method.md §7.8). ``pretrain.max_patch_size`` (not in the
+paper) caps the sides: with one size for every patch, a patch's resampling (a small crop enlarged to the query
+size looks blurred, a large one shrunk looks sharp) no longer tells the decoder how large its box is. The augmentation is
 SimCLR-style without flipping: colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with
 p = 0.2, Gaussian blur sigma ~ U[0.1, 2.0] with p = 0.5.
 
@@ -32,14 +34,18 @@ from torch import Tensor
 __all__ = ["PatchAugmentation", "augment_query_patches", "sample_patch_boxes"]
 
 
-def sample_patch_boxes(height: int, width: int, num_patches: int, min_size: int, rng: np.random.Generator) -> Tensor:
+def sample_patch_boxes(height: int, width: int, num_patches: int, min_size: int, rng: np.random.Generator,
+                       max_size: int = 0) -> Tensor:
     """M random patch boxes, int64 (M, 4) xyxy pixels of a (height, width) image.
 
-    Exactly the paper's ``get_random_patch_from_img`` (see the module docstring); needs
-    ``width, height >= 2 * min_size``.
+    With ``max_size`` 0, exactly the paper's ``get_random_patch_from_img`` (see the module docstring); needs
+    ``width, height >= 2 * min_size``. A positive ``max_size`` caps each side at that many pixels (sides then
+    drawn from ``min_size .. min(max_size, w - min_size)``; ``max_size == min_size`` gives squares of one size).
     """
-    side_w = rng.integers(min_size, width - min_size + 1, size=num_patches)
-    side_h = rng.integers(min_size, height - min_size + 1, size=num_patches)
+    high_w = width - min_size if max_size <= 0 else min(max_size, width - min_size)
+    high_h = height - min_size if max_size <= 0 else min(max_size, height - min_size)
+    side_w = rng.integers(min_size, high_w + 1, size=num_patches)
+    side_h = rng.integers(min_size, high_h + 1, size=num_patches)
     x = rng.integers(0, width - side_w)  # (M,), high exclusive as in np.random.randint
     y = rng.integers(0, height - side_h)
     return torch.from_numpy(np.stack([x, y, x + side_w, y + side_h], axis=1).astype(np.int64))

@@ -105,6 +105,7 @@ class UnlabeledImages(Dataset):
         num_patches: int = 10,
         query_size: int = 128,
         min_patch_size: int = 8,
+        max_patch_size: int = 0,
         scales: Sequence[int] = _PAPER_SCALES,
         max_size: int | None = 600,
         seed: int = 0,
@@ -120,6 +121,7 @@ class UnlabeledImages(Dataset):
         self.num_patches = num_patches
         self.query_size = query_size
         self.min_patch_size = min_patch_size
+        self.max_patch_size = max_patch_size
         self.scales = tuple(int(s) for s in scales)
         self.max_size = max_size
         self.seed = seed
@@ -143,6 +145,7 @@ class UnlabeledImages(Dataset):
             num_patches=cfg.pretrain.num_patches,
             query_size=cfg.pretrain.query_size,
             min_patch_size=cfg.pretrain.min_patch_size,
+            max_patch_size=cfg.pretrain.max_patch_size,
             scales=cfg.data.scales,
             max_size=cfg.data.max_size,
             seed=cfg.seed,
@@ -179,7 +182,8 @@ class UnlabeledImages(Dataset):
         file_index, pixels = self._load_usable(index)  # uint8 (3, h, w)
         rng = self.generator(index)
         height, width = pixels.shape[-2:]
-        boxes_xyxy_px = sample_patch_boxes(height, width, self.num_patches, self.min_patch_size, rng)  # (M, 4)
+        boxes_xyxy_px = sample_patch_boxes(height, width, self.num_patches, self.min_patch_size, rng,
+                                           self.max_patch_size)  # (M, 4)
         new_hw = resized_size(height, width, self.scales[rng.integers(len(self.scales))], self.max_size)
 
         q = self.query_size

@@ -56,6 +56,7 @@ class PretrainTask:
             num_patches=cfg.pretrain.num_patches,
             query_size=cfg.pretrain.query_size,
             min_patch_size=cfg.pretrain.min_patch_size,
+            max_patch_size=cfg.pretrain.max_patch_size,
             scales=cfg.data.scales,
             max_size=cfg.data.max_size,
             seed=seed,

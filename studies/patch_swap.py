@@ -10,10 +10,14 @@ the patches fed to the model:
 - ``own``: as drawn (the run's ``val/hit_rate``, here on pixels rather than cached features);
 - ``other groups``: the image's own patches, rotated by one group, so group g is shown the patch of group g+1;
 - ``other image``: the patches of the next image of the batch;
-- ``no patch``: all-zero patch features (``patch2query`` bias only).
+- ``no patch``: all-zero patch features (``patch2query`` bias only);
+- ``same size elsewhere``: for each patch, the crop of the same size at the point-mirrored place of the next image
+  of the batch (cut from its resized pixels), resized to the query size: wrong content, right scale.
 
 If the three controls score about as high as ``own``, the decoder's hits come from a prior over where patches
-lie, not from the patch; the gap between ``own`` and them is what the pretext has learned about the patches.
+lie, not from the patch; the gap between ``own`` and them is what the pretext has learned about the patches. A
+``same size elsewhere`` rate close to ``own`` says the patch tells the decoder mostly how large its box is (a
+small crop is enlarged to the query size and looks blurred, a large one is shrunk and looks sharp), not where.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as nnf
 from torch.utils.data import DataLoader, Subset
 
 from updetr.config import Config, ConfigError
@@ -30,8 +35,9 @@ from updetr.data.io import DataError
 from updetr.engine import pretrain
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint
 from updetr.models.backbone import BackboneWeightsError
+from updetr.structures import ImageBatch
 
-MODES = ("own", "other groups", "other image", "no patch")
+MODES = ("own", "other groups", "other image", "no patch", "same size elsewhere")
 
 
 def swap(patches: torch.Tensor, mode: str) -> torch.Tensor:
@@ -43,6 +49,24 @@ def swap(patches: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "other image":
         return patches.roll(-1, dims=0)
     raise ValueError(mode)
+
+
+def same_size_elsewhere(images: ImageBatch, targets: list[dict], query_size: int) -> torch.Tensor:
+    """(B, M, 3, q, q) patches: for patch n of image i, the crop of image i+1 (normalised pixels) of the same size
+    as patch n's box, centred at the point-mirrored place (1 - cx, 1 - cy), resized to ``query_size``."""
+    pixels, sizes = images.pixels, images.image_sizes  # (B, 3, H, W), (B, 2)
+    num_patches = max(len(t["patch_index"]) for t in targets)
+    out = pixels.new_zeros(pixels.shape[0], num_patches, 3, query_size, query_size)
+    for i, target in enumerate(targets):
+        j = (i + 1) % pixels.shape[0]
+        height, width = sizes[j].tolist()
+        for box, group in zip(target["boxes_cxcywh"].tolist(), target["patch_index"].tolist()):
+            cx, cy, w, h = 1.0 - box[0], 1.0 - box[1], box[2], box[3]
+            x0, x1 = int(max(0.0, cx - w / 2) * width), int(min(1.0, cx + w / 2) * width)
+            y0, y1 = int(max(0.0, cy - h / 2) * height), int(min(1.0, cy + h / 2) * height)
+            crop = pixels[j:j + 1, :, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+            out[i, group] = nnf.interpolate(crop, size=(query_size, query_size), mode="bilinear", antialias=True)[0]
+    return out
 
 
 @torch.no_grad()
@@ -66,7 +90,11 @@ def hit_rates(run: Path, num_images: int, device: str = "cpu") -> dict[str, floa
             finally:
                 body.pooled_features = original
             continue
-        swapped = [(images, targets, swap(patches, mode)) for images, targets, patches in loader]
+        if mode == "same size elsewhere":
+            swapped = [(images, targets, same_size_elsewhere(images, targets, cfg.pretrain.query_size))
+                       for images, targets, patches in loader]
+        else:
+            swapped = [(images, targets, swap(patches, mode)) for images, targets, patches in loader]
         results[mode] = pretrain.evaluate_pretext(model, swapped, torch.device(device))["hit_rate"]
     return results
 

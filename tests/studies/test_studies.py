@@ -147,6 +147,16 @@ def test_patch_swap_moves_patches_between_groups_or_images_and_names_a_missing_r
     assert images.tolist() == [[3, 4, 5], [0, 1, 2]]  # image i sees image i+1's patches
     with pytest.raises(ValueError):
         module.swap(patches, "no such mode")
+    # same size elsewhere: image 0's patch on its left half is cut from image 1's right half, at the patch's size
+    from updetr.structures import ImageBatch
+    pixels = torch.zeros(2, 3, 32, 64)
+    pixels[1, :, :, :32], pixels[1, :, :, 32:] = 1.0, -1.0
+    targets = [{"boxes_cxcywh": torch.tensor([[0.25, 0.5, 0.25, 0.5]]), "patch_index": torch.tensor([0])},
+               {"boxes_cxcywh": torch.tensor([[0.75, 0.5, 0.25, 0.5]]), "patch_index": torch.tensor([0])}]
+    moved = module.same_size_elsewhere(ImageBatch(pixels, torch.zeros(2, 32, 64, dtype=torch.bool)), targets, 8)
+    assert moved.shape == (2, 1, 3, 8, 8)
+    assert torch.allclose(moved[0], torch.full((1, 3, 8, 8), -1.0))  # from image 1, mirrored to its right half
+    assert torch.allclose(moved[1], torch.zeros(1, 3, 8, 8))  # image 1's patch comes from image 0
     result = subprocess.run([sys.executable, str(STUDIES / "patch_swap.py"), str(tmp_path / "nope")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and f"{tmp_path / 'nope' / 'config.json'} not found" in result.stderr

@@ -61,6 +61,23 @@ def one_thread():
         yield
 
 
+def _colourful(height: int, width: int, seed: int):
+    """A smooth, saturated (h, w, 3) uint8 image (varied hues, so colour ops show)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    channels = [np.sin(6 * x + 4 * y + p) for p in phase]
+    return ((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def colourful():
+    """``colourful(height, width, seed)``: a smooth, saturated (h, w, 3) uint8 test image."""
+    return _colourful
+
+
 @pytest.fixture(scope="session")
 def tiny_overrides():
     """Config overrides for a model and data small enough for seconds-long CPU runs."""

@@ -13,15 +13,6 @@ from updetr.data import query_patches as QP
 from updetr.data.query_patches import PatchAugmentation, sample_patch_boxes
 
 
-def _colourful(height: int, width: int, seed: int) -> np.ndarray:
-    """A smooth, saturated (h, w, 3) uint8 image (varied hues, so colour ops show)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    channels = [np.sin(6 * x + 4 * y + p) for p in phase]
-    return ((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
-
-
 def test_sample_patch_boxes_matches_paper_bounds():
     rng = np.random.default_rng(0)
     for height, width in [(17, 17), (40, 25), (300, 500)]:
@@ -64,8 +55,8 @@ def test_augmentation_parameter_frequencies_and_ranges():
 
 
 @pytest.mark.parametrize("factor", [0.6, 0.95, 1.2, 1.4])
-def test_jitter_ops_match_torchvision(factor):
-    x = torch.from_numpy(_colourful(20, 24, 5)).permute(2, 0, 1).float() / 255
+def test_jitter_ops_match_torchvision(factor, colourful):
+    x = torch.from_numpy(colourful(20, 24, 5)).permute(2, 0, 1).float() / 255
     luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
     out = x.clone()
     QP._brightness(out.numpy(), factor)
@@ -111,8 +102,8 @@ def test_blur_matches_reflect_padded_gaussian(size):
     assert torch.allclose(kernels[0], torch.eye(size), atol=1e-6)  # sigma 0.1: nearly identity
 
 
-def test_grayscale_and_blur_in_apply():
-    x = torch.from_numpy(_colourful(16, 16, 7)).permute(2, 0, 1).float() / 255
+def test_grayscale_and_blur_in_apply(colourful):
+    x = torch.from_numpy(colourful(16, 16, 7)).permute(2, 0, 1).float() / 255
     params = PatchAugmentation(
         jitter=np.array([False]), order=np.array([[0, 1, 2, 3]]), factors=np.ones((1, 4)),
         gray=np.array([True]), blur=np.array([True]), sigma=np.array([1.5]),
@@ -154,12 +145,12 @@ def _reference_chain(x: torch.Tensor, params: PatchAugmentation, i: int) -> torc
 
 @pytest.mark.slow  # 0.4 s each on an idle core, 2-5 s on a busy machine (120 small torchvision calls)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_whole_patch_chain_matches_torchvision_reference(channels_last):
+def test_whole_patch_chain_matches_torchvision_reference(channels_last, colourful):
     """Every step, its order, the skipped clips and the shared work buffers, over many random draws."""
     rng = np.random.default_rng(3)
     params = PatchAugmentation.draw(60, rng)
     for i in range(60):
-        x = torch.from_numpy(_colourful(20, 20, i)).permute(2, 0, 1).float() / 255
+        x = torch.from_numpy(colourful(20, 20, i)).permute(2, 0, 1).float() / 255
         if i % 7 == 0:
             x[:, :4] = x[:1, :4]  # gray rows: zero chroma
         patch = x.clone() if channels_last else x.contiguous()  # clone keeps the channels-last strides
@@ -167,8 +158,8 @@ def test_whole_patch_chain_matches_torchvision_reference(channels_last):
         assert torch.allclose(patch, _reference_chain(x, params, i), atol=2e-5), i
 
 
-def test_hue_matches_torchvision_on_saturated_image_any_strides():
-    x = torch.from_numpy(_colourful(32, 40, 9)).permute(2, 0, 1).float() / 255  # channels-last strides
+def test_hue_matches_torchvision_on_saturated_image_any_strides(colourful):
+    x = torch.from_numpy(colourful(32, 40, 9)).permute(2, 0, 1).float() / 255  # channels-last strides
     for shift in np.linspace(-0.1, 0.1, 9):
         out = x.clone()
         QP._hue(out.numpy(), float(shift))

@@ -22,27 +22,22 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 SMALL = dict(num_patches=4, query_size=24, scales=(48, 56), max_size=80)  # fast settings
 
 
-def _colourful(height: int, width: int, seed: int) -> np.ndarray:
-    """A smooth, saturated (h, w, 3) uint8 image (varied hues, so colour ops show)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    channels = [np.sin(6 * x + 4 * y + p) for p in phase]
-    return ((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
-
-
-def _write(path, height: int, width: int, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_colourful(height, width, seed)).save(path)
+@pytest.fixture
+def write_image(colourful):
+    """``write_image(path, height, width, seed=0)``: a colourful test image saved at ``path`` (folders made)."""
+    def write(path, height: int, width: int, seed: int = 0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(colourful(height, width, seed)).save(path)
+    return write
 
 
 @pytest.fixture
-def folder(tmp_path):
+def folder(tmp_path, write_image):
     root = tmp_path / "images"
-    _write(root / "a" / "one.png", 40, 60, 1)
-    _write(root / "a" / "two.PNG", 50, 30, 2)
-    _write(root / "b" / "c" / "three.jpg", 64, 64, 3)
-    _write(root / "four.bmp", 33, 45, 4)
+    write_image(root / "a" / "one.png", 40, 60, 1)
+    write_image(root / "a" / "two.PNG", 50, 30, 2)
+    write_image(root / "b" / "c" / "three.jpg", 64, 64, 3)
+    write_image(root / "four.bmp", 33, 45, 4)
     (root / "notes.txt").write_text("not an image")
     return root
 
@@ -115,8 +110,8 @@ def test_augmented_boxes_equal_unaugmented_boxes(folder):
 # ----------------------------------------------------------------------------- skipping
 
 
-def test_small_and_corrupt_files_are_skipped_and_counted(folder, caplog):
-    _write(folder / "a" / "tiny.png", 16, 300)  # h <= 2 * min_patch_size
+def test_small_and_corrupt_files_are_skipped_and_counted(folder, caplog, write_image):
+    write_image(folder / "a" / "tiny.png", 16, 300)  # h <= 2 * min_patch_size
     (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     data = (folder / "b" / "c" / "three.jpg").read_bytes()
     (folder / "b" / "c" / "truncated.jpg").write_bytes(data[: len(data) // 2])
@@ -142,9 +137,9 @@ def test_small_and_corrupt_files_are_skipped_and_counted(folder, caplog):
     assert sum(again.skipped.values()) == 3
 
 
-def test_all_files_bad_is_a_clear_error(tmp_path):
+def test_all_files_bad_is_a_clear_error(tmp_path, write_image):
     root = tmp_path / "all_bad"
-    _write(root / "tiny.png", 10, 10)
+    write_image(root / "tiny.png", 10, 10)
     (root / "broken.jpg").parent.mkdir(exist_ok=True)
     (root / "broken.jpg").write_bytes(b"nope")
     ds = UnlabeledImages(root, **SMALL)
@@ -250,12 +245,12 @@ def test_image_is_normalised_resize_in_row_blocks(folder, monkeypatch):
         assert image.is_contiguous() and torch.allclose(image, reference, atol=1e-5), i
 
 
-def test_the_pixel_limit_is_enforced_before_decoding_for_jpeg_too(tmp_path, monkeypatch, caplog):
+def test_the_pixel_limit_is_enforced_before_decoding_for_jpeg_too(tmp_path, monkeypatch, caplog, write_image):
     """libjpeg-turbo's path bypassed Pillow's decompression-bomb guard: a 20000² JPEG was decoded."""
     root = tmp_path / "imgs"
-    _write(root / "small.png", 20, 20, 1)
-    _write(root / "big.jpg", 64, 64, 2)
-    _write(root / "big.png", 64, 64, 3)
+    write_image(root / "small.png", 20, 20, 1)
+    write_image(root / "big.jpg", 64, 64, 2)
+    write_image(root / "big.png", 64, 64, 3)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² = 4096 pixels is "too many" now
 
     def no_decode(*args, **kwargs):

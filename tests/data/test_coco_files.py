@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from updetr.data.coco_files import image_paths_inside, is_number, read_annotation_json, read_coco_json
+from updetr.data.coco_files import (image_paths_inside, is_int, is_number, read_annotation_json, read_coco_json,
+                                    validate_images)
 from updetr.data.io import DataError
 
 
@@ -45,3 +46,19 @@ def test_image_paths_stay_inside_their_folder(tmp_path):
 
 def test_numbers_are_ints_and_floats_but_not_bools():
     assert is_number(3) and is_number(2.5) and not is_number(True) and not is_number("3")
+
+
+def test_one_images_validator_for_detection_and_panoptic_files(tmp_path):
+    """Both readers check images[] with validate_images; a panoptic file (is_int) refuses float ids and sizes."""
+    path = tmp_path / "p.json"
+    image = {"id": 1, "file_name": "x.jpg", "height": 4, "width": 4}
+    validate_images(path, [image, dict(image, id=2.0)])  # a detection file takes any number
+    with pytest.raises(DataError, match=r"p.json: images\[1\] has an invalid or duplicate id 2.0"):
+        validate_images(path, [image, dict(image, id=2.0)], is_int)
+    with pytest.raises(DataError, match=r"p.json: image 1 has invalid size 4.5x4"):
+        validate_images(path, [dict(image, height=4.5)], is_int)
+    with pytest.raises(DataError, match=r"p.json: images\[0\] \(id=1\) lacks 'width'"):
+        validate_images(path, [{k: v for k, v in image.items() if k != "width"}], is_int)
+    with pytest.raises(DataError, match=r"p.json: images\[0\] is not an object"):
+        validate_images(path, ["x.jpg"])
+    assert is_int(3) and not is_int(3.0) and not is_int(True)

@@ -124,7 +124,7 @@ def test_categories_without_isthing(embedded, tmp_path):
         dataset(root)
 
 
-@pytest.mark.parametrize("problem", ["json", "category", "image"])
+@pytest.mark.parametrize("problem", ["json", "category", "image", "image size"])
 def test_malformed_json(embedded, tmp_path, problem):
     root = copy_split(embedded, tmp_path)
     path = root / "annotations/panoptic_val.json"
@@ -134,8 +134,10 @@ def test_malformed_json(embedded, tmp_path, problem):
     else:
         if problem == "category":
             data["annotations"][0]["segments_info"][0]["category_id"] = 500
-        else:
+        elif problem == "image":
             data["annotations"][0]["image_id"] = 42
+        else:  # the images[] check shared with detection files (coco_files.validate_images)
+            data["images"][0]["height"] = float(data["images"][0]["height"])
         path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="panoptic_val.json"):
         dataset(root)

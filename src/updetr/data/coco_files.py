@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from updetr.data.io import OUTSIDE_ROOT_ENV, DataError, path_inside
 
-__all__ = ["image_paths_inside", "is_number", "read_annotation_json", "read_coco_json"]
+__all__ = ["image_paths_inside", "is_int", "is_number", "read_annotation_json", "read_coco_json", "validate_images"]
 
 
 def is_number(value: Any) -> bool:
@@ -64,21 +65,32 @@ def read_annotation_json(path: Path, kind: str = "annotation") -> dict[str, Any]
     return data
 
 
-def read_coco_json(path: Path) -> dict[str, Any]:
-    """Read and structurally validate a COCO detection annotation file (images, categories, annotations)."""
-    data = read_annotation_json(path)
-    seen: set[int] = set()
-    for k, img in enumerate(data["images"]):
+def is_int(value: Any) -> bool:
+    """An int, not a bool (a panoptic file's ids and sizes)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_images(path: Path, images: list[Any], id_check: Callable[[Any], bool] = is_number) -> None:
+    """Check a COCO file's ``images[]``: objects with ``id``, ``file_name``, ``height`` and ``width``, unique ids that
+    pass ``id_check``, positive sizes; the first problem is a DataError naming ``path`` and the entry."""
+    seen: set[Any] = set()
+    for k, img in enumerate(images):
         if not isinstance(img, dict):
             raise DataError(f"{path}: images[{k}] is not an object")
         for key in ("id", "file_name", "height", "width"):
             if key not in img:
                 raise DataError(f"{path}: images[{k}] (id={img.get('id')!r}) lacks {key!r}")
-        if not is_number(img["id"]) or img["id"] in seen:
+        if not id_check(img["id"]) or img["id"] in seen:
             raise DataError(f"{path}: images[{k}] has an invalid or duplicate id {img['id']!r}")
-        if not (is_number(img["height"]) and is_number(img["width"]) and img["height"] > 0 and img["width"] > 0):
+        if not (id_check(img["height"]) and id_check(img["width"]) and img["height"] > 0 and img["width"] > 0):
             raise DataError(f"{path}: image {img['id']} has invalid size {img['height']!r}x{img['width']!r}")
         seen.add(img["id"])
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """Read and structurally validate a COCO detection annotation file (images, categories, annotations)."""
+    data = read_annotation_json(path)
+    validate_images(path, data["images"], is_number)
     category_ids: set[int] = set()
     for k, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..coco_json import coco_from_dict
 from ..structures import Target
-from .coco_files import image_paths_inside, read_annotation_json
+from .coco_files import image_paths_inside, is_int, read_annotation_json, validate_images
 from .io import DataError, load_annotated_image, open_image
 
 __all__ = ["CocoPanoptic", "PanopticGroundTruth", "rgb_to_id", "id_to_rgb", "read_panoptic_png"]
@@ -158,7 +158,7 @@ class CocoPanoptic(Dataset):
                 raise DataError(f"{source}: annotations[{k}] (image {image_id}) needs 'file_name' and a 'segments_info' list")
             seen: set[int] = set()
             for segment in ann["segments_info"]:
-                if not isinstance(segment, dict) or not _is_int(segment.get("id")) or segment["id"] <= 0:
+                if not isinstance(segment, dict) or not is_int(segment.get("id")) or segment["id"] <= 0:
                     raise DataError(f"{source}: image {image_id} has a segment without a positive integer 'id': {segment!r}")
                 if segment["id"] in seen:
                     raise DataError(f"{source}: image {image_id} lists segment id {segment['id']} twice")
@@ -284,10 +284,6 @@ def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1).float()
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     """Read a panoptic JSON and check its structure; DataError naming the file otherwise."""
     data = read_annotation_json(path, "panoptic annotation")
@@ -295,7 +291,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: 'categories' is empty")
     ids: set[int] = set()
     for k, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or "name" not in cat:
+        if not isinstance(cat, dict) or not is_int(cat.get("id")) or "name" not in cat:
             raise DataError(f"{path}: categories[{k}] must be an object with an integer 'id' and a 'name'")
         if cat["id"] in ids:
             raise DataError(f"{path}: category id {cat['id']} appears twice")
@@ -305,13 +301,5 @@ def _read_json(path: Path) -> dict[str, Any]:
                 f"{path}: category {cat['id']} ({cat['name']!r}) has no 'isthing' flag (0 or 1); a panoptic "
                 "file must say which categories are things and which are stuff"
             )
-    seen: set[int] = set()
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or any(key not in img for key in ("id", "file_name", "height", "width")):
-            raise DataError(f"{path}: images[{k}] must have 'id', 'file_name', 'height' and 'width'")
-        if not _is_int(img["id"]) or img["id"] in seen:
-            raise DataError(f"{path}: images[{k}] has an invalid or duplicate id {img['id']!r}")
-        if not (_is_int(img["height"]) and _is_int(img["width"]) and img["height"] > 0 and img["width"] > 0):
-            raise DataError(f"{path}: image {img['id']} has invalid size {img['height']!r}x{img['width']!r}")
-        seen.add(img["id"])
+    validate_images(path, data["images"], is_int)
     return data

@@ -37,7 +37,7 @@ def _time(fn, runs: int) -> dict[str, float]:
 
 
 def _embedded_checkpoints(folder: Path) -> list[Path]:
-    from updetr.config import make_config
+    from updetr.presets import make_config
     from updetr.engine.checkpoint import save_checkpoint
     from updetr.models import build_detr, build_updetr
 

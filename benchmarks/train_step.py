@@ -25,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.epoch import _float_output, autocast_context, build_optimizer, optimizer_step
 from updetr.engine.pretrain import PretrainTask
 from updetr.losses.criterion import build_criterion

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from updetr.config import ConfigError, make_config
+from updetr.config import ConfigError
+from updetr.presets import make_config
 from updetr.data.embedded import embedded_data_overrides
 from updetr.data.io import DataError
 from updetr.engine.detection import DetectionTask

@@ -23,7 +23,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from updetr.config import ConfigError, make_config
+from updetr.config import ConfigError
+from updetr.presets import make_config
 from updetr.data.io import DataError
 from updetr.engine.pretrain import PretrainTask
 from updetr.models.backbone import BackboneWeightsError

@@ -5,7 +5,7 @@ import torch
 
 import updetr.cli.root as cli_root
 from updetr.cli import main
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.coco import CocoStyleDataset
 from updetr.data.io import DataError
 from updetr.engine.checkpoint import save_checkpoint

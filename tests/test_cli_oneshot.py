@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from updetr import cli
-from updetr.config import ModelConfig, PretrainConfig, make_config
+from updetr.config import ModelConfig, PretrainConfig
+from updetr.presets import make_config
 from updetr.data.embedded import EMBEDDED_LAYOUT, embedded_data_overrides
 from updetr.data.embedded_sources import EMBEDDED_THING_CLASSES, ONESHOT_UNSEEN
 from updetr.engine.checkpoint import save_checkpoint

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from updetr import cli
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.coco_panoptic import rgb_to_id
 from updetr.data.embedded_sources import EMBEDDED_STUFF_CLASSES, EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

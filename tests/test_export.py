@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from updetr.cli import main
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.export import export_onnx, load_for_export, onnx_session, parity
 from updetr.models import build_detr, build_updetr

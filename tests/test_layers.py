@@ -9,9 +9,10 @@ Layers, lowest first; a module may import from its own layer and the layers belo
 =============  ==============================================================================================
 layer          modules
 =============  ==============================================================================================
-core           ``config``, ``structures`` (and the ImageNet mean/std of its pixels), ``box_ops``,
-               ``serialization`` (checkpoint files: safe loading, atomic saving, strict weight transfer),
-               ``coco_json`` (COCO JSON helpers), ``engine.distributed`` (process group and device)
+core           ``config``, ``presets`` (the named recipes), ``structures`` (and the ImageNet mean/std of its
+               pixels), ``box_ops``, ``serialization`` (checkpoint files: safe loading, atomic saving, strict
+               weight transfer), ``coco_json`` (COCO JSON helpers), ``engine.distributed`` (process group and
+               device)
 data           ``data.*``
 models         ``models.*``
 losses         ``losses.*``
@@ -51,7 +52,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 # (layer, patterns): a pattern is a module name; a trailing ".*" means the package and everything under it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("core", ["config", "structures", "box_ops", "serialization", "coco_json", "engine.distributed"]),
+    ("core", ["config", "presets", "structures", "box_ops", "serialization", "coco_json", "engine.distributed"]),
     ("data", ["data.*"]),
     ("models", ["models.*"]),
     ("losses", ["losses.*"]),

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from updetr.cli import main
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.models import build_detr
 

@@ -5,7 +5,7 @@ import typing
 
 import pytest
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.embedded import embedded_data_overrides
 from updetr.engine.tasks import build_task
 from updetr.structures import Target

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, coerce_value, make_config, parse_assignment, parse_value
+from .config import Config, ConfigError, coerce_value, parse_assignment, parse_value
+from .presets import make_config
 from .data.embedded import FORMAT_VERSION, embedded_data_overrides, generate_embedded
 from .engine.detection import DetectionTask
 from .engine.distributed import init_distributed

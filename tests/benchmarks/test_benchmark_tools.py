@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from updetr.config import make_config
+from updetr.presets import make_config
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.build import build_detection_dataset
 from updetr.data.embedded import embedded_data_overrides
 from updetr.data.feature_cache import (

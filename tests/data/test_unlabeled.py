@@ -222,7 +222,7 @@ def test_about_a_fifth_of_patches_are_grayscale(folder):
 
 
 def test_from_config_uses_pretrain_and_data_sections(folder):
-    from updetr.config import make_config
+    from updetr.presets import make_config
 
     cfg = make_config("small", overrides=[f"data.images={folder}", "data.scales=[48, 56]", "data.max_size=80"])
     ds = UnlabeledImages.from_config(cfg)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo
 from updetr.engine.loop import fit

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine import epoch as E
 from updetr.engine.detection import DetectionTask
 from updetr.engine.distributed import DistInfo

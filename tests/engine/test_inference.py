@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from updetr import cli
-from updetr.config import ConfigError, make_config
+from updetr.config import ConfigError
+from updetr.presets import make_config
 from updetr.data.embedded import embedded_data_overrides
 from updetr.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.engine.distributed import DistInfo

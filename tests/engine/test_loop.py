@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.embedded_sources import EMBEDDED_THING_CLASSES
 from updetr.engine.checkpoint import load_checkpoint
 from updetr.engine.detection import DetectionTask

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.checkpoint import CheckpointError, init_from_checkpoint, save_checkpoint
 from updetr.engine.distributed import DistInfo
 from updetr.engine.epoch import build_optimizer

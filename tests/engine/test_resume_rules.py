@@ -2,7 +2,7 @@
 
 import os
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.resume_rules import sort_changes
 
 

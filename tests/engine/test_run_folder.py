@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from updetr.cli import main
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.io import DataError
 from updetr.engine import loop as L
 from updetr.engine import run_folder as R

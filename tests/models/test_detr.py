@@ -132,7 +132,8 @@ def test_learned_position_encoding_and_dc5():
 def test_stage3_backbone_gives_stride_16_features_and_loads_full_resnet_weights(tmp_path):
     import torchvision
 
-    from updetr.config import ConfigError, make_config
+    from updetr.config import ConfigError
+    from updetr.presets import make_config
     from updetr.models.backbone import build_backbone
 
     model = build_detr(tiny_cfg(backbone_stage=3), num_classes=2)

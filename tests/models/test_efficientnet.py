@@ -12,7 +12,8 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from updetr.config import ConfigError, ModelConfig, make_config
+from updetr.config import ConfigError, ModelConfig
+from updetr.presets import make_config
 from updetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from updetr.models import build_detr
 from updetr.models.backbone import BackboneWeightsError, build_backbone

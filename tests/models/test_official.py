@@ -609,7 +609,7 @@ def test_panoptic_checkpoint_is_reported(tmp_path):
 @pytest.mark.slow
 def test_convert_keeps_an_updetr_checkpoints_own_config_and_classes(tmp_path):
     """It used to infer the architecture from the tensors: 4 heads became 8, the class names class_i."""
-    from updetr.config import make_config
+    from updetr.presets import make_config
     from updetr.engine.checkpoint import save_checkpoint
     from updetr.models import build_detr
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.engine.checkpoint import save_checkpoint
 from updetr.models import build_detr, build_updetr
 from updetr.models.one_shot import build_one_shot

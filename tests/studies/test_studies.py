@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from updetr.config import make_config
+from updetr.presets import make_config
 from updetr.data.build import build_detection_dataset
 from updetr.engine.pretrain import PretrainTask
 

@@ -10,7 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import PRESETS, Config, make_config
+from ..config import Config
+from ..presets import PRESETS, make_config
 from ..data.embedded import embedded_data_overrides
 from ..engine.distributed import cleanup, init_distributed
 from ..engine.loop import FitResult, fit
